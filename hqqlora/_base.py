@@ -1,0 +1,237 @@
+"""Pure views of an ``HQQLinear`` layer: dequantization, the base forward, requantization.
+
+HQQ stores a weight ``W`` of shape ``(out, in)`` as bit-packed integer codes ``W_q``
+with one float ``scale`` and ``zero`` per quantization group, and reconstructs it as
+
+    W = reshape((unpack(W_q) - zero) * scale, (out, in))
+
+in the layer's compute dtype. Everything here reads a layer and never writes it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from hqq.core.quantize import HQQLinear
+from torch import Tensor
+
+__all__ = [
+    "QuantLayout",
+    "base_forward",
+    "check_hqq_layer",
+    "dequantize",
+    "quant_layout",
+    "quant_tensors",
+    "quantize_like",
+    "unpack",
+]
+
+# packing name -> (bits per code, codes per packed element)
+_PACKINGS = {
+    "8bit_u8": (8, 1),
+    "4bit_u8": (4, 2),
+    "3bit_32": (3, 10),
+    "2bit_u8": (2, 4),
+    "1bit_u8": (1, 8),
+}
+
+
+@dataclass(frozen=True)
+class QuantLayout:
+    """The static metadata of a quantized weight (no tensors).
+
+    Attributes:
+        shape: ``(out_features, in_features)`` of the dequantized weight.
+        nbits: bits per code.
+        group_size: number of weights that share one scale and zero.
+        axis: HQQ's grouping axis: 1 groups runs of ``group_size`` consecutive
+            weights of a row, 0 groups along the flattened ``(group_size, -1)`` view.
+        packing: HQQ's packing name (``"4bit_u8"``...), or ``None`` for unpacked codes.
+        view_as_float: whether ``W_q`` is stored viewed as a float dtype.
+        unpack_view_dtype: the integer dtype ``W_q`` is viewed as before unpacking.
+        compute_dtype: the dtype the weight is reconstructed in.
+    """
+
+    shape: tuple[int, int]
+    nbits: int
+    group_size: int
+    axis: int
+    packing: str | None
+    view_as_float: bool
+    unpack_view_dtype: torch.dtype
+    compute_dtype: torch.dtype
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def num_groups(self) -> int:
+        return self.shape[0] * self.shape[1] // self.group_size
+
+
+def check_hqq_layer(base: object, name: str = "base") -> HQQLinear:
+    """Returns ``base`` if it is a quantized ``HQQLinear`` this library can read.
+
+    Raises:
+        TypeError: ``base`` is not an ``HQQLinear``.
+        ValueError: the layer is not quantized yet, or uses HQQ's deprecated
+            quantized scales/zeros, which this library does not read.
+    """
+    if not isinstance(base, HQQLinear):
+        raise TypeError(
+            f"Expected `{name}` to be an hqq.core.quantize.HQQLinear, got {type(base).__name__}."
+        )
+    if base.W_q is None or base.meta is None:
+        raise ValueError(f"Expected `{name}` to be a quantized HQQLinear, got one with no weights.")
+    if base.meta.get("quant_zero") or base.meta.get("quant_scale"):
+        raise ValueError(
+            f"Expected `{name}` with float scales and zeros, got one with HQQ's deprecated "
+            "quantized scale/zero (quant_scale/quant_zero), which hqqlora does not support."
+        )
+    return base
+
+
+def quant_layout(base: HQQLinear) -> QuantLayout:
+    """The static :class:`QuantLayout` of an ``HQQLinear``."""
+    meta = base.meta
+    shape = tuple(int(s) for s in meta["shape"])
+    return QuantLayout(
+        shape=shape,
+        nbits=meta["nbits"],
+        group_size=int(meta["group_size"]),
+        axis=int(meta["axis"]),
+        packing=meta["packing"],
+        view_as_float=bool(meta.get("view_as_float", False)),
+        unpack_view_dtype=meta.get("unpack_view_dtype", torch.uint8),
+        compute_dtype=meta.get("compute_dtype", base.compute_dtype),
+    )
+
+
+def quant_tensors(base: HQQLinear) -> tuple[Tensor, Tensor, Tensor]:
+    """``(W_q, scale, zero)`` of an ``HQQLinear``, on ``W_q``'s device.
+
+    With ``offload_meta`` HQQ keeps scale and zero stacked in ``meta["zero_scale"]``
+    (pinned on the host); they are moved to ``W_q``'s device here.
+    """
+    meta = base.meta
+    W_q = base.W_q
+    if "zero_scale" in meta:
+        zero_scale = meta["zero_scale"].to(device=W_q.device)
+        return W_q, zero_scale[1], zero_scale[0]
+    return W_q, meta["scale"], meta["zero"]
+
+
+def unpack(W_q: Tensor, packing: str | None, dtype: torch.dtype) -> Tensor:
+    """Unpacks HQQ's bit-packed codes, as a pure function.
+
+    HQQ packs ``k`` codes of ``b`` bits along dim 0: packed row ``i`` holds rows
+    ``i, i + n, ..., i + (k-1)·n`` of the codes, the first in the highest bits.
+
+    Args:
+        W_q: packed codes of shape ``(n, cols)``.
+        packing: HQQ's packing name, or ``None`` for codes stored unpacked.
+        dtype: dtype of the result.
+
+    Returns:
+        Codes of shape ``(k·n, cols)`` in ``dtype`` (before HQQ's 3-bit trim).
+    """
+    if packing is None:
+        return W_q.to(dtype)
+    bits, per = _PACKINGS[packing]
+    if per == 1:
+        return W_q.to(dtype)
+    mask = (1 << bits) - 1
+    parts = [(W_q >> (bits * (per - 1 - i))) & mask for i in range(per)]
+    return torch.cat(parts, dim=0).to(dtype)
+
+
+def dequantize(base: HQQLinear) -> Tensor:
+    """Reconstructs the weight of an ``HQQLinear`` as a pure function of its tensors.
+
+    Computes ``reshape((unpack(W_q) - zero) * scale, (out, in))`` in the layer's
+    compute dtype, bit for bit what ``HQQLinear.dequantize`` returns, but with no
+    writes to the layer, so ``torch.func`` transforms and ``torch.compile`` pass.
+
+    Args:
+        base: a quantized ``HQQLinear``.
+
+    Returns:
+        Tensor of shape ``(out_features, in_features)`` in the compute dtype.
+    """
+    check_hqq_layer(base)
+    layout = quant_layout(base)
+    W_q, scale, zero = quant_tensors(base)
+    return _dequantize(W_q, scale, zero, layout)
+
+
+def _dequantize(W_q: Tensor, scale: Tensor, zero: Tensor, layout: QuantLayout) -> Tensor:
+    if layout.packing is not None and layout.view_as_float:
+        W_q = W_q.view(layout.unpack_view_dtype)
+    W_r = unpack(W_q, layout.packing, layout.compute_dtype)
+    if layout.packing is not None and layout.nbits == 3:
+        rows = layout.group_size if layout.axis == 0 else layout.num_groups
+        W_r = W_r[:rows]
+    return ((W_r - zero) * scale).reshape(layout.shape)
+
+
+def _native_forward_allowed() -> bool:
+    # HQQ's forward goes through an autograd.Function with no vmap/jvp rule that
+    # dynamo cannot trace either; in plain eager mode it is the fast path.
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is None
+
+
+def base_forward(base: HQQLinear, x: Tensor) -> Tensor:
+    """The base layer's output ``x @ dequantize(base)ᵀ + bias``.
+
+    ``x`` is cast to the layer's compute dtype, unless autocast is on for its
+    device type. In plain eager mode this calls the layer itself (HQQ's backend,
+    whatever it is); under ``torch.func`` transforms or ``torch.compile`` it uses
+    the pure :func:`dequantize`, which gives the same bits.
+
+    Args:
+        base: a quantized ``HQQLinear``.
+        x: array of shape ``(..., in_features)``.
+
+    Returns:
+        Tensor of shape ``(..., out_features)``.
+    """
+    layout = quant_layout(base)
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype != layout.compute_dtype:
+        x = x.to(layout.compute_dtype)
+    if _native_forward_allowed():
+        return base(x)
+    W_q, scale, zero = quant_tensors(base)
+    out = torch.matmul(x, _dequantize(W_q, scale, zero, layout).t())
+    if base.bias is not None:
+        out = out + base.bias
+    return out
+
+
+def quant_config_of(base: HQQLinear) -> dict:
+    """A deep copy of the layer's full quant config, ``offload_meta`` included."""
+    return {**copy.deepcopy(base.quant_config), "offload_meta": bool(base.offload_meta)}
+
+
+def quantize_like(weight: Tensor, base: HQQLinear, bias: Tensor | None) -> HQQLinear:
+    """Quantizes ``weight`` into a new ``HQQLinear`` with ``base``'s settings.
+
+    The new layer has ``base``'s quant config (nbits, group size, axis,
+    ``offload_meta``...), compute dtype and device, and carries ``bias``
+    (HQQ's ``quantize`` drops it).
+    """
+    config = quant_config_of(base)
+    layer = HQQLinear(None, config, compute_dtype=base.compute_dtype, device=base.device)
+    config.pop("offload_meta")
+    layer.quantize(weight, **config)
+    if bias is not None:
+        layer.bias = bias.detach().clone().to(device=layer.W_q.device, dtype=base.compute_dtype)
+    return layer

@@ -1,0 +1,114 @@
+"""The adapted layer's forward: ``apply_lora``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hqqlora._base import HQQLinear, base_forward, check_hqq_layer, quant_layout
+from hqqlora._dora import add_dora_term, as_norm_list
+from hqqlora._params import as_adapter_list
+
+__all__ = ["apply_lora", "check_input", "lora_dropout"]
+
+
+def check_input(x: object, in_features: int) -> Tensor:
+    """Checks that ``x`` is a floating tensor of shape ``(..., in_features)``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"Expected `x` to be a torch.Tensor, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise TypeError(f"Expected `x` to be floating point, got {x.dtype}.")
+    if x.ndim == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"Expected `x` of shape (..., {in_features}), got {tuple(x.shape)}.")
+    return x
+
+
+def lora_dropout(x: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """Inverted dropout: zeroes entries with probability ``p`` and scales the rest by ``1/(1-p)``.
+
+    With a ``generator``, the same generator state gives the same mask.
+    """
+    if p == 0.0:
+        return x
+    keep = torch.bernoulli(torch.full_like(x, 1.0 - p), generator=generator)
+    return x * keep / (1.0 - p)
+
+
+def add_lora_term(params: Mapping[str, Tensor], x: Tensor, result: Tensor) -> Tensor:
+    """``result + scaling · x @ Aᵀ @ Bᵀ`` with as few kernels as the dtypes allow."""
+    h = F.linear(x, params["lora_A"]) * params["scaling"]
+    if result.dtype == h.dtype and result.ndim >= 2:
+        flat = torch.addmm(
+            result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), params["lora_B"].t()
+        )
+        return flat.view(result.shape)
+    return result + F.linear(h, params["lora_B"])
+
+
+def apply_lora(
+    base: HQQLinear,
+    params: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
+    x: Tensor,
+    /,
+    *,
+    dropout: float = 0.0,
+    generator: torch.Generator | None = None,
+    weight_norm: Tensor | Sequence[Tensor | None] | None = None,
+) -> Tensor:
+    """The output of a quantized layer with LoRA or DoRA adapters.
+
+    For a LoRA adapter::
+
+        y = base(x) + scaling · dropout(x) @ Aᵀ @ Bᵀ
+
+    For a DoRA adapter (with ``magnitude``), with ``W = dequantize(base)``,
+    ``n = ‖W + scaling·B@A‖`` row-wise (detached) and ``c = magnitude / n``::
+
+        y = base(x) + (c - 1) ⊙ (x @ Wᵀ) + c ⊙ scaling · x @ Aᵀ @ Bᵀ
+
+    (with dropout, both terms see ``dropout(x)``, as in PEFT). A sequence of
+    adapters adds each term in turn, like PEFT's several active adapters.
+
+    Dtypes follow PEFT: ``x`` is cast to the layer's compute dtype for the base and
+    to the adapters' dtype for the adapter term, and the result comes back in the
+    base output's dtype. Under autocast (for ``x``'s device type) nothing is cast.
+    The base term is a pure function of the layer's tensors under ``torch.func``
+    transforms and ``torch.compile``, and HQQ's own forward in eager mode (same bits).
+
+    Args:
+        base: a quantized ``HQQLinear`` with weight of shape ``(out, in)``.
+        params: an adapter dict, or a sequence of them.
+        x: input of shape ``(..., in)``.
+        dropout: dropout probability on the adapter's input, in ``[0, 1)``.
+        generator: drives dropout; the same state gives the same mask.
+        weight_norm: DoRA's ``n`` from :func:`dora_weight_norm`, to skip
+            recomputing it (one entry per adapter for a sequence, ``None`` for LoRA).
+
+    Returns:
+        Tensor of shape ``(..., out)`` in the base output's dtype.
+
+    Raises:
+        TypeError, ValueError: ``base``, ``params``, ``x`` or ``weight_norm`` do not fit.
+    """
+    check_hqq_layer(base)
+    adapters = as_adapter_list(params, base)
+    check_input(x, quant_layout(base).in_features)
+    norms = as_norm_list(weight_norm, adapters, base)
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"Expected `dropout` in [0, 1), got {dropout!r}.")
+    result = base_forward(base, x)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    out_dtype = result.dtype
+    for p, n in zip(adapters, norms, strict=True):
+        x_a = x if autocast else x.to(p["lora_A"].dtype)
+        x_d = lora_dropout(x_a, float(dropout), generator)
+        if "magnitude" in p:
+            result = add_dora_term(base, p, x_d, result, n, dropped=dropout > 0)
+        else:
+            result = add_lora_term(p, x_d, result)
+        if not autocast:
+            result = result.to(out_dtype)
+    return result

@@ -1,0 +1,79 @@
+"""Shared test helpers: small HQQ layers, the float64 dense reference, tolerances."""
+
+from __future__ import annotations
+
+import torch
+from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+from hqqlora import dequantize
+
+BITS = (1, 2, 3, 4, 8)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Relative tolerance (to the output's scale) of a result computed in `dtype`
+# against the float64 reference.
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float64: 1e-12}
+
+
+def make_layer(
+    in_features: int = 64,
+    out_features: int = 48,
+    *,
+    nbits: int = 4,
+    group_size: int = 16,
+    axis: int = 1,
+    dtype: torch.dtype = torch.float32,
+    bias: bool = True,
+    seed: int = 0,
+) -> HQQLinear:
+    """A freshly quantized HQQLinear on the CPU, deterministic in `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=gen) / in_features**0.5)
+        if bias:
+            linear.bias.copy_(torch.randn(out_features, generator=gen) * 0.1)
+    config = BaseQuantizeConfig(nbits=nbits, group_size=group_size, axis=axis)
+    return HQQLinear(linear, config, compute_dtype=dtype, device="cpu")
+
+
+def random_adapter(layer: HQQLinear, r: int = 4, *, scaling: float = 2.0, dora: bool = False, seed: int = 1, dtype=torch.float32):
+    """An adapter with random A and B (so it is not a no-op)."""
+    gen = torch.Generator().manual_seed(seed)
+    out_features, in_features = layer.meta["shape"]
+    p = {
+        "lora_A": (torch.randn(r, in_features, generator=gen) / in_features**0.5).to(dtype),
+        "lora_B": (torch.randn(out_features, r, generator=gen) * 0.1).to(dtype),
+        "scaling": torch.tensor(scaling),
+    }
+    if dora:
+        p["magnitude"] = (1.0 + 0.2 * torch.rand(out_features, generator=gen)).to(dtype)
+    return p
+
+
+def dense_reference(layer: HQQLinear, params, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output in float64: x @ (W + ΔW)ᵀ + b, DoRA as c ⊙ (...) ."""
+    W = dequantize(layer).double()
+    adapters = [params] if isinstance(params, dict) else list(params)
+    x = x.double()
+    y = x @ W.T
+    if layer.bias is not None:
+        y = y + layer.bias.double()
+    for p in adapters:
+        A, B, s = p["lora_A"].double(), p["lora_B"].double(), p["scaling"].double()
+        lora = s * (x @ A.T @ B.T)
+        if "magnitude" in p:
+            n = torch.linalg.norm(W + s * B @ A, dim=1)
+            c = p["magnitude"].double() / n
+            y = y + (c - 1) * (x @ W.T) + c * lora
+        else:
+            y = y + lora
+    return y
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, factor: float = 1.0):
+    """|actual - expected| ≤ rtol(dtype)·factor·max|expected| elementwise."""
+    scale = expected.abs().max().item() + 1e-12
+    err = (actual.double() - expected.double()).abs().max().item()
+    tol = RTOL[dtype] * factor * scale
+    assert err <= tol, f"max error {err:.3e} > tolerance {tol:.3e} ({dtype})"
