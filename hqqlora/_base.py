@@ -22,6 +22,7 @@ __all__ = [
     "base_forward",
     "check_hqq_layer",
     "dequantize",
+    "pure_forward",
     "quant_layout",
     "quant_tensors",
     "quantize_like",
@@ -209,6 +210,16 @@ def base_forward(base: HQQLinear, x: Tensor) -> Tensor:
         x = x.to(layout.compute_dtype)
     if _native_forward_allowed():
         return base(x)
+    return pure_forward(base, x, layout)
+
+
+def pure_forward(base: HQQLinear, x: Tensor, layout: QuantLayout | None = None) -> Tensor:
+    """``x @ dequantize(base)ᵀ + bias`` from the layer's tensors alone (``x`` not cast).
+
+    The same operations as HQQ's forward (matmul, then the bias added), hence the
+    same bits, but traceable by ``torch.func`` and ``torch.compile``.
+    """
+    layout = quant_layout(base) if layout is None else layout
     W_q, scale, zero = quant_tensors(base)
     out = torch.matmul(x, _dequantize(W_q, scale, zero, layout).t())
     if base.bias is not None:

@@ -79,11 +79,17 @@ def as_norm_list(
         if n is None:
             continue
         if not isinstance(n, Tensor):
-            raise TypeError(f"Expected `weight_norm[{i}]` to be a tensor or None, got {type(n).__name__}.")
+            raise TypeError(
+                f"Expected `weight_norm[{i}]` to be a tensor or None, got {type(n).__name__}."
+            )
         if "magnitude" not in p:
-            raise ValueError(f"Expected no `weight_norm[{i}]` for a LoRA adapter (no magnitude), got a tensor.")
+            raise ValueError(
+                f"Expected no `weight_norm[{i}]` for a LoRA adapter (no magnitude), got a tensor."
+            )
         if n.shape != (out_features,):
-            raise ValueError(f"Expected `weight_norm[{i}]` of shape ({out_features},), got {tuple(n.shape)}.")
+            raise ValueError(
+                f"Expected `weight_norm[{i}]` of shape ({out_features},), got {tuple(n.shape)}."
+            )
     return norms
 
 
@@ -92,29 +98,37 @@ def add_dora_term(
     params: Mapping[str, Tensor],
     x: Tensor,
     result: Tensor,
+    base_out: Tensor,
     weight_norm: Tensor | None,
     *,
     dropped: bool,
 ) -> Tensor:
     """``result`` plus the DoRA term of one adapter, in ``x``'s dtype.
 
+    The term is ``(c - 1) ⊙ (x @ Wᵀ) + c ⊙ scaling · x @ Aᵀ @ Bᵀ``.
+
     Args:
         x: the (possibly dropped-out) input, ``(..., in)``, in the adapters' dtype.
-        result: the output so far, ``(..., out)``; without dropout it is ``base(x)``.
+        result: the output so far, ``(..., out)``.
+        base_out: ``base(x)`` on the input before dropout, ``(..., out)``, so that
+            ``x @ Wᵀ = base_out - bias`` needs no dequantization.
         weight_norm: ``n``, or ``None`` to compute it from the base.
-        dropped: whether dropout changed ``x``: then the base term is recomputed on
-            it, ``(c - 1) ⊙ (dropout(x) @ Wᵀ)``, as PEFT does in training.
+        dropped: whether dropout changed ``x``: then ``x @ Wᵀ`` is recomputed on the
+            dropped input, as PEFT does in training.
     """
     if weight_norm is None:
         weight_norm = dora_weight_norm(base, params)
     c = dora_factor(params, weight_norm)
+    dtype = x.dtype
     scaled_lora = F.linear(F.linear(x, params["lora_A"]) * params["scaling"], params["lora_B"])
     if dropped:
-        weight = dequantize(base).to(x.dtype)
+        weight = dequantize(base).to(dtype)
         return result + (c - 1) * F.linear(x, weight) + c * scaled_lora
-    # base(x) - bias = x @ Wᵀ, so the sum is c ⊙ (x @ Wᵀ + ΔW x) + bias.
-    bias = base.bias
-    if bias is None:
-        return c * (result.to(scaled_lora.dtype) + scaled_lora)
-    bias = bias.to(scaled_lora.dtype)
-    return torch.addcmul(bias, result.to(scaled_lora.dtype) - bias + scaled_lora, c)
+    bias = None if base.bias is None else base.bias.to(dtype)
+    if result is base_out:
+        # result = x @ Wᵀ + bias, so the sum is c ⊙ (x @ Wᵀ + ΔW x) + bias.
+        if bias is None:
+            return c * (result.to(dtype) + scaled_lora)
+        return torch.addcmul(bias, result.to(dtype) - bias + scaled_lora, c)
+    x_w = base_out.to(dtype) if bias is None else base_out.to(dtype) - bias
+    return result + (c - 1) * x_w + c * scaled_lora

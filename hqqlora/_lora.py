@@ -99,14 +99,14 @@ def apply_lora(
     norms = as_norm_list(weight_norm, adapters, base)
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"Expected `dropout` in [0, 1), got {dropout!r}.")
-    result = base_forward(base, x)
+    base_out = result = base_forward(base, x)
     autocast = torch.is_autocast_enabled(x.device.type)
     out_dtype = result.dtype
     for p, n in zip(adapters, norms, strict=True):
         x_a = x if autocast else x.to(p["lora_A"].dtype)
         x_d = lora_dropout(x_a, float(dropout), generator)
         if "magnitude" in p:
-            result = add_dora_term(base, p, x_d, result, n, dropped=dropout > 0)
+            result = add_dora_term(base, p, x_d, result, base_out, n, dropped=dropout > 0)
         else:
             result = add_lora_term(p, x_d, result)
         if not autocast:

@@ -77,7 +77,9 @@ def check_params(
         )
     for key, leaf in params.items():
         if not isinstance(leaf, Tensor):
-            raise TypeError(f"Expected `{name}[{key!r}]` to be a torch.Tensor, got {type(leaf).__name__}.")
+            raise TypeError(
+                f"Expected `{name}[{key!r}]` to be a torch.Tensor, got {type(leaf).__name__}."
+            )
         if not leaf.is_floating_point():
             raise TypeError(f"Expected `{name}[{key!r}]` to be floating point, got {leaf.dtype}.")
     A, B, scaling = params["lora_A"], params["lora_B"], params["scaling"]
@@ -92,9 +94,13 @@ def check_params(
             f"got lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}."
         )
     if A.dtype != B.dtype:
-        raise TypeError(f"Expected `{name}` lora_A and lora_B of one dtype, got {A.dtype} and {B.dtype}.")
+        raise TypeError(
+            f"Expected `{name}` lora_A and lora_B of one dtype, got {A.dtype} and {B.dtype}."
+        )
     if scaling.ndim != 0:
-        raise ValueError(f"Expected `{name}['scaling']` to be 0-d, got shape {tuple(scaling.shape)}.")
+        raise ValueError(
+            f"Expected `{name}['scaling']` to be 0-d, got shape {tuple(scaling.shape)}."
+        )
     if in_features is not None and A.shape[1] != in_features:
         raise ValueError(
             f"Expected `{name}['lora_A']` of shape (r, {in_features}) to fit the layer, got {tuple(A.shape)}."
@@ -231,4 +237,3 @@ def init_lora(
 
         params["magnitude"] = dora_weight_norm(base, params).to(dtype)
     return params
-

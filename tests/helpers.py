@@ -30,14 +30,24 @@ def make_layer(
     gen = torch.Generator().manual_seed(seed)
     linear = torch.nn.Linear(in_features, out_features, bias=bias)
     with torch.no_grad():
-        linear.weight.copy_(torch.randn(out_features, in_features, generator=gen) / in_features**0.5)
+        linear.weight.copy_(
+            torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+        )
         if bias:
             linear.bias.copy_(torch.randn(out_features, generator=gen) * 0.1)
     config = BaseQuantizeConfig(nbits=nbits, group_size=group_size, axis=axis)
     return HQQLinear(linear, config, compute_dtype=dtype, device="cpu")
 
 
-def random_adapter(layer: HQQLinear, r: int = 4, *, scaling: float = 2.0, dora: bool = False, seed: int = 1, dtype=torch.float32):
+def random_adapter(
+    layer: HQQLinear,
+    r: int = 4,
+    *,
+    scaling: float = 2.0,
+    dora: bool = False,
+    seed: int = 1,
+    dtype=torch.float32,
+):
     """An adapter with random A and B (so it is not a no-op)."""
     gen = torch.Generator().manual_seed(seed)
     out_features, in_features = layer.meta["shape"]
@@ -71,7 +81,9 @@ def dense_reference(layer: HQQLinear, params, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, factor: float = 1.0):
+def assert_close_rel(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, factor: float = 1.0
+):
     """|actual - expected| ≤ rtol(dtype)·factor·max|expected| elementwise."""
     scale = expected.abs().max().item() + 1e-12
     err = (actual.double() - expected.double()).abs().max().item()
