@@ -19,7 +19,7 @@ from hqqlora._base import HQQLinear, base_forward, check_hqq_layer, quant_layout
 from hqqlora._lora import apply_lora
 from hqqlora._merge import merge
 from hqqlora._mixed import BASE, mixed_batch
-from hqqlora._params import delta_weight, init_lora
+from hqqlora._params import delta_weight, init_lora, lora_scaling
 
 __all__ = ["HqqLoraLinear", "dispatch_hqq"]
 
@@ -181,7 +181,7 @@ class HqqLoraLinear(nn.Module):
             self.lora_variant[adapter_name] = variant
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = float(params["scaling"])
+        self.scaling[adapter_name] = lora_scaling(r, lora_alpha, use_rslora)
         self.lora_dropout[adapter_name] = float(lora_dropout)
         self.use_rslora[adapter_name] = use_rslora
         self.use_dora[adapter_name] = use_dora
