@@ -343,3 +343,22 @@ def test_errors():
         )
     with pytest.raises(ValueError, match=r"x` of shape \(batch, ..., 64\)"):
         mixed_batch_indexed(torch.randn(3, 32), bank, torch.tensor([0, 1, 0]), base=layer)
+
+
+# dynamo inspects captured tensors' .grad; torch warns about that for non-leaf ones
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_indexed_form_compiles_without_graph_breaks():
+    layer = make_layer()
+    params = _adapters(layer, {"a": 1, "b": 3, "c": 4}, dora=("b",))
+    bank = stack_adapters(params, max_rank=4)
+    norms = bank_weight_norm(layer, bank)
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def serve(x, index):
+        return mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norms)
+
+    x = torch.randn(4, 64)
+    for index in ([0, 1, -1, 2], [2, 2, 1, -1]):
+        index = torch.tensor(index)
+        eager = mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norms)
+        assert_close_rel(serve(x, index), eager, torch.float32)
