@@ -4,23 +4,38 @@ from hqqlora._base import QuantLayout, base_forward, dequantize, quant_layout, q
 from hqqlora._dora import dora_weight_norm
 from hqqlora._lora import apply_lora
 from hqqlora._merge import merge, merged_weight, unmerge, unmerged_weight
+from hqqlora._mixed import (
+    AdapterBank,
+    bank_weight_norm,
+    mixed_batch,
+    mixed_batch_indexed,
+    stack_adapters,
+)
+from hqqlora._nn import HqqLoraLinear, dispatch_hqq
 from hqqlora._params import check_params, delta_weight, init_lora, trainable_params
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterBank",
+    "HqqLoraLinear",
     "QuantLayout",
     "apply_lora",
+    "bank_weight_norm",
     "base_forward",
     "check_params",
     "delta_weight",
     "dequantize",
+    "dispatch_hqq",
     "dora_weight_norm",
     "init_lora",
     "merge",
     "merged_weight",
+    "mixed_batch",
+    "mixed_batch_indexed",
     "quant_layout",
     "quantize_like",
+    "stack_adapters",
     "trainable_params",
     "unmerge",
     "unmerged_weight",

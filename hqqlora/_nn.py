@@ -1,0 +1,388 @@
+"""``HqqLoraLinear``: a PEFT-compatible ``nn.Module`` over the functional core.
+
+The module holds the quantized base and the adapters' ``nn.Parameter``s under
+PEFT's names (``base_layer.*``, ``lora_A.<name>.weight``, ``lora_B.<name>.weight``,
+``lora_magnitude_vector.<name>.weight``), so state dicts load both ways. All the
+maths is the core's: :func:`apply_lora`, :func:`mixed_batch`, :func:`merge`,
+:func:`delta_weight`, :func:`init_lora`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from hqqlora._base import HQQLinear, base_forward, check_hqq_layer, quant_layout
+from hqqlora._lora import apply_lora
+from hqqlora._merge import merge
+from hqqlora._mixed import BASE, mixed_batch
+from hqqlora._params import delta_weight, init_lora, lora_scaling
+
+__all__ = ["HqqLoraLinear", "dispatch_hqq"]
+
+DORA = "dora"
+
+
+class _Magnitude(nn.Module):
+    """Holds DoRA's magnitude vector as ``weight``, like PEFT's ``DoraLinearLayer``."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.fan_in_fan_out = False
+        self.weight = nn.Parameter(weight)
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.weight.shape[0]}"
+
+
+def _linear(weight: Tensor) -> nn.Linear:
+    """An ``nn.Linear(bias=False)`` holding ``weight`` (built on meta: no wasted init)."""
+    out_features, in_features = weight.shape
+    layer = nn.Linear(in_features, out_features, bias=False, device="meta")
+    layer.weight = nn.Parameter(weight)
+    return layer
+
+
+class HqqLoraLinear(nn.Module):
+    """LoRA/DoRA adapters on an ``HQQLinear``, with PEFT's ``HqqLoraLinear`` interface.
+
+    For the active adapters, ``forward`` computes (see :func:`apply_lora`)::
+
+        y = base(x) + scaling · dropout(x) @ Aᵀ @ Bᵀ          (LoRA)
+        y = c ⊙ (x @ Wᵀ + scaling · x @ Aᵀ @ Bᵀ) + bias        (DoRA, c = magnitude / n)
+
+    ``forward(x, adapter_names=[...])`` gives each row of ``x`` its own adapter
+    (:func:`mixed_batch`, DoRA included). ``merge`` folds adapters into a new
+    quantized base with one requantization and keeps the original, so ``unmerge``
+    restores it exactly.
+
+    Args:
+        base_layer: the quantized layer; read, never written.
+        adapter_name: name of the first adapter.
+        r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora: as in
+            PEFT's ``LoraConfig``.
+        lora_bias: must be ``False``.
+        **kwargs: ignored, as PEFT's layers ignore the dispatch arguments they do not use.
+
+    Raises:
+        TypeError: ``base_layer`` is not an ``HQQLinear``.
+        ValueError: ``lora_bias=True`` or ``r <= 0``.
+    """
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    def __init__(
+        self,
+        base_layer: HQQLinear,
+        adapter_name: str,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        lora_bias: bool = False,
+        **kwargs,
+    ) -> None:
+        if lora_bias:
+            raise ValueError(
+                f"Expected lora_bias=False ({type(self).__name__} has no LoRA bias), got True."
+            )
+        check_hqq_layer(base_layer, "base_layer")
+        super().__init__()
+        self.base_layer = base_layer
+        self.out_features, self.in_features = quant_layout(base_layer).shape
+        self.fan_in_fan_out = False
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.lora_variant: dict[str, str] = {}
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self._active_adapter: list[str] = [adapter_name]
+        # The pre-merge layer, kept out of the module tree (and the state dict).
+        self._kept_base: tuple[HQQLinear, ...] = ()
+        self.update_layer(
+            adapter_name,
+            r,
+            lora_alpha,
+            lora_dropout=lora_dropout,
+            init_lora_weights=init_lora_weights,
+            use_rslora=use_rslora,
+            use_dora=use_dora,
+            lora_bias=lora_bias,
+        )
+
+    # -- adapters -------------------------------------------------------------------
+
+    def get_base_layer(self) -> HQQLinear:
+        """The quantized layer in use (the merged one while merged)."""
+        return self.base_layer
+
+    def resolve_lora_variant(self, *, use_dora: bool = False, **kwargs) -> str | None:
+        """``"dora"`` for a DoRA adapter, ``None`` for plain LoRA."""
+        return DORA if use_dora else None
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        lora_bias: bool = False,
+        **kwargs,
+    ) -> None:
+        """Adds (or replaces) adapter ``adapter_name``, initialized by :func:`init_lora`.
+
+        DoRA's magnitude is computed from the current base layer, as in PEFT.
+
+        Raises:
+            ValueError: ``r <= 0``, ``lora_bias=True``, ``lora_dropout`` outside
+                ``[0, 1)``, or the reserved name ``"__base__"``.
+        """
+        if lora_bias:
+            raise ValueError(
+                f"Expected lora_bias=False ({type(self).__name__} has no LoRA bias), got True."
+            )
+        if not isinstance(adapter_name, str) or adapter_name == BASE:
+            raise ValueError(f"Expected an adapter name other than {BASE!r}, got {adapter_name!r}.")
+        if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"Expected `lora_dropout` in [0, 1), got {lora_dropout!r}.")
+        params = init_lora(
+            self.base_layer,
+            r,
+            lora_alpha,
+            use_rslora=use_rslora,
+            use_dora=use_dora,
+            init_lora_weights=init_lora_weights,
+        )
+        self.lora_A[adapter_name] = _linear(params["lora_A"])
+        self.lora_B[adapter_name] = _linear(params["lora_B"])
+        if use_dora:
+            self.lora_magnitude_vector[adapter_name] = _Magnitude(params["magnitude"])
+        elif adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
+        variant = self.resolve_lora_variant(use_dora=use_dora)
+        if variant is None:
+            self.lora_variant.pop(adapter_name, None)
+        else:
+            self.lora_variant[adapter_name] = variant
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_scaling(r, lora_alpha, use_rslora)
+        self.lora_dropout[adapter_name] = float(lora_dropout)
+        self.use_rslora[adapter_name] = use_rslora
+        self.use_dora[adapter_name] = use_dora
+        self.set_adapter(self.active_adapters)
+
+    def _check_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.lora_A:
+            raise ValueError(
+                f"Expected an adapter among {list(self.lora_A)}, got {adapter_name!r}."
+            )
+
+    def adapter_params(self, adapter_name: str) -> dict[str, Tensor]:
+        """The functional adapter dict built from this module's own Parameters.
+
+        Gradients flow to the Parameters. ``scaling`` is a new 0-d tensor.
+
+        Raises:
+            ValueError: an unknown adapter name (the message lists the known ones).
+        """
+        self._check_adapter(adapter_name)
+        A = self.lora_A[adapter_name].weight
+        params = {
+            "lora_A": A,
+            "lora_B": self.lora_B[adapter_name].weight,
+            "scaling": torch.tensor(self.scaling[adapter_name], device=A.device),
+        }
+        if adapter_name in self.lora_magnitude_vector:
+            params["magnitude"] = self.lora_magnitude_vector[adapter_name].weight
+        return params
+
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        """``ΔW = scaling · B @ A`` of one adapter, ``(out, in)``."""
+        return delta_weight(self.adapter_params(adapter))
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return (
+            self._active_adapter[0]
+            if len(self._active_adapter) == 1
+            else list(self._active_adapter)
+        )
+
+    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Makes ``adapter_names`` the active adapters, trainable unless ``inference_mode``.
+
+        Names this layer does not hold are kept (PEFT's rule, so that one call can
+        serve a model whose adapters target different layers) and skipped in forward.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for layer_name in self.adapter_layer_names:
+            for key, module in getattr(self, layer_name).items():
+                module.requires_grad_(key in names and not inference_mode)
+        self._active_adapter = names
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Turns the adapters on (trainable again) or off (frozen, base output only)."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+            self._disable_adapters = False
+        else:
+            for layer_name in self.adapter_layer_names:
+                getattr(self, layer_name).requires_grad_(False)
+            self._disable_adapters = True
+
+    # -- merging --------------------------------------------------------------------
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        """Folds adapters (the active ones by default) into a new quantized base.
+
+        The pre-merge layer is kept; every merge requantizes it once with all merged
+        adapters in order (:func:`merge`), so DoRA norms come from the unmerged weight.
+
+        Raises:
+            ValueError: ``safe_merge`` and a non-finite merged weight; nothing changes.
+        """
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        already = [n for n in names if n in self.merged_adapters]
+        if already:
+            warnings.warn(
+                f"Already following adapters were merged {','.join(already)}. "
+                f"You are now additionally merging {','.join(n for n in names if n not in already)}.",
+                stacklevel=2,
+            )
+        names = [n for n in names if n in self.lora_A and n not in self.merged_adapters]
+        if not names:
+            return
+        original = self._kept_base[0] if self._kept_base else self.base_layer
+        merged_names = [*self.merged_adapters, *names]
+        with torch.no_grad():
+            params = [
+                {k: v.detach() for k, v in self.adapter_params(n).items()} for n in merged_names
+            ]
+            new_base = merge(original, params, safe_merge=safe_merge)
+        self._kept_base = (original,)
+        self.base_layer = new_base
+        self.merged_adapters = merged_names
+
+    def unmerge(self) -> None:
+        """Restores the pre-merge quantized layer exactly (the one kept by :meth:`merge`)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        self.base_layer = self._kept_base[0]
+        self._kept_base = ()
+        self.merged_adapters = []
+
+    # -- forward --------------------------------------------------------------------
+
+    def forward(
+        self, x: Tensor, *args, adapter_names: Sequence[str] | None = None, **kwargs
+    ) -> Tensor:
+        """The layer output; ``adapter_names`` gives row ``i`` adapter ``adapter_names[i]``.
+
+        Names this layer does not hold act as ``"__base__"`` (PEFT's rule).
+
+        Args:
+            x: input of shape ``(..., in_features)`` (``(batch, ..., in)`` with ``adapter_names``).
+
+        Raises:
+            ValueError: ``adapter_names`` of the wrong length, or given while merged,
+                or with dropout in training mode; active adapters with different
+                dropout in training mode.
+            TypeError: extra positional or keyword arguments.
+        """
+        if args or kwargs:
+            raise TypeError(
+                f"Expected only `x` and `adapter_names`, got extra arguments {args} {sorted(kwargs)}."
+            )
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return base_forward(self.base_layer, x)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names)
+        if self.merged:
+            return base_forward(self.base_layer, x)
+        active = [n for n in self.active_adapters if n in self.lora_A]
+        if not active:
+            return base_forward(self.base_layer, x)
+        dropouts = {self.lora_dropout[n] if self.training else 0.0 for n in active}
+        if len(dropouts) > 1:
+            raise ValueError(
+                f"Expected one lora_dropout for all active adapters in training, got {sorted(dropouts)}."
+            )
+        params = [self.adapter_params(n) for n in active]
+        return apply_lora(
+            self.base_layer, params if len(params) > 1 else params[0], x, dropout=dropouts.pop()
+        )
+
+    def _mixed_batch_forward(self, x: Tensor, adapter_names: Sequence[str]) -> Tensor:
+        if isinstance(adapter_names, str) or len(adapter_names) != len(x):
+            got = adapter_names if isinstance(adapter_names, str) else f"{len(adapter_names)} names"
+            raise ValueError(f"Expected one adapter name per row of x ({len(x)}), got {got}.")
+        if self.merged:
+            raise ValueError(
+                "Expected no merged adapters with `adapter_names`, got merged "
+                f"{self.merged_adapters}: call unmerge() first."
+            )
+        names = [n if n in self.lora_A else BASE for n in adapter_names]
+        used = sorted(set(names) - {BASE})
+        if self.training and any(self.lora_dropout[n] > 0 for n in used):
+            raise ValueError(
+                "Expected eval mode or lora_dropout=0 for mixed batches, got dropout in training."
+            )
+        params = {n: self.adapter_params(n) for n in used}
+        if not params:
+            return base_forward(self.base_layer, x)
+        return mixed_batch(x, params, names, base=self.base_layer)
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+def dispatch_hqq(target: nn.Module, adapter_name: str, **kwargs) -> HqqLoraLinear | None:
+    """An :class:`HqqLoraLinear` around ``target`` if it is (or wraps) an ``HQQLinear``, else ``None``.
+
+    ``target`` may be an ``HQQLinear`` or a layer with ``get_base_layer()`` (a shim,
+    PEFT's or ours). A PEFT ``config=LoraConfig(...)`` in ``kwargs`` supplies
+    ``lora_dropout``, ``init_lora_weights``, ``use_rslora``, ``use_dora`` and
+    ``lora_bias`` unless given explicitly.
+    """
+    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+    if not isinstance(base, HQQLinear):
+        return None
+    config = kwargs.pop("config", None)
+    if config is not None:
+        for key in ("lora_dropout", "init_lora_weights", "use_rslora", "use_dora", "lora_bias"):
+            if hasattr(config, key):
+                kwargs.setdefault(key, getattr(config, key))
+        kwargs.setdefault("r", getattr(config, "r", 0))
+        kwargs.setdefault("lora_alpha", getattr(config, "lora_alpha", 1))
+    return HqqLoraLinear(base, adapter_name, **kwargs)

@@ -1,0 +1,144 @@
+"""The core's DoRA (apply_lora with magnitude, dora_weight_norm, merge/unmerge) against PEFT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import BITS, DTYPES, assert_close_rel, dense_reference, make_layer
+from peft import LoraConfig
+from peft.tuners.lora.hqq import HqqLoraLinear as PeftHqq
+
+from hqqlora import apply_lora, dequantize, dora_weight_norm, init_lora, merge, unmerge
+
+
+def _peft_dora(layer, r=4, lora_alpha=8, dropout=0.0):
+    config = LoraConfig(
+        r=r, lora_alpha=lora_alpha, use_dora=True, init_lora_weights=False, lora_dropout=dropout
+    )
+    return PeftHqq(layer, "a", config=config, r=r, lora_alpha=lora_alpha).eval()
+
+
+def _params_of(peft, name="a"):
+    return {
+        "lora_A": peft.lora_A[name].weight.detach(),
+        "lora_B": peft.lora_B[name].weight.detach(),
+        "scaling": torch.tensor(peft.scaling[name]),
+        "magnitude": peft.lora_magnitude_vector[name].weight.detach(),
+    }
+
+
+def _perturb_magnitude(peft):
+    # PEFT initializes magnitude = n, which makes c = 1; move it so that DoRA matters.
+    with torch.no_grad():
+        m = peft.lora_magnitude_vector["a"].weight
+        m.mul_(1 + 0.1 * torch.linspace(-1, 1, m.shape[0]))
+
+
+@pytest.mark.parametrize("nbits", BITS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_weight_norm_match_peft(nbits, dtype, bias):
+    layer = make_layer(nbits=nbits, dtype=dtype, bias=bias)
+    peft = _peft_dora(layer)
+    params = _params_of(peft)
+    # PEFT's magnitude at init is exactly the weight norm
+    torch.testing.assert_close(
+        dora_weight_norm(layer, params), params["magnitude"], rtol=1e-6, atol=0
+    )
+    _perturb_magnitude(peft)
+    params = _params_of(peft)
+    x = torch.randn(4, 3, 64).to(dtype)
+    with torch.no_grad():
+        expected = peft(x)
+    got = apply_lora(layer, params, x)
+    cached = apply_lora(layer, params, x, weight_norm=dora_weight_norm(layer, params))
+    assert got.dtype == expected.dtype
+    assert_close_rel(got, expected, dtype)
+    assert torch.equal(got, cached)
+    assert_close_rel(got, dense_reference(layer, params, x), dtype, factor=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_init_lora_magnitude_is_the_row_norm(dtype):
+    layer = make_layer(dtype=dtype)
+    params = init_lora(
+        layer,
+        4,
+        8,
+        use_dora=True,
+        init_lora_weights=False,
+        generator=torch.Generator().manual_seed(0),
+    )
+    W = dequantize(layer).double()
+    expected = torch.linalg.norm(
+        W + params["scaling"].double() * params["lora_B"].double() @ params["lora_A"].double(),
+        dim=1,
+    )
+    assert_close_rel(params["magnitude"], expected, torch.float32, factor=10)
+
+
+@pytest.mark.parametrize(
+    ("nbits", "dtype", "bias"),
+    [
+        (4, torch.float32, True),
+        (8, torch.float32, False),
+        (2, torch.float16, True),
+        (3, torch.float32, True),
+    ],
+)
+def test_merge_matches_peft_and_keeps_bias(nbits, dtype, bias):
+    layer = make_layer(nbits=nbits, dtype=dtype, bias=bias)
+    peft = _peft_dora(layer)
+    _perturb_magnitude(peft)
+    params = _params_of(peft)
+    ours = merge(layer, params)
+    peft.merge()
+    W_peft, W_ours = dequantize(peft.base_layer).float(), dequantize(ours).float()
+    step = (W_ours.max() - W_ours.min()).item() / 2**nbits
+    # The same dense weight gives the same codes, up to rare rounding ties. In half precision
+    # PEFT casts the merged weight to fp16 before quantizing (we quantize it unrounded), which
+    # moves HQQ's optimized scale/zero of a few groups.
+    allowed = 0.01 if dtype == torch.float32 else 0.05
+    assert ((W_peft - W_ours).abs() > 1e-3 * step).float().mean().item() < allowed
+    if bias:
+        assert torch.equal(ours.bias, layer.bias)  # PEFT drops it
+
+
+def test_unmerge_with_weight_norm_matches_peft():
+    layer = make_layer(nbits=8)
+    peft = _peft_dora(layer)
+    _perturb_magnitude(peft)
+    params = _params_of(peft)
+    norm = dora_weight_norm(layer, params)
+    merged = merge(layer, params)
+    restored = unmerge(merged, params, weight_norm=norm)
+    peft.merge()
+    peft.unmerge()
+    torch.testing.assert_close(dequantize(restored), dequantize(peft.base_layer), rtol=0, atol=1e-5)
+    # 8 bits: the round trip lands near the original weight
+    W = dequantize(layer)
+    assert (dequantize(restored) - W).norm() / W.norm() < 0.02
+    with pytest.raises(ValueError, match="weight_norm"):
+        unmerge(merged, params)
+
+
+def test_training_dropout_recomputes_base_term_as_peft():
+    # With dropout, PEFT adds (c - 1) ⊙ (dropout(x) @ Wᵀ) + c ⊙ lora(dropout(x)); with p -> 0 in
+    # the limit of an all-ones mask, both reduce to the eval formula. Check the formula with a
+    # fixed mask by comparing against the float64 reference on the dropped input.
+    layer = make_layer()
+    peft = _peft_dora(layer)
+    _perturb_magnitude(peft)
+    params = _params_of(peft)
+    x = torch.randn(6, 64)
+    gen = torch.Generator().manual_seed(3)
+    y = apply_lora(layer, params, x, dropout=0.3, generator=gen)
+    keep = torch.bernoulli(torch.full_like(x, 0.7), generator=torch.Generator().manual_seed(3))
+    xd = (x * keep / 0.7).double()
+    W = dequantize(layer).double()
+    A, B, s = params["lora_A"].double(), params["lora_B"].double(), params["scaling"].double()
+    c = params["magnitude"].double() / torch.linalg.norm(W + s * B @ A, dim=1)
+    expected = (
+        x.double() @ W.T + layer.bias.double() + (c - 1) * (xd @ W.T) + c * s * (xd @ A.T @ B.T)
+    )
+    assert_close_rel(y, expected, torch.float32, factor=5)

@@ -1,0 +1,364 @@
+"""mixed_batch / stack_adapters / mixed_batch_indexed: per-row equality, PEFT parity, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import BITS, DTYPES, assert_close_rel, dense_reference, make_layer, random_adapter
+from hypothesis import given
+from hypothesis import strategies as st
+from peft import LoraConfig
+from peft.tuners.lora.hqq import HqqLoraLinear as PeftHqq
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hqqlora import (
+    AdapterBank,
+    apply_lora,
+    bank_weight_norm,
+    base_forward,
+    dora_weight_norm,
+    mixed_batch,
+    mixed_batch_indexed,
+    stack_adapters,
+)
+
+BASE = "__base__"
+
+
+def _adapters(layer, ranks, dora=(), dtype=torch.float32):
+    return {
+        name: random_adapter(layer, r, scaling=0.5 + k, dora=name in dora, seed=10 + k, dtype=dtype)
+        for k, (name, r) in enumerate(ranks.items())
+    }
+
+
+def _per_row(layer, params_by_name, names, x):
+    rows = []
+    for i, name in enumerate(names):
+        xi = x[i : i + 1]
+        rows.append(
+            base_forward(layer, xi) if name == BASE else apply_lora(layer, params_by_name[name], xi)
+        )
+    return torch.cat(rows)
+
+
+def _per_row_dense(layer, params_by_name, names, x):
+    rows = []
+    for i, name in enumerate(names):
+        adapters = [] if name == BASE else [params_by_name[name]]
+        rows.append(dense_reference(layer, adapters, x[i : i + 1]))
+    return torch.cat(rows)
+
+
+# -- per-row equality ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nbits", BITS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_mixed_lora_dora_ranks_equal_per_row(nbits, dtype, bias):
+    layer = make_layer(64, 48, nbits=nbits, dtype=dtype, bias=bias)
+    params = _adapters(layer, {"a": 2, "b": 5, "c": 3, "d": 1}, dora=("b", "d"))
+    names = ["a", BASE, "b", "c", "b", "d", "a"]
+    x = torch.randn(len(names), 3, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    y = mixed_batch(x, params, names, base=layer)
+    assert y.dtype == base_forward(layer, x).dtype
+    assert y.shape == (len(names), 3, 48)
+    assert_close_rel(y, _per_row(layer, params, names, x), dtype, factor=2)
+    assert_close_rel(y, _per_row_dense(layer, params, names, x), dtype, factor=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_norm_given_equals_computed(dtype):
+    layer = make_layer(dtype=dtype)
+    params = _adapters(layer, {"a": 2, "b": 4, "c": 3}, dora=("b", "c"))
+    names = ["b", "a", "c", BASE]
+    x = torch.randn(4, 64).to(dtype)
+    norms = {n: dora_weight_norm(layer, params[n]) for n in ("b", "c")}
+    y_given = mixed_batch(x, params, names, base=layer, weight_norm=norms)
+    assert torch.equal(y_given, mixed_batch(x, params, names, base=layer))
+    # Only some norms given: the rest are computed.
+    y_partial = mixed_batch(x, params, names, base=layer, weight_norm={"c": norms["c"]})
+    assert torch.equal(y_given, y_partial)
+    per_row = apply_lora(layer, params["b"], x[:1], weight_norm=norms["b"])
+    assert_close_rel(y_given[:1], per_row, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_without_base_is_the_adapter_term(dtype):
+    layer = make_layer(dtype=dtype)
+    params = _adapters(layer, {"a": 2, "b": 6}, dtype=dtype)
+    names = ["b", BASE, "a", "a"]
+    x = torch.randn(4, 2, 64).to(dtype)
+    term = mixed_batch(x, params, names)
+    assert term.dtype == dtype
+    assert torch.all(term[1] == 0)
+    assert_close_rel(
+        base_forward(layer, x) + term, _per_row(layer, params, names, x), dtype, factor=2
+    )
+
+
+def test_all_base_rows_and_adapter_dtype_differs_from_base():
+    layer = make_layer(dtype=torch.bfloat16)
+    params = _adapters(layer, {"a": 2})  # float32 adapters on a bf16 base, as PEFT
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert torch.equal(mixed_batch(x, params, [BASE] * 3, base=layer), base_forward(layer, x))
+    assert torch.equal(mixed_batch(x, params, [BASE] * 3), torch.zeros(3, 48))
+    y = mixed_batch(x, params, ["a", BASE, "a"], base=layer)
+    assert y.dtype == torch.bfloat16
+    assert_close_rel(y, _per_row(layer, params, ["a", BASE, "a"], x), torch.bfloat16)
+
+
+def test_inputs_are_not_mutated():
+    layer = make_layer()
+    params = _adapters(layer, {"a": 2, "b": 3}, dora=("b",))
+    before = copy.deepcopy(params)
+    W_q, scale, zero = layer.W_q.clone(), layer.meta["scale"].clone(), layer.meta["zero"].clone()
+    x = torch.randn(3, 64)
+    x0 = x.clone()
+    mixed_batch(x, params, ["a", "b", BASE], base=layer)
+    assert torch.equal(x, x0)
+    for name in params:
+        for key in params[name]:
+            assert torch.equal(params[name][key], before[name][key])
+    assert torch.equal(layer.W_q, W_q)
+    assert torch.equal(layer.meta["scale"], scale) and torch.equal(layer.meta["zero"], zero)
+
+
+def test_gradients_match_per_row():
+    layer = make_layer()
+    params = _adapters(layer, {"a": 2, "b": 3}, dora=("b",))
+    leaves = {
+        n: {k: v.clone().requires_grad_(k != "scaling") for k, v in p.items()}
+        for n, p in params.items()
+    }
+    names = ["a", "b", BASE, "b"]
+    x = torch.randn(4, 64)
+    mixed_batch(x, leaves, names, base=layer).square().sum().backward()
+    got = {n: {k: v.grad for k, v in p.items() if k != "scaling"} for n, p in leaves.items()}
+    leaves2 = {
+        n: {k: v.clone().requires_grad_(k != "scaling") for k, v in p.items()}
+        for n, p in params.items()
+    }
+    _per_row(layer, leaves2, names, x).square().sum().backward()
+    for n in leaves2:
+        for k, v in leaves2[n].items():
+            if k != "scaling":
+                torch.testing.assert_close(got[n][k], v.grad, rtol=1e-4, atol=1e-6)
+
+
+# -- the bank -----------------------------------------------------------------------
+
+
+def test_stack_adapters_layout():
+    layer = make_layer()
+    params = _adapters(layer, {"a": 2, "b": 5}, dora=("b",))
+    bank = stack_adapters(params)
+    assert isinstance(bank, AdapterBank)
+    assert bank.names == ("a", "b") and bank.dora == (False, True)
+    assert bank.lora_A.shape == (2, 5, 64) and bank.lora_B.shape == (2, 48, 5)
+    assert torch.equal(bank.lora_A[0, :2], params["a"]["lora_A"])
+    assert torch.all(bank.lora_A[0, 2:] == 0) and torch.all(bank.lora_B[0, :, 2:] == 0)
+    assert torch.equal(bank.scaling, torch.tensor([0.5, 1.5]))
+    assert torch.equal(bank.magnitude[0], torch.ones(48))
+    assert torch.equal(bank.magnitude[1], params["b"]["magnitude"])
+    assert bank.is_dora.tolist() == [False, True]
+    ordered = stack_adapters(params, ["b", "a"], max_rank=8)
+    assert ordered.names == ("b", "a") and ordered.lora_A.shape == (2, 8, 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_indexed_equals_names_form(dtype):
+    layer = make_layer(dtype=dtype)
+    params = _adapters(layer, {"a": 2, "b": 5, "c": 3}, dora=("c",))
+    bank = stack_adapters(params, max_rank=8)
+    norms = bank_weight_norm(layer, bank)
+    names = ["c", BASE, "a", "b", "c"]
+    index = torch.tensor([2, -1, 0, 1, 2])
+    x = torch.randn(5, 2, 64).to(dtype)
+    y = mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norms)
+    assert torch.equal(y, mixed_batch_indexed(x, bank, index, base=layer))
+    assert_close_rel(y, _per_row(layer, params, names, x), dtype, factor=2)
+    assert torch.equal(norms[0], torch.ones(48))
+    assert torch.equal(norms[2], dora_weight_norm(layer, params["c"]))
+
+
+def _count_ops(fn):
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as counter:
+        fn()
+    return counter.n
+
+
+def test_kernel_count_does_not_grow_with_adapters():
+    layer = make_layer()
+    x = torch.randn(8, 64)
+
+    def ops(n_adapters):
+        params = _adapters(layer, {f"a{k}": 1 + k % 4 for k in range(n_adapters)}, dora=("a1",))
+        bank = stack_adapters(params, max_rank=4)
+        norms = bank_weight_norm(layer, bank)
+        index = (
+            torch.arange(8).remainder(n_adapters).to(torch.int64)
+            - (torch.arange(8) == 3).long() * 99
+        )
+        index = index.clamp(min=-1)
+        return _count_ops(
+            lambda: mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norms)
+        )
+
+    assert ops(2) == ops(16)
+
+
+# -- PEFT parity ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("nbits", "dtype", "bias"),
+    [
+        (4, torch.float32, True),
+        (2, torch.bfloat16, False),
+        (8, torch.float16, True),
+        (3, torch.float32, False),
+    ],
+)
+def test_matches_peft_mixed_batch_forward(nbits, dtype, bias):
+    layer = make_layer(nbits=nbits, dtype=dtype, bias=bias)
+    peft = PeftHqq(
+        layer, "a", config=LoraConfig(r=4, lora_alpha=8, init_lora_weights=False), r=4, lora_alpha=8
+    )
+    for name, r, alpha in (("b", 2, 3), ("c", 6, 12)):
+        peft.update_layer(
+            name,
+            r,
+            lora_alpha=alpha,
+            config=LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False),
+        )
+    peft.eval()
+    params = {
+        n: {
+            "lora_A": peft.lora_A[n].weight.detach(),
+            "lora_B": peft.lora_B[n].weight.detach(),
+            "scaling": torch.tensor(peft.scaling[n]),
+        }
+        for n in ("a", "b", "c")
+    }
+    names = ["c", "a", BASE, "b", "a", "c"]
+    x = torch.randn(6, 5, 64).to(dtype)
+    with torch.no_grad():
+        expected = peft(x, adapter_names=names)
+        got = mixed_batch(x, params, names, base=layer)
+    assert got.dtype == expected.dtype
+    assert_close_rel(got, expected, dtype, factor=2)
+
+
+# -- hypothesis ----------------------------------------------------------------------
+
+_LAYERS = {}
+
+
+def _cached_layer(nbits, dtype, bias, shape):
+    key = (nbits, dtype, bias, shape)
+    if key not in _LAYERS:
+        _LAYERS[key] = make_layer(shape[1], shape[0], nbits=nbits, dtype=dtype, bias=bias)
+    return _LAYERS[key]
+
+
+@given(
+    nbits=st.sampled_from([2, 4, 8]),
+    dtype=st.sampled_from(DTYPES),
+    bias=st.booleans(),
+    shape=st.sampled_from([(16, 32), (48, 64), (32, 128)]),
+    ranks=st.lists(st.integers(1, 8), min_size=1, max_size=5),
+    dora=st.lists(st.booleans(), min_size=5, max_size=5),
+    seq=st.integers(1, 3),
+    data=st.data(),
+)
+def test_mixed_batch_equals_per_row_property(nbits, dtype, bias, shape, ranks, dora, seq, data):
+    layer = _cached_layer(nbits, dtype, bias, shape)
+    adapter_names = [f"n{k}" for k in range(len(ranks))]
+    params = {
+        name: random_adapter(layer, r, scaling=1.5, dora=dora[k], seed=k, dtype=dtype)
+        for k, (name, r) in enumerate(zip(adapter_names, ranks, strict=True))
+    }
+    names = data.draw(st.lists(st.sampled_from([*adapter_names, BASE]), min_size=1, max_size=6))
+    x = torch.randn(len(names), seq, shape[1]).to(dtype)
+    y = mixed_batch(x, params, names, base=layer)
+    assert_close_rel(y, _per_row(layer, params, names, x), dtype, factor=2)
+
+
+# -- errors --------------------------------------------------------------------------
+
+
+def test_errors():
+    layer = make_layer()
+    params = _adapters(layer, {"a": 2, "b": 3}, dora=("b",))
+    x = torch.randn(3, 64)
+    with pytest.raises(ValueError, match=r"among \['a', 'b', '__base__'\], got 'zz'"):
+        mixed_batch(x, params, ["a", "zz", BASE], base=layer)
+    with pytest.raises(ValueError, match="one adapter name per row of x \\(3\\), got 2"):
+        mixed_batch(x, params, ["a", "a"], base=layer)
+    with pytest.raises(ValueError, match=r"Expected `base` for DoRA adapters \['b'\]"):
+        mixed_batch(x, params, ["a", "b", BASE])
+    with pytest.raises(ValueError, match="only for DoRA adapters"):
+        mixed_batch(x, params, ["a", "b", BASE], base=layer, weight_norm={"a": torch.ones(48)})
+    with pytest.raises(ValueError, match="reserved"):
+        mixed_batch(x, {BASE: params["a"]}, ["a", "a", "a"])
+    with pytest.raises(ValueError, match="to fit the layer"):
+        mixed_batch(x, {"w": random_adapter(make_layer(32, 48), 2)}, ["w"] * 3, base=layer)
+    with pytest.raises(ValueError, match=r"ranks <= max_rank=2, got rank 3 \(\['b'\]\)"):
+        stack_adapters(params, max_rank=2)
+    with pytest.raises(ValueError, match="to fit the layer"):
+        stack_adapters({"a": params["a"], "w": random_adapter(make_layer(32, 48), 2)})
+    with pytest.raises(TypeError, match="one dtype"):
+        stack_adapters({"a": params["a"], "h": random_adapter(layer, 2, dtype=torch.float16)})
+    with pytest.raises(ValueError, match="at least one adapter"):
+        stack_adapters({})
+    bank = stack_adapters(params)
+    with pytest.raises(ValueError, match=r"`index` of shape \(3,\)"):
+        mixed_batch_indexed(x, bank, torch.tensor([0, 1]), base=layer)
+    with pytest.raises(ValueError, match=r"values in \[-1, 2\), got values in \[-1, 2\]"):
+        mixed_batch_indexed(x, bank, torch.tensor([0, -1, 2]), base=layer)
+    with pytest.raises(TypeError, match="integer tensor"):
+        mixed_batch_indexed(x, bank, torch.tensor([0.0, 1.0, 0.0]), base=layer)
+    with pytest.raises(ValueError, match="DoRA"):
+        mixed_batch_indexed(x, bank, torch.tensor([0, 0, 0]))
+    with pytest.raises(ValueError, match=r"`weight_norm` of shape \(2, 48\)"):
+        mixed_batch_indexed(
+            x, bank, torch.tensor([0, 1, 0]), base=layer, weight_norm=torch.ones(48)
+        )
+    with pytest.raises(ValueError, match=r"\(out, in\) = \(48, 32\)"):
+        mixed_batch_indexed(
+            torch.randn(3, 64), bank, torch.tensor([0, 1, 0]), base=make_layer(32, 48)
+        )
+    with pytest.raises(ValueError, match=r"x` of shape \(batch, ..., 64\)"):
+        mixed_batch_indexed(torch.randn(3, 32), bank, torch.tensor([0, 1, 0]), base=layer)
+
+
+# dynamo inspects captured tensors' .grad; torch warns about that for non-leaf ones
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_indexed_form_compiles_without_graph_breaks():
+    layer = make_layer()
+    params = _adapters(layer, {"a": 1, "b": 3, "c": 4}, dora=("b",))
+    bank = stack_adapters(params, max_rank=4)
+    norms = bank_weight_norm(layer, bank)
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def serve(x, index):
+        return mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norms)
+
+    x = torch.randn(4, 64)
+    for index in ([0, 1, -1, 2], [2, 2, 1, -1]):
+        index = torch.tensor(index)
+        eager = mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norms)
+        assert_close_rel(serve(x, index), eager, torch.float32)
