@@ -17,6 +17,8 @@ import torch
 from hqq.core.quantize import HQQLinear
 from torch import Tensor
 
+from hqqlora import _triton
+
 __all__ = [
     "QuantLayout",
     "base_forward",
@@ -182,9 +184,8 @@ def _dequantize(W_q: Tensor, scale: Tensor, zero: Tensor, layout: QuantLayout) -
     return ((W_r - zero) * scale).reshape(layout.shape)
 
 
-def _native_forward_allowed() -> bool:
-    # HQQ's forward goes through an autograd.Function with no vmap/jvp rule that
-    # dynamo cannot trace either; in plain eager mode it is the fast path.
+def _eager() -> bool:
+    """Plain eager mode: neither tracing by dynamo nor inside a ``torch.func`` transform."""
     if torch.compiler.is_compiling():
         return False
     return torch._C._functorch.peek_interpreter_stack() is None
@@ -194,9 +195,12 @@ def base_forward(base: HQQLinear, x: Tensor) -> Tensor:
     """The base layer's output ``x @ dequantize(base)ᵀ + bias``.
 
     ``x`` is cast to the layer's compute dtype, unless autocast is on for its
-    device type. In plain eager mode this calls the layer itself (HQQ's backend,
-    whatever it is); under ``torch.func`` transforms or ``torch.compile`` it uses
-    the pure :func:`dequantize`, which gives the same bits.
+    device type. The path depends on the mode, and every path gives HQQ's bits:
+    under ``torch.func`` transforms or ``torch.compile``, the pure
+    :func:`dequantize` (HQQ's forward is an autograd.Function with no vmap/jvp rule,
+    that dynamo cannot trace either); in eager mode on CUDA with Triton, a
+    one-kernel dequantization (HQQ's takes about ten launches); otherwise the
+    layer's own forward.
 
     Args:
         base: a quantized ``HQQLinear``.
@@ -208,9 +212,16 @@ def base_forward(base: HQQLinear, x: Tensor) -> Tensor:
     layout = quant_layout(base)
     if not torch.is_autocast_enabled(x.device.type) and x.dtype != layout.compute_dtype:
         x = x.to(layout.compute_dtype)
-    if _native_forward_allowed():
-        return base(x)
-    return pure_forward(base, x, layout)
+    if not _eager():
+        return pure_forward(base, x, layout)
+    W_q = base.W_q
+    if _triton.available(W_q) and layout.packing is not None:
+        _, scale, zero = quant_tensors(base)
+        if layout.view_as_float:
+            W_q = W_q.view(layout.unpack_view_dtype)
+        out = torch.matmul(x, _triton.dequantize_cuda(W_q, scale, zero, layout).t())
+        return out if base.bias is None else out + base.bias
+    return base(x)
 
 
 def pure_forward(base: HQQLinear, x: Tensor, layout: QuantLayout | None = None) -> Tensor:
