@@ -1,6 +1,7 @@
 """LoRA and DoRA adapters on HQQ-quantized linear layers, as pure functions over pytrees."""
 
 from hqqlora._base import QuantLayout, base_forward, dequantize, quant_layout, quantize_like
+from hqqlora._compose import CombineInfo, add, combine, negate, scale
 from hqqlora._dora import dora_weight_norm
 from hqqlora._lora import apply_lora
 from hqqlora._merge import merge, merged_weight, unmerge, unmerged_weight
@@ -9,18 +10,23 @@ from hqqlora._params import check_params, delta_weight, init_lora, trainable_par
 __version__ = "0.1.0"
 
 __all__ = [
+    "CombineInfo",
     "QuantLayout",
+    "add",
     "apply_lora",
     "base_forward",
     "check_params",
+    "combine",
     "delta_weight",
     "dequantize",
     "dora_weight_norm",
     "init_lora",
     "merge",
     "merged_weight",
+    "negate",
     "quant_layout",
     "quantize_like",
+    "scale",
     "trainable_params",
     "unmerge",
     "unmerged_weight",
