@@ -55,9 +55,7 @@ def _strategy(values: object, name: str) -> SearchStrategy:
     return st.just(values)
 
 
-@st.composite
 def quantized_layers(
-    draw,
     *,
     in_features: object = (16, 32, 64),
     out_features: object = (16, 32, 48),
@@ -84,17 +82,39 @@ def quantized_layers(
 
     Returns:
         A strategy of ``HQQLinear`` (quantized with HQQ's defaults, ``device="cpu"``).
+
+    Raises:
+        ValueError: an option given as an empty sequence.
     """
+    options = {
+        name: _strategy(value, name)
+        for name, value in [
+            ("in_features", in_features),
+            ("out_features", out_features),
+            ("nbits", nbits),
+            ("group_sizes", group_sizes),
+            ("axes", axes),
+            ("dtypes", dtypes),
+            ("bias", bias),
+        ]
+    }
+    return _quantized_layers(**options)
+
+
+@st.composite
+def _quantized_layers(
+    draw, *, in_features, out_features, nbits, group_sizes, axes, dtypes, bias
+) -> HQQLinear:
     from hqq.core.quantize import BaseQuantizeConfig
 
-    n_in = draw(_strategy(in_features, "in_features"))
-    n_out = draw(_strategy(out_features, "out_features"))
-    group_size = draw(_strategy(group_sizes, "group_sizes"))
+    n_in = draw(in_features)
+    n_out = draw(out_features)
+    group_size = draw(group_sizes)
     assume((n_in * n_out) % group_size == 0)
-    bits = draw(_strategy(nbits, "nbits"))
-    axis = draw(_strategy(axes, "axes"))
-    dtype = draw(_strategy(dtypes, "dtypes"))
-    with_bias = draw(_strategy(bias, "bias"))
+    bits = draw(nbits)
+    axis = draw(axes)
+    dtype = draw(dtypes)
+    with_bias = draw(bias)
     gen = torch.Generator().manual_seed(draw(_SEEDS))
     linear = torch.nn.Linear(n_in, n_out, bias=with_bias)
     with torch.no_grad():
@@ -105,9 +125,7 @@ def quantized_layers(
     return HQQLinear(linear, config, compute_dtype=dtype, device="cpu")
 
 
-@st.composite
 def adapters(
-    draw,
     layer: HQQLinear,
     *,
     ranks: object = (1, 2, 4, 8),
@@ -131,14 +149,30 @@ def adapters(
 
     Returns:
         A strategy of adapter dicts.
+
+    Raises:
+        TypeError: ``layer`` is not an ``HQQLinear``.
+        ValueError: an option given as an empty sequence.
     """
     check_hqq_layer(layer, "layer")
     layout = quant_layout(layer)
-    n_out, n_in = layout.shape
-    r = draw(_strategy(ranks, "ranks"))
-    dtype = draw(_strategy(layout.compute_dtype if dtypes is None else dtypes, "dtypes"))
-    s = draw(_strategy(scalings, "scalings"))
-    with_dora = draw(_strategy(dora, "dora"))
+    return _adapters(
+        layer,
+        layout.shape,
+        ranks=_strategy(ranks, "ranks"),
+        dora=_strategy(dora, "dora"),
+        dtypes=_strategy(layout.compute_dtype if dtypes is None else dtypes, "dtypes"),
+        scalings=_strategy(scalings, "scalings"),
+    )
+
+
+@st.composite
+def _adapters(draw, layer, shape, *, ranks, dora, dtypes, scalings) -> dict[str, torch.Tensor]:
+    n_out, n_in = shape
+    r = draw(ranks)
+    dtype = draw(dtypes)
+    s = draw(scalings)
+    with_dora = draw(dora)
     gen = torch.Generator().manual_seed(draw(_SEEDS))
     params = {
         "lora_A": (torch.randn(r, n_in, generator=gen) / n_in**0.5).to(dtype),
@@ -151,9 +185,7 @@ def adapters(
     return params
 
 
-@st.composite
 def adapter_banks(
-    draw,
     layer: HQQLinear,
     *,
     min_size: int = 1,
@@ -171,11 +203,16 @@ def adapter_banks(
 
     Returns:
         A strategy of adapter banks, as :func:`hqqlora.mixed_batch` takes them.
+
+    Raises:
+        ValueError: sizes out of order or below 1; bad adapter options.
     """
     if not 1 <= min_size <= max_size:
         raise ValueError(f"Expected 1 <= min_size <= max_size, got {min_size} and {max_size}.")
-    size = draw(st.integers(min_value=min_size, max_value=max_size))
-    return {f"adapter_{i}": draw(adapters(layer, **adapter_options)) for i in range(size)}
+    one = adapters(layer, **adapter_options)
+    return st.integers(min_value=min_size, max_value=max_size).flatmap(
+        lambda size: st.fixed_dictionaries({f"adapter_{i}": one for i in range(size)})
+    )
 
 
 def adapter_names(
