@@ -9,10 +9,11 @@ sample from, or a hypothesis strategy.
 
 Example (a complete property test of a merge/unmerge round trip)::
 
-    from hypothesis import given, strategies as st
+    from hypothesis import given, settings, strategies as st
     import hqqlora
     from hqqlora.testing import adapters, quantized_layers
 
+    @settings(deadline=None)  # quantizing takes longer than hypothesis' 200 ms default
     @given(st.data())
     def test_merge_unmerge_round_trip(data):
         layer = data.draw(quantized_layers(nbits=(4, 8)))
