@@ -1,6 +1,7 @@
 """LoRA and DoRA adapters on HQQ-quantized linear layers, as pure functions over pytrees."""
 
 from hqqlora._base import QuantLayout, base_forward, dequantize, quant_layout, quantize_like
+from hqqlora._compose import CombineInfo, add, combine, negate, scale
 from hqqlora._dora import dora_weight_norm
 from hqqlora._lora import apply_lora
 from hqqlora._merge import merge, merged_weight, unmerge, unmerged_weight
@@ -18,12 +19,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterBank",
+    "CombineInfo",
     "HqqLoraLinear",
     "QuantLayout",
+    "add",
     "apply_lora",
     "bank_weight_norm",
     "base_forward",
     "check_params",
+    "combine",
     "delta_weight",
     "dequantize",
     "dispatch_hqq",
@@ -33,8 +37,10 @@ __all__ = [
     "merged_weight",
     "mixed_batch",
     "mixed_batch_indexed",
+    "negate",
     "quant_layout",
     "quantize_like",
+    "scale",
     "stack_adapters",
     "trainable_params",
     "unmerge",
