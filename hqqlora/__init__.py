@@ -2,9 +2,17 @@
 
 from hqqlora._base import QuantLayout, base_forward, dequantize, quant_layout, quantize_like
 from hqqlora._dora import dora_weight_norm
+from hqqlora._loftq import loftq
 from hqqlora._lora import apply_lora
 from hqqlora._merge import merge, merged_weight, unmerge, unmerged_weight
-from hqqlora._params import check_params, delta_weight, init_lora, trainable_params
+from hqqlora._params import (
+    check_params,
+    delta_weight,
+    expand_group_constant,
+    init_lora,
+    trainable_params,
+)
+from hqqlora._report import merge_report
 
 __version__ = "0.1.0"
 
@@ -16,8 +24,11 @@ __all__ = [
     "delta_weight",
     "dequantize",
     "dora_weight_norm",
+    "expand_group_constant",
     "init_lora",
+    "loftq",
     "merge",
+    "merge_report",
     "merged_weight",
     "quant_layout",
     "quantize_like",
