@@ -3,6 +3,7 @@
 from hqqlora._base import QuantLayout, base_forward, dequantize, quant_layout, quantize_like
 from hqqlora._compose import CombineInfo, add, combine, negate, scale
 from hqqlora._dora import dora_weight_norm
+from hqqlora._loftq import loftq
 from hqqlora._lora import apply_lora
 from hqqlora._merge import merge, merged_weight, unmerge, unmerged_weight
 from hqqlora._mixed import (
@@ -13,7 +14,14 @@ from hqqlora._mixed import (
     stack_adapters,
 )
 from hqqlora._nn import HqqLoraLinear, dispatch_hqq
-from hqqlora._params import check_params, delta_weight, init_lora, trainable_params
+from hqqlora._params import (
+    check_params,
+    delta_weight,
+    expand_group_constant,
+    init_lora,
+    trainable_params,
+)
+from hqqlora._report import merge_report
 
 __version__ = "0.1.0"
 
@@ -32,8 +40,11 @@ __all__ = [
     "dequantize",
     "dispatch_hqq",
     "dora_weight_norm",
+    "expand_group_constant",
     "init_lora",
+    "loftq",
     "merge",
+    "merge_report",
     "merged_weight",
     "mixed_batch",
     "mixed_batch_indexed",

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hqqlora._base import HQQLinear, check_hqq_layer, dequantize, quant_layout
-from hqqlora._params import as_adapter_list
+from hqqlora._params import as_adapter_list, expand_groups, pool_groups
 
 __all__ = ["as_norm_list", "dora_factor", "dora_weight_norm"]
 
@@ -42,7 +42,8 @@ def dora_weight_norm(base: HQQLinear, params: Mapping[str, Tensor], /) -> Tensor
     (params,) = as_adapter_list(params, base)
     A, B = params["lora_A"].detach(), params["lora_B"].detach()
     weight = dequantize(base).to(A.dtype)
-    norm = torch.linalg.norm(weight + params["scaling"].detach() * (B @ A), dim=1)
+    delta = expand_groups(params["scaling"].detach() * (B @ A), weight.shape[1])
+    norm = torch.linalg.norm(weight + delta, dim=1)
     return norm.to(weight.dtype).detach()
 
 
@@ -120,7 +121,8 @@ def add_dora_term(
         weight_norm = dora_weight_norm(base, params)
     c = dora_factor(params, weight_norm)
     dtype = x.dtype
-    scaled_lora = F.linear(F.linear(x, params["lora_A"]) * params["scaling"], params["lora_B"])
+    h = F.linear(pool_groups(x, params["lora_A"].shape[1]), params["lora_A"])
+    scaled_lora = F.linear(h * params["scaling"], params["lora_B"])
     if dropped:
         weight = dequantize(base).to(dtype)
         return result + (c - 1) * F.linear(x, weight) + c * scaled_lora

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from hqqlora._base import HQQLinear, base_forward, check_hqq_layer, quant_layout
 from hqqlora._dora import add_dora_term, as_norm_list
-from hqqlora._params import as_adapter_list
+from hqqlora._params import as_adapter_list, pool_groups
 
 __all__ = ["apply_lora", "check_input", "lora_dropout"]
 
@@ -38,8 +38,12 @@ def lora_dropout(x: Tensor, p: float, generator: torch.Generator | None = None) 
 
 
 def add_lora_term(params: Mapping[str, Tensor], x: Tensor, result: Tensor) -> Tensor:
-    """``result + scaling · x @ Aᵀ @ Bᵀ`` with as few kernels as the dtypes allow."""
-    h = F.linear(x, params["lora_A"]) * params["scaling"]
+    """``result + scaling · x @ Aᵀ @ Bᵀ`` with as few kernels as the dtypes allow.
+
+    A group-constant ``lora_A`` (``(r, in // group_size)``) sees ``pool_groups(x)``.
+    """
+    A = params["lora_A"]
+    h = F.linear(pool_groups(x, A.shape[1]), A) * params["scaling"]
     if result.dtype == h.dtype and result.ndim >= 2:
         flat = torch.addmm(
             result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), params["lora_B"].t()
@@ -70,7 +74,9 @@ def apply_lora(
         y = base(x) + (c - 1) ⊙ (x @ Wᵀ) + c ⊙ scaling · x @ Aᵀ @ Bᵀ
 
     (with dropout, both terms see ``dropout(x)``, as in PEFT). A sequence of
-    adapters adds each term in turn, like PEFT's several active adapters.
+    adapters adds each term in turn, like PEFT's several active adapters. A
+    group-constant adapter (``lora_A`` of shape ``(r, in // group_size)``) applies
+    ``lora_A`` to the input summed over each group: ``pool_groups(x) @ Aᵀ``.
 
     Dtypes follow PEFT: ``x`` is cast to the layer's compute dtype for the base and
     to the adapters' dtype for the adapter term, and the result comes back in the

@@ -1,28 +1,83 @@
 """Folding adapters into the quantized weight, and taking them out again.
 
-``merge`` dequantizes the base, adds the adapters' updates and quantizes once with
-the base's own settings; ``unmerge`` subtracts and quantizes again. Both return
-new layers and leave their inputs alone.
+``merge`` adds the adapters' updates to the base weight and returns a new layer;
+``unmerge`` takes them out again. Both leave their inputs alone. Three methods:
 
-Requantization is lossy: at 2–4 bits a LoRA-sized update is far smaller than one
-quantization step, so a merged layer keeps only part of it, and
-``unmerge(merge(base, p), p)`` is not ``base`` (see the README for measured drift).
+* ``"requantize"`` (default, PEFT's): dequantize, add, quantize once with the base's
+  settings. Lossy: at 2–4 bits a LoRA-sized update is far smaller than one
+  quantization step, so the merged layer keeps only part of it (``merge`` warns
+  when less than half survives; :func:`merge_report` measures it), and
+  ``unmerge(merge(base, p), p)`` is not ``base``.
+* ``"same_grid"``: keep the base's scale and zero, re-round the merged weight on
+  that grid, ``W_q' = clamp(round(W'/scale + zero), 0, 2^b - 1)``. Reversible:
+  unmerging gives the original codes back except where the merge clamped.
+* ``"zero_point"``: for a delta constant within each quantization group (a
+  group-constant adapter), fold it into HQQ's float zero points,
+  ``(W_q - z)·s + c = (W_q - (z - c/s))·s``; no code changes, lossless up to the
+  zero dtype's precision. DoRA's row factor folds into the scales.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
+from hqq.core.quantize import Quantizer
 from torch import Tensor
 
-from hqqlora._base import HQQLinear, check_hqq_layer, dequantize, quantize_like
+from hqqlora._base import (
+    HQQLinear,
+    QuantLayout,
+    check_hqq_layer,
+    dequantize,
+    quant_config_of,
+    quant_layout,
+    quant_tensors,
+    quantize_like,
+    unpack,
+)
 from hqqlora._dora import as_norm_list, dora_factor, dora_weight_norm
 from hqqlora._params import as_adapter_list, delta_weight
 
-__all__ = ["merge", "merged_weight", "unmerge", "unmerged_weight"]
+__all__ = ["METHODS", "merge", "merged_weight", "unmerge", "unmerged_weight"]
+
+METHODS = ("requantize", "same_grid", "zero_point")
 
 Adapters = Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]]
+WeightNorm = Tensor | Sequence[Tensor | None] | None
+
+# A delta counts as constant within its groups when what is left after taking out
+# each group's mean is this small relative to the delta (float64 arithmetic).
+_GROUP_CONSTANT_RTOL = 1e-6
+_WARN_BELOW = 0.5
+
+
+def merge_dense(
+    weight: Tensor, base: HQQLinear, adapters: Sequence[Mapping[str, Tensor]]
+) -> Tensor:
+    in_features = weight.shape[1]
+    for p in adapters:
+        delta = delta_weight(p, in_features=in_features)
+        if "magnitude" in p:
+            c = dora_factor(p, dora_weight_norm(base, p))
+            weight = c.unsqueeze(-1) * (weight + delta)
+        else:
+            weight = weight + delta
+    return weight
+
+
+def unmerge_dense(
+    weight: Tensor, adapters: Sequence[Mapping[str, Tensor]], norms: Sequence[Tensor | None]
+) -> Tensor:
+    in_features = weight.shape[1]
+    for p, n in reversed(list(zip(adapters, norms, strict=True))):
+        delta = delta_weight(p, in_features=in_features)
+        if "magnitude" in p:
+            weight = weight / dora_factor(p, n).unsqueeze(-1) - delta
+        else:
+            weight = weight - delta
+    return weight
 
 
 def merged_weight(base: HQQLinear, params: Adapters, /) -> Tensor:
@@ -37,27 +92,10 @@ def merged_weight(base: HQQLinear, params: Adapters, /) -> Tensor:
     """
     check_hqq_layer(base)
     adapters = as_adapter_list(params, base)
-    weight = dequantize(base)
-    for p in adapters:
-        delta = delta_weight(p)
-        if "magnitude" in p:
-            c = dora_factor(p, dora_weight_norm(base, p))
-            weight = c.unsqueeze(-1) * (weight + delta)
-        else:
-            weight = weight + delta
-    return weight
+    return merge_dense(dequantize(base), base, adapters)
 
 
-def unmerged_weight(
-    merged: HQQLinear,
-    params: Adapters,
-    /,
-    *,
-    weight_norm: Tensor | Sequence[Tensor | None] | None = None,
-) -> Tensor:
-    """The dense weight that :func:`unmerge` quantizes: the merge undone last-in first-out."""
-    check_hqq_layer(merged, "merged")
-    adapters = as_adapter_list(params, merged)
+def _checked_norms(merged: HQQLinear, adapters, weight_norm: WeightNorm) -> list[Tensor | None]:
     norms = as_norm_list(weight_norm, adapters, merged)
     for i, (p, n) in enumerate(zip(adapters, norms, strict=True)):
         if "magnitude" in p and n is None:
@@ -65,14 +103,17 @@ def unmerged_weight(
                 f"Expected `weight_norm` for DoRA adapter {i}: the merged weight does not determine "
                 "DoRA's norm; pass dora_weight_norm(base, params) computed before the merge."
             )
-    weight = dequantize(merged)
-    for p, n in reversed(list(zip(adapters, norms, strict=True))):
-        delta = delta_weight(p)
-        if "magnitude" in p:
-            weight = weight / dora_factor(p, n).unsqueeze(-1) - delta
-        else:
-            weight = weight - delta
-    return weight
+    return norms
+
+
+def unmerged_weight(
+    merged: HQQLinear, params: Adapters, /, *, weight_norm: WeightNorm = None
+) -> Tensor:
+    """The dense weight that :func:`unmerge` quantizes: the merge undone last-in first-out."""
+    check_hqq_layer(merged, "merged")
+    adapters = as_adapter_list(params, merged)
+    norms = _checked_norms(merged, adapters, weight_norm)
+    return unmerge_dense(dequantize(merged), adapters, norms)
 
 
 def _check_finite(weight: Tensor) -> None:
@@ -83,29 +124,246 @@ def _check_finite(weight: Tensor) -> None:
         )
 
 
-def merge(base: HQQLinear, params: Adapters, /, *, safe_merge: bool = False) -> HQQLinear:
+def _check_method(method: object) -> str:
+    if method not in METHODS:
+        raise ValueError(f"Expected `method` in {METHODS}, got {method!r}.")
+    return method
+
+
+def as_float64(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The adapter with every leaf detached and in float64 (for exact bookkeeping)."""
+    return {k: v.detach().double() for k, v in params.items()}
+
+
+# ---- the quantization grid, read and written in float64 -------------------------
+
+
+def max_code(layout: QuantLayout) -> int:
+    """The largest code, ``round(2^nbits - 1)``, as HQQ's quantizer uses it."""
+    return round(2**layout.nbits - 1)
+
+
+def grid(base: HQQLinear) -> tuple[Tensor, Tensor, Tensor]:
+    """``(codes, scale, zero)`` in float64, in HQQ's grouped view.
+
+    ``codes`` has shape ``(num_groups, group_size)`` for ``axis=1`` and
+    ``(group_size, numel // group_size)`` for ``axis=0``; ``scale`` and ``zero``
+    broadcast against it, and ``(codes - zero) * scale`` reshaped to ``(out, in)``
+    is the weight.
+    """
+    layout = quant_layout(base)
+    W_q, scale, zero = quant_tensors(base)
+    if layout.packing is not None and layout.view_as_float:
+        W_q = W_q.view(layout.unpack_view_dtype)
+    codes = unpack(W_q, layout.packing, torch.float64)
+    if layout.packing is not None and layout.nbits == 3:
+        rows = layout.group_size if layout.axis == 0 else layout.num_groups
+        codes = codes[:rows]
+    return codes, scale.double(), zero.double()
+
+
+def dequantize_float64(base: HQQLinear) -> Tensor:
+    """``(codes - zero) * scale`` in float64, shape ``(out, in)``: the grid's exact values."""
+    codes, scale, zero = grid(base)
+    return ((codes - zero) * scale).reshape(quant_layout(base).shape)
+
+
+def round_to_grid(weight: Tensor, base: HQQLinear) -> tuple[Tensor, int]:
+    """Codes of ``weight`` on ``base``'s grid, and how many had to be clamped.
+
+    ``codes = clamp(round(weight / scale + zero), 0, 2^b - 1)`` in the grouped view.
+    """
+    _, scale, zero = grid(base)
+    layout = quant_layout(base)
+    view = (-1, layout.group_size) if layout.axis == 1 else (layout.group_size, -1)
+    codes = torch.round(weight.double().reshape(view) / scale + zero)
+    top = max_code(layout)
+    clamped = int(((codes < 0) | (codes > top)).sum())
+    return codes.clamp(0, top), clamped
+
+
+def _pack(codes: Tensor, base: HQQLinear) -> Tensor:
+    layout = quant_layout(base)
+    if layout.packing is None:
+        return codes.to(base.W_q.dtype)
+    W_q = Quantizer.pack[layout.packing](codes.to(torch.uint8))
+    if layout.view_as_float:
+        W_q = W_q.view(layout.compute_dtype)
+    return W_q
+
+
+def _rebuild(base: HQQLinear, *, W_q: Tensor, scale: Tensor, zero: Tensor) -> HQQLinear:
+    """A new ``HQQLinear`` with ``base``'s config, meta and bias but these tensors.
+
+    No quantizer runs: the codes, scales and zeros are taken as given.
+    """
+    _, old_scale, old_zero = quant_tensors(base)
+    meta = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in base.meta.items()}
+    scale = scale.detach().to(dtype=old_scale.dtype, device=old_scale.device).clone()
+    zero = zero.detach().to(dtype=old_zero.dtype, device=old_zero.device).clone()
+    if "zero_scale" in meta:
+        meta["zero_scale"] = torch.stack((zero, scale)).to(meta["zero_scale"].dtype).cpu()
+    else:
+        meta["scale"], meta["zero"] = scale, zero
+    layer = HQQLinear(
+        None, quant_config_of(base), compute_dtype=base.compute_dtype, device=base.device
+    )
+    layer.W_q = W_q.to(device=base.W_q.device)
+    layer.meta = meta
+    layer.out_features, layer.in_features = quant_layout(base).shape
+    if base.bias is not None:
+        layer.bias = base.bias.detach().clone()
+    layer.cuda(base.device)
+    layer.ready = True
+    return layer
+
+
+# ---- zero_point: fold group-constant deltas into the zero points -----------------
+
+
+def _check_zero_point_layout(layout: QuantLayout) -> None:
+    if layout.axis != 1 or layout.in_features % layout.group_size:
+        raise ValueError(
+            "Expected an axis=1 layer whose group size divides in_features for "
+            f"method='zero_point', got axis={layout.axis}, group_size={layout.group_size}, "
+            f"in_features={layout.in_features}."
+        )
+
+
+def _group_constant(delta: Tensor, layout: QuantLayout, index: int) -> Tensor:
+    """The per-group value ``(num_groups, 1)`` of a group-constant ``delta`` ``(out, in)``."""
+    groups = delta.reshape(layout.num_groups, layout.group_size)
+    value = groups.mean(dim=1, keepdim=True)
+    spread = torch.linalg.norm(groups - value)
+    size = torch.linalg.norm(groups)
+    if spread > _GROUP_CONSTANT_RTOL * size:
+        raise ValueError(
+            f"Expected the update of adapter {index} to be constant within each quantization group "
+            f"for method='zero_point', got a relative spread of {float(spread / size):.2e}; "
+            "train a group-constant adapter (init_lora(..., group_constant=True)) or use "
+            "method='same_grid'."
+        )
+    return value
+
+
+def _row_to_groups(factor: Tensor, layout: QuantLayout) -> Tensor:
+    return factor.repeat_interleave(layout.in_features // layout.group_size).unsqueeze(-1)
+
+
+def _zero_point_merge(base: HQQLinear, adapters, *, safe_merge: bool) -> HQQLinear:
+    layout = quant_layout(base)
+    _check_zero_point_layout(layout)
+    W_q, scale, zero = quant_tensors(base)
+    s, z = scale.double(), zero.double()
+    for i, p in enumerate(adapters):
+        delta = delta_weight(p, in_features=layout.in_features)
+        if safe_merge:
+            _check_finite(delta)
+        z = z - _group_constant(delta, layout, i) / s
+        if "magnitude" in p:
+            # c ⊙ ((q - z')·s) = (q - z')·(c·s): DoRA's row factor goes into the scales.
+            s = s * _row_to_groups(dora_factor(p, dora_weight_norm(base, p)), layout)
+    if safe_merge:
+        _check_finite(z)
+        _check_finite(s)
+    return _rebuild(base, W_q=W_q.detach().clone(), scale=s, zero=z)
+
+
+def _zero_point_unmerge(merged: HQQLinear, adapters, norms) -> HQQLinear:
+    layout = quant_layout(merged)
+    _check_zero_point_layout(layout)
+    W_q, scale, zero = quant_tensors(merged)
+    s, z = scale.double(), zero.double()
+    for i, (p, n) in reversed(list(enumerate(zip(adapters, norms, strict=True)))):
+        if "magnitude" in p:
+            s = s / _row_to_groups(dora_factor(p, n), layout)
+        z = z + _group_constant(delta_weight(p, in_features=layout.in_features), layout, i) / s
+    return _rebuild(merged, W_q=W_q.detach().clone(), scale=s, zero=z)
+
+
+# ---- the public functions --------------------------------------------------------
+
+
+def merge(
+    base: HQQLinear,
+    params: Adapters,
+    /,
+    *,
+    safe_merge: bool = False,
+    method: str = "requantize",
+    warn: bool = True,
+) -> HQQLinear:
     """A new ``HQQLinear`` with the adapters folded into its weight.
 
-    Computes ``W' = W + ΔW`` (LoRA) or ``W' = c ⊙ (W + ΔW)`` (DoRA) for each
-    adapter in order, then quantizes once with ``base``'s quant config (nbits,
-    group size, axis, ``offload_meta``), compute dtype and device. The bias is
-    kept. ``base`` is never modified.
+    The merged weight is ``W' = W + ΔW`` (LoRA) or ``W' = c ⊙ (W + ΔW)`` (DoRA) for
+    each adapter in order, stored by ``method``:
+
+    * ``"requantize"``: quantize ``W'`` once with ``base``'s quant config (nbits,
+      group size, axis, ``offload_meta``), compute dtype and device (PEFT's way).
+    * ``"same_grid"``: keep ``base``'s scales and zeros and re-round,
+      ``W_q' = clamp(round(W'/s + z), 0, 2^b - 1)`` (computed in float64), so that
+      ``unmerge(..., method="same_grid")`` gives back the original codes except
+      where values clamped (``merge_report(...)["clamped"]`` counts them).
+    * ``"zero_point"``: keep the codes and fold a delta ``c`` that is constant
+      within each group into the zero points, ``z' = z - c/s`` (DoRA's row factor
+      into the scales, ``s' = c_row·s``). Lossless up to the zero dtype's precision.
+      Needs an ``axis=1`` layer whose group size divides ``in_features`` and
+      group-constant updates (``init_lora(..., group_constant=True)``).
+
+    The bias is kept; ``base`` is never modified.
 
     Args:
         base: the quantized layer.
         params: an adapter dict or a sequence of them.
         safe_merge: raise instead of returning a layer with non-finite weights.
+        method: ``"requantize"``, ``"same_grid"`` or ``"zero_point"``.
+        warn: emit a ``UserWarning`` when the merged layer keeps less than half of
+            the update (``merge_report(...)["captured"] < 0.5``).
 
     Returns:
         The merged ``HQQLinear``.
 
     Raises:
-        ValueError: ``safe_merge`` and a non-finite merged weight; adapters that do not fit.
+        ValueError: ``safe_merge`` and a non-finite merged weight; adapters that do
+            not fit; an unknown ``method``; for ``"zero_point"``, a layout or an
+            update that is not group-constant.
     """
-    weight = merged_weight(base, params)
-    if safe_merge:
-        _check_finite(weight)
-    return quantize_like(weight, base, base.bias)
+    check_hqq_layer(base)
+    _check_method(method)
+    adapters = as_adapter_list(params, base)
+    if method == "requantize":
+        weight = merge_dense(dequantize(base), base, adapters)
+        if safe_merge:
+            _check_finite(weight)
+        merged = quantize_like(weight, base, base.bias)
+    elif method == "same_grid":
+        weight = merge_dense(dequantize_float64(base), base, [as_float64(p) for p in adapters])
+        if safe_merge:
+            _check_finite(weight)
+        codes, _ = round_to_grid(weight, base)
+        _, scale, zero = quant_tensors(base)
+        merged = _rebuild(base, W_q=_pack(codes, base), scale=scale, zero=zero)
+    else:
+        merged = _zero_point_merge(base, [as_float64(p) for p in adapters], safe_merge=safe_merge)
+    if warn:
+        _warn_if_lost(base, adapters, merged)
+    return merged
+
+
+def _warn_if_lost(base: HQQLinear, adapters, merged: HQQLinear) -> None:
+    from hqqlora._report import merge_report
+
+    report = merge_report(base, adapters, merged)
+    if report["captured"] < _WARN_BELOW:
+        warnings.warn(
+            f"merge kept only {report['captured']:.1%} of the adapters' update "
+            f"(captured={report['captured']:.3f}, rel_error={report['rel_error']:.3f}): its largest "
+            f"entry is {report['step_ratio']:.2g} quantization steps at {quant_layout(base).nbits} bits. "
+            "Use method='same_grid', or group-constant adapters (init_lora(..., group_constant=True)) "
+            "with method='zero_point'; see merge_report. Pass warn=False to silence this.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def unmerge(
@@ -113,26 +371,51 @@ def unmerge(
     params: Adapters,
     /,
     *,
-    weight_norm: Tensor | Sequence[Tensor | None] | None = None,
+    weight_norm: WeightNorm = None,
+    method: str = "requantize",
 ) -> HQQLinear:
-    """A new ``HQQLinear`` with the adapters taken out again, by requantization.
+    """A new ``HQQLinear`` with the adapters taken out again.
 
     Undoes :func:`merge` last-in first-out: ``W ← W - ΔW`` (LoRA) or
-    ``W ← W / c - ΔW`` (DoRA). Lossy: the result is requantized, so it drifts from
-    the layer that was merged. To get the original back exactly, keep it (the
-    ``HqqLoraLinear`` shim does).
+    ``W ← W / c - ΔW`` (DoRA), stored by ``method``:
+
+    * ``"requantize"``: quantize again. Lossy: the result drifts from the layer
+      that was merged. To get the original back exactly, keep it (the
+      ``HqqLoraLinear`` shim does).
+    * ``"same_grid"``: re-round on the merged layer's grid (float64). After a
+      ``"same_grid"`` merge of LoRA adapters this gives the original codes back,
+      except where the merge clamped. DoRA rows with ``c < 1`` magnify the
+      merge's rounding error by ``1/c`` and may come back one code off.
+    * ``"zero_point"``: ``z ← z + c/s`` (and ``s ← s/c_row`` for DoRA); the codes
+      are untouched.
 
     Args:
         merged: a merged layer.
         params: the adapter(s) that were merged, in merge order.
         weight_norm: for DoRA adapters, ``dora_weight_norm(base, params)`` of the
             unmerged base (one entry per adapter for a sequence, ``None`` for LoRA).
+        method: ``"requantize"``, ``"same_grid"`` or ``"zero_point"``.
 
     Returns:
         The unmerged ``HQQLinear``.
 
     Raises:
-        ValueError: a DoRA adapter without its ``weight_norm``; adapters that do not fit.
+        ValueError: a DoRA adapter without its ``weight_norm``; adapters that do
+            not fit; an unknown ``method``; for ``"zero_point"``, a layout or an
+            update that is not group-constant.
     """
-    weight = unmerged_weight(merged, params, weight_norm=weight_norm)
-    return quantize_like(weight, merged, merged.bias)
+    check_hqq_layer(merged, "merged")
+    _check_method(method)
+    adapters = as_adapter_list(params, merged)
+    norms = _checked_norms(merged, adapters, weight_norm)
+    if method == "requantize":
+        weight = unmerge_dense(dequantize(merged), adapters, norms)
+        return quantize_like(weight, merged, merged.bias)
+    adapters64 = [as_float64(p) for p in adapters]
+    norms64 = [None if n is None else n.detach().double() for n in norms]
+    if method == "same_grid":
+        weight = unmerge_dense(dequantize_float64(merged), adapters64, norms64)
+        codes, _ = round_to_grid(weight, merged)
+        _, scale, zero = quant_tensors(merged)
+        return _rebuild(merged, W_q=_pack(codes, merged), scale=scale, zero=zero)
+    return _zero_point_unmerge(merged, adapters64, norms64)

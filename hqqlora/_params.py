@@ -11,6 +11,13 @@ An adapter for a layer with weight ``W`` of shape ``(out, in)`` is::
 
 The layout is PEFT's (``lora_A.weight`` is ``r × in``), so PEFT state dicts map over
 without transposes.
+
+A *group-constant* adapter (QA-LoRA's pooling, ``init_lora(..., group_constant=True)``)
+has ``lora_A`` of shape ``(r, in // group_size)``: its input is summed over each run of
+``group_size`` consecutive features before ``lora_A``, so its update is constant within
+each quantization group of an ``axis=1`` layer. Its width alone marks it, so every leaf
+stays a tensor. It behaves exactly like the ordinary adapter whose ``lora_A`` repeats
+each column ``group_size`` times (:func:`expand_group_constant`).
 """
 
 from __future__ import annotations
@@ -28,8 +35,12 @@ __all__ = [
     "as_adapter_list",
     "check_params",
     "delta_weight",
+    "expand_group_constant",
+    "expand_groups",
     "init_lora",
     "lora_scaling",
+    "pool_groups",
+    "pooling_group_size",
     "trainable_params",
 ]
 
@@ -47,6 +58,7 @@ def check_params(
     *,
     in_features: int | None = None,
     out_features: int | None = None,
+    group_size: int | None = None,
     name: str = "params",
 ) -> Mapping[str, Tensor]:
     """Checks one adapter dict and returns it unchanged.
@@ -55,6 +67,8 @@ def check_params(
         params: the adapter dict.
         in_features: if given, the expected ``lora_A.shape[1]``.
         out_features: if given, the expected ``lora_B.shape[0]`` (and magnitude length).
+        group_size: if given (with ``in_features``), ``lora_A`` may also be a
+            group-constant one of shape ``(r, in_features // group_size)``.
         name: how to call ``params`` in error messages.
 
     Raises:
@@ -101,9 +115,14 @@ def check_params(
         raise ValueError(
             f"Expected `{name}['scaling']` to be 0-d, got shape {tuple(scaling.shape)}."
         )
-    if in_features is not None and A.shape[1] != in_features:
+    pooled_width = _pooled_width(in_features, group_size)
+    if in_features is not None and A.shape[1] not in (in_features, pooled_width):
+        hint = (
+            "" if pooled_width is None else f" (a group-constant adapter has (r, {pooled_width}))"
+        )
         raise ValueError(
-            f"Expected `{name}['lora_A']` of shape (r, {in_features}) to fit the layer, got {tuple(A.shape)}."
+            f"Expected `{name}['lora_A']` of shape (r, {in_features}) to fit the layer, "
+            f"got {tuple(A.shape)}{hint}."
         )
     if out_features is not None and B.shape[0] != out_features:
         raise ValueError(
@@ -130,23 +149,97 @@ def as_adapter_list(params: object, base: HQQLinear | None = None) -> list[Mappi
         raise TypeError(
             f"Expected `params` to be an adapter dict or a sequence of them, got {type(params).__name__}."
         )
-    shape = quant_layout(base).shape if base is not None else (None, None)
+    shape, group_size = (None, None), None
+    if base is not None:
+        layout = quant_layout(base)
+        shape = layout.shape
+        if layout.axis == 1 and layout.in_features % layout.group_size == 0:
+            group_size = layout.group_size
     return [
         check_params(
             p,
             in_features=shape[1],
             out_features=shape[0],
+            group_size=group_size,
             name="params" if len(items) == 1 else f"params[{i}]",
         )
         for i, p in enumerate(items)
     ]
 
 
-def delta_weight(params: Mapping[str, Tensor]) -> Tensor:
+def _pooled_width(in_features: int | None, group_size: int | None) -> int | None:
+    if in_features is None or group_size is None or group_size <= 1:
+        return None
+    if in_features % group_size:
+        return None
+    return in_features // group_size
+
+
+def pooling_group_size(params: Mapping[str, Tensor], in_features: int) -> int:
+    """How many consecutive inputs ``lora_A`` sums: ``in_features // lora_A.shape[1]``.
+
+    1 for an ordinary adapter, the quantization group size for a group-constant one.
+
+    Raises:
+        ValueError: ``lora_A.shape[1]`` does not divide ``in_features``.
+    """
+    width = params["lora_A"].shape[1]
+    if width == 0 or in_features % width:
+        raise ValueError(
+            f"Expected `lora_A` of width dividing in_features={in_features}, got {tuple(params['lora_A'].shape)}."
+        )
+    return in_features // width
+
+
+def pool_groups(x: Tensor, width: int) -> Tensor:
+    """Sums the last dim of ``x`` over ``width`` runs of consecutive entries.
+
+    ``pool_groups(x, k)[..., g] = Σ_{j<p} x[..., g·p + j]`` with ``p = x.shape[-1] // k``,
+    so ``pool_groups(x, k) @ Aᵀ = x @ expand_groups(A, x.shape[-1])ᵀ``. Returns ``x``
+    itself when ``width == x.shape[-1]``.
+
+    Args:
+        x: array of shape ``(..., in)``.
+        width: the number of groups ``k``, dividing ``in``.
+
+    Returns:
+        Tensor of shape ``(..., width)``.
+    """
+    if x.shape[-1] == width:
+        return x
+    return x.unflatten(-1, (width, x.shape[-1] // width)).sum(-1)
+
+
+def expand_groups(t: Tensor, in_features: int) -> Tensor:
+    """Repeats each column of ``t`` (shape ``(n, k)``) ``in_features // k`` times: ``(n, in_features)``."""
+    if t.shape[-1] == in_features:
+        return t
+    return t.repeat_interleave(in_features // t.shape[-1], dim=-1)
+
+
+def expand_group_constant(params: Mapping[str, Tensor], in_features: int) -> dict[str, Tensor]:
+    """The ordinary adapter equal to a group-constant one: ``lora_A`` with repeated columns.
+
+    The result has ``lora_A`` of shape ``(r, in_features)`` and the same forward,
+    delta and merge; use it to save a group-constant adapter in PEFT's format.
+    The other leaves are shared, not copied.
+    """
+    check_params(params)
+    pooling_group_size(params, in_features)
+    return {**params, "lora_A": expand_groups(params["lora_A"], in_features)}
+
+
+def delta_weight(params: Mapping[str, Tensor], *, in_features: int | None = None) -> Tensor:
     """The LoRA update ``ΔW = (lora_B @ lora_A) * scaling``.
+
+    For a group-constant adapter (``lora_A`` of shape ``(r, in // group_size)``) the
+    update is ``expand_groups((lora_B @ lora_A) * scaling, in_features)``: each
+    column repeated ``group_size`` times. Without ``in_features`` it comes compact,
+    one column per group.
 
     Args:
         params: an adapter dict with ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)``.
+        in_features: the layer's input width; needed to expand a group-constant update.
 
     Returns:
         Tensor of shape ``(out, in)`` in the adapters' dtype.
@@ -157,7 +250,11 @@ def delta_weight(params: Mapping[str, Tensor]) -> Tensor:
         1.0
     """
     check_params(params)
-    return (params["lora_B"] @ params["lora_A"]) * params["scaling"]
+    delta = (params["lora_B"] @ params["lora_A"]) * params["scaling"]
+    if in_features is None:
+        return delta
+    pooling_group_size(params, in_features)
+    return expand_groups(delta, in_features)
 
 
 def trainable_params(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -180,6 +277,7 @@ def init_lora(
     init_lora_weights: bool | str = True,
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
+    group_constant: bool = False,
 ) -> dict[str, Tensor]:
     """A new adapter for ``base``, with PEFT's initialization.
 
@@ -190,18 +288,30 @@ def init_lora(
 
     With ``use_dora``, ``magnitude = ‖dequantize(W) + scaling·B@A‖`` row-wise.
 
+    With ``group_constant`` (QA-LoRA's pooling), ``lora_A`` has shape
+    ``(r, in // group_size)`` and sees the input summed over each quantization
+    group, so ``ΔW`` stays constant within every group through training and
+    ``merge(..., method="zero_point")`` folds it into the zero points without loss.
+    Summing (not averaging) keeps the maths plain: the adapter equals the ordinary
+    one whose ``lora_A`` repeats each column ``group_size`` times. ``lora_A`` is
+    drawn as that ordinary adapter's entries would be (fan-in ``in``), so the
+    adapter's activations start at the usual scale. Needs an ``axis=1`` layer whose
+    group size divides ``in``.
+
     Args:
         base: the quantized layer, of weight shape ``(out, in)``.
         r: the rank, a positive int.
         lora_alpha: the LoRA alpha; ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with rslora).
         generator: makes the initialization reproducible.
         dtype: adapter dtype, float32 by default.
+        group_constant: make a group-constant (pooled) adapter.
 
     Returns:
         The adapter dict, on the base layer's device.
 
     Raises:
-        ValueError: ``r <= 0`` or an unknown ``init_lora_weights``.
+        ValueError: ``r <= 0``, an unknown ``init_lora_weights``, or
+            ``group_constant`` on a layout that does not allow it.
         TypeError: ``base`` is not an ``HQQLinear``.
     """
     check_hqq_layer(base)
@@ -214,15 +324,36 @@ def init_lora(
     dtype = torch.float32 if dtype is None else dtype
     if not dtype.is_floating_point:
         raise TypeError(f"Expected a floating-point `dtype`, got {dtype}.")
-    out_features, in_features = quant_layout(base).shape
+    layout = quant_layout(base)
+    out_features, in_features = layout.shape
+    width = in_features
+    if group_constant:
+        width = None
+        if layout.axis == 1:
+            width = (
+                in_features
+                if layout.group_size == 1
+                else _pooled_width(in_features, layout.group_size)
+            )
+        if width is None:
+            raise ValueError(
+                "Expected an axis=1 layer whose group size divides in_features for "
+                f"`group_constant=True`, got axis={layout.axis}, group_size={layout.group_size}, "
+                f"in_features={in_features}."
+            )
     device = base.W_q.device
     # Initialize in float32 so that the values do not depend on `dtype`.
-    A = torch.empty(r, in_features, device=device)
+    A = torch.empty(r, width, device=device)
     B = torch.empty(out_features, r, device=device)
     if init_lora_weights == "gaussian":
         torch.nn.init.normal_(A, std=1 / r, generator=generator)
-    else:
+    elif width == in_features:
         torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+    else:
+        # kaiming-uniform(a=√5) with the layer's fan-in, not the pooled width.
+        gain = torch.nn.init.calculate_gain("leaky_relu", math.sqrt(5))
+        bound = math.sqrt(3.0) * gain / math.sqrt(in_features)
+        torch.nn.init.uniform_(A, -bound, bound, generator=generator)
     if init_lora_weights is False:
         torch.nn.init.kaiming_uniform_(B, a=math.sqrt(5), generator=generator)
     else:

@@ -1,0 +1,310 @@
+"""merge/unmerge methods, merge_report and group-constant adapters, against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_layer, random_adapter
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hqqlora import (
+    apply_lora,
+    check_params,
+    delta_weight,
+    dequantize,
+    dora_weight_norm,
+    expand_group_constant,
+    init_lora,
+    merge,
+    merge_report,
+    quant_layout,
+    trainable_params,
+    unmerge,
+)
+from hqqlora._merge import grid
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def snapshot(layer):
+    W_q, scale, zero = layer.W_q.clone(), layer.meta["scale"].clone(), layer.meta["zero"].clone()
+    bias = None if layer.bias is None else layer.bias.clone()
+    return W_q, scale, zero, bias
+
+
+def assert_unchanged(layer, snap):
+    W_q, scale, zero, bias = snap
+    assert torch.equal(layer.W_q, W_q)
+    assert torch.equal(layer.meta["scale"], scale)
+    assert torch.equal(layer.meta["zero"], zero)
+    assert (bias is None) == (layer.bias is None)
+    if bias is not None:
+        assert torch.equal(layer.bias, bias)
+
+
+def as_double(p):
+    return {k: v.double() for k, v in p.items()}
+
+
+def grouped(weight, layer):
+    layout = quant_layout(layer)
+    view = (-1, layout.group_size) if layout.axis == 1 else (layout.group_size, -1)
+    return weight.reshape(view)
+
+
+def group_constant_adapter(layer, r=4, seed=1, dora=False, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    p = init_lora(
+        layer, r, 8, init_lora_weights=False, group_constant=True, generator=gen, use_dora=dora
+    )
+    p["lora_B"] = p["lora_B"] * scale
+    if dora:
+        p["magnitude"] = p["magnitude"] * (
+            1 + 0.1 * torch.rand(p["magnitude"].shape, generator=gen)
+        )
+    return p
+
+
+# ---- same_grid --------------------------------------------------------------------
+
+
+@settings(max_examples=15)
+@given(
+    nbits=st.sampled_from((1, 2, 3, 4, 8)),
+    axis=st.sampled_from((0, 1)),
+    dtype=st.sampled_from(DTYPES),
+    scale=st.sampled_from((0.1, 1.0, 5.0)),
+    seed=st.integers(0, 2**16),
+)
+def test_same_grid_roundtrip_restores_codes_outside_clamps(nbits, axis, dtype, scale, seed):
+    base = make_layer(48, 32, nbits=nbits, group_size=16, axis=axis, dtype=dtype, seed=seed)
+    p = random_adapter(base, scaling=scale, seed=seed + 1)
+    snap = snapshot(base)
+    merged = merge(base, p, method="same_grid", warn=False)
+    assert_unchanged(base, snap)
+    codes, s, z = grid(base)
+    # Float64 reference of the merge on the base's own grid.
+    target = (codes - z) * s + grouped(delta_weight(as_double(p)), base)
+    ref = torch.round(target / s + z)
+    top = round(2**nbits - 1)
+    inside = (ref >= 0) & (ref <= top)
+    merged_codes, s_m, z_m = grid(merged)
+    assert torch.equal(s_m, s) and torch.equal(z_m, z)
+    assert torch.equal(merged_codes, ref.clamp(0, top))
+    assert merge_report(base, p, merged)["clamped"] == int((~inside).sum())
+    unmerged = unmerge(merged, p, method="same_grid")
+    back, _, _ = grid(unmerged)
+    assert torch.equal(back[inside], codes[inside])
+    assert torch.equal(unmerged.bias, base.bias)
+
+
+def test_same_grid_sequence_roundtrip():
+    base = make_layer(64, 32, nbits=4)
+    ps = [random_adapter(base, scaling=0.3, seed=s) for s in (1, 2, 3)]
+    merged = merge(base, ps, method="same_grid", warn=False)
+    back = unmerge(merged, ps, method="same_grid")
+    if merge_report(base, ps, merged)["clamped"] == 0:
+        assert torch.equal(back.W_q, base.W_q)
+
+
+def test_same_grid_keeps_layer_usable():
+    base = make_layer(64, 32, nbits=4)
+    merged = merge(base, random_adapter(base, scaling=0.5), method="same_grid", warn=False)
+    x = torch.randn(3, 64)
+    assert torch.allclose(merged(x), x @ dequantize(merged).T + merged.bias, atol=1e-5)
+
+
+# ---- zero_point -------------------------------------------------------------------
+
+
+@settings(max_examples=15)
+@given(
+    nbits=st.sampled_from((1, 2, 3, 4, 8)),
+    dtype=st.sampled_from(DTYPES),
+    group_size=st.sampled_from((8, 16, 64)),
+    dora=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_zero_point_merge_is_w_plus_delta(nbits, dtype, group_size, dora, seed):
+    base = make_layer(64, 32, nbits=nbits, group_size=group_size, dtype=dtype, seed=seed)
+    p = group_constant_adapter(base, seed=seed, dora=dora)
+    snap = snapshot(base)
+    merged = merge(base, p, method="zero_point")
+    assert_unchanged(base, snap)
+    assert torch.equal(merged.W_q, base.W_q)
+    codes, s, z = grid(base)
+    delta = grouped(delta_weight(as_double(p), in_features=64), base)
+    expected = (codes - z) * s + delta
+    if dora:
+        c = p["magnitude"].double() / dora_weight_norm(base, p).double()
+        expected = grouped(c[:, None] * expected.reshape(32, 64), base)
+    _, s_m, z_m = grid(merged)
+    actual = grouped(dequantize(merged).double(), base)
+    # (codes - z')·s' in the zero dtype: a few roundings of |codes| + |z'| code units.
+    eps = torch.finfo(dtype).eps
+    tol = 4 * eps * (codes.abs() + z_m.abs() + 1) * s_m.abs()
+    if dora:  # n is computed in the adapters' float32
+        tol = tol + 1e-5 * expected.abs()
+    assert ((actual - expected).abs() <= tol).all()
+    report = merge_report(base, p, merged)
+    assert abs(report["captured"] - 1) < 50 * eps
+    assert report["rel_error"] < 200 * eps
+
+
+def test_zero_point_unmerge_restores_the_layer():
+    base = make_layer(64, 32, nbits=3)
+    p = group_constant_adapter(base, dora=True)
+    n = dora_weight_norm(base, p)
+    merged = merge(base, p, method="zero_point")
+    back = unmerge(merged, p, method="zero_point", weight_norm=n)
+    assert torch.equal(back.W_q, base.W_q)
+    torch.testing.assert_close(back.meta["zero"], base.meta["zero"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(back.meta["scale"], base.meta["scale"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(dequantize(back), dequantize(base), rtol=0, atol=1e-5)
+
+
+def test_zero_point_rejects_a_delta_that_is_not_group_constant():
+    base = make_layer(64, 32)
+    snap = snapshot(base)
+    with pytest.raises(ValueError, match="constant within each quantization group"):
+        merge(base, random_adapter(base), method="zero_point")
+    assert_unchanged(base, snap)
+
+
+def test_zero_point_accepts_an_expanded_group_constant_adapter():
+    base = make_layer(64, 32)
+    p = expand_group_constant(group_constant_adapter(base), 64)
+    assert p["lora_A"].shape == (4, 64)
+    merged = merge(base, p, method="zero_point")
+    assert merge_report(base, p, merged)["captured"] == pytest.approx(1, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("axis", "in_features", "group_size"), [(0, 64, 16), (1, 48, 32)], ids=["axis0", "ragged"]
+)
+def test_zero_point_rejects_layouts(axis, in_features, group_size):
+    base = make_layer(in_features, 48, group_size=group_size, axis=axis)
+    p = random_adapter(base)
+    with pytest.raises(ValueError, match=r"Expected an axis=1 layer whose group size divides"):
+        merge(base, p, method="zero_point")
+    with pytest.raises(ValueError, match=r"Expected an axis=1 layer whose group size divides"):
+        unmerge(base, p, method="zero_point")
+
+
+# ---- merge_report and the warning -------------------------------------------------
+
+
+def test_captured_is_zero_far_below_one_step():
+    base = make_layer(64, 32, nbits=2)
+    p = random_adapter(base, scaling=1e-3)
+    report = merge_report(base, p, method="same_grid")
+    assert report["step_ratio"] < 0.05
+    assert report["captured"] == 0.0
+    assert report["rel_error"] == pytest.approx(1.0)
+    assert abs(merge_report(base, p)["captured"]) < 0.3  # requantize: noise, not the delta
+    with pytest.warns(UserWarning, match=r"captured=0\.000"):
+        merge(base, p, method="same_grid")
+
+
+def test_report_keys_and_no_warning_when_kept():
+    base = make_layer(64, 32, nbits=8)
+    p = random_adapter(base, scaling=4.0)
+    report = merge_report(base, p)
+    assert set(report) == {"captured", "rel_error", "delta_norm", "step_ratio", "clamped", "numel"}
+    assert report["captured"] > 0.9
+    assert report["delta_norm"] == pytest.approx(float(torch.linalg.norm(delta_weight(p).double())))
+    merge(base, p)  # no warning (filterwarnings=error would fail)
+
+
+def test_report_of_zero_adapter_is_nan_and_silent():
+    base = make_layer(64, 32, nbits=2)
+    report = merge_report(base, init_lora(base, 4))
+    assert report["delta_norm"] == 0
+    assert report["captured"] != report["captured"]  # NaN
+    merge(base, init_lora(base, 4))
+
+
+def test_report_rejects_a_merged_layer_of_another_shape():
+    base = make_layer(64, 32)
+    with pytest.raises(ValueError, match=r"Expected `merged` of weight shape"):
+        merge_report(base, random_adapter(base), make_layer(32, 64))
+
+
+def test_unknown_method_and_safe_merge():
+    base = make_layer(64, 32)
+    with pytest.raises(ValueError, match=r"Expected `method` in"):
+        merge(base, random_adapter(base), method="nearest")
+    with pytest.raises(ValueError, match=r"Expected `method` in"):
+        unmerge(base, random_adapter(base), method="nearest")
+    bad = group_constant_adapter(base)
+    bad["lora_B"] = bad["lora_B"].clone()
+    bad["lora_B"][0, 0] = float("nan")
+    for method in ("same_grid", "zero_point"):
+        with pytest.raises(ValueError, match="Expected finite merged weights"):
+            merge(base, bad, method=method, safe_merge=True, warn=False)
+
+
+# ---- group-constant adapters ------------------------------------------------------
+
+
+def test_group_constant_init_shapes_and_equivalence():
+    base = make_layer(64, 32, group_size=16)
+    p = init_lora(base, 4, group_constant=True, init_lora_weights=False)
+    assert p["lora_A"].shape == (4, 4)
+    check_params(p, in_features=64, out_features=32, group_size=16)
+    full = expand_group_constant(p, 64)
+    x = torch.randn(2, 3, 64)
+    torch.testing.assert_close(apply_lora(base, p, x), apply_lora(base, full, x))
+    delta = delta_weight(p, in_features=64)
+    torch.testing.assert_close(delta, delta_weight(full))
+    assert torch.equal(
+        delta.reshape(32, 4, 16), delta.reshape(32, 4, 16)[..., :1].expand(-1, -1, 16)
+    )
+    dora = init_lora(base, 4, group_constant=True, use_dora=True)
+    torch.testing.assert_close(dora["magnitude"], torch.linalg.norm(dequantize(base), dim=1))
+    torch.testing.assert_close(apply_lora(base, dora, x), base(x))
+
+
+def test_group_constant_init_scale_matches_plain_lora():
+    base = make_layer(256, 8, group_size=64)
+    gen = torch.Generator().manual_seed(0)
+    A = init_lora(base, 64, group_constant=True, generator=gen)["lora_A"]
+    assert A.abs().max() <= 1 / 256**0.5
+    assert A.abs().max() > 0.8 / 256**0.5
+
+
+def test_group_constant_rejects_layouts():
+    with pytest.raises(ValueError, match=r"group_constant=True"):
+        init_lora(make_layer(64, 32, axis=0), 4, group_constant=True)
+    base = make_layer(64, 32, group_size=16)
+    bad = {"lora_A": torch.zeros(4, 8), "lora_B": torch.zeros(32, 4), "scaling": torch.tensor(1.0)}
+    with pytest.raises(ValueError, match=r"lora_A'\]` of shape \(r, 64\) to fit the layer"):
+        apply_lora(base, bad, torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_trained_group_constant_adapter_merges_losslessly(dtype):
+    base = make_layer(64, 32, nbits=2, group_size=16, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)
+    params = init_lora(base, 4, 16, group_constant=True, generator=gen)
+    x = torch.randn(32, 64, generator=gen)
+    y = torch.randn(32, 32, generator=gen)
+
+    def loss(trainable):
+        out = apply_lora(base, {**params, **trainable}, x)
+        return torch.mean((out.float() - y) ** 2)
+
+    trainable = trainable_params(params)
+    for _ in range(5):
+        grads = torch.func.grad(loss)(trainable)
+        trainable = {k: v - 0.1 * grads[k] for k, v in trainable.items()}
+    trained = {**params, **trainable}
+    assert trained["lora_B"].abs().max() > 0
+    merged = merge(base, trained, method="zero_point")
+    expected = apply_lora(base, trained, x).double()
+    actual = merged(x.to(dtype)).double()
+    scale = expected.abs().max()
+    tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}[dtype]
+    assert (actual - expected).abs().max() <= tol * scale
+    assert merge_report(base, trained, merged)["captured"] == pytest.approx(1, abs=10 * tol)
