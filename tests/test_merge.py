@@ -40,7 +40,7 @@ def test_merge_requantizes_once_keeps_bias_and_config(nbits, dtype, bias):
     layer = make_layer(nbits=nbits, dtype=dtype, bias=bias)
     p1, p2 = random_adapter(layer, seed=1), random_adapter(layer, r=2, seed=2)
     before = snapshot(layer)
-    merged = hqqlora.merge(layer, [p1, p2])
+    merged = hqqlora.merge(layer, [p1, p2], warn=False)
     assert_unchanged(layer, before)
     W = hqqlora.dequantize(layer) + hqqlora.delta_weight(p1) + hqqlora.delta_weight(p2)
     assert codes_equal(merged, hqqlora.quantize_like(W, layer, layer.bias))
@@ -55,7 +55,7 @@ def test_merge_requantizes_once_keeps_bias_and_config(nbits, dtype, bias):
 def test_merged_layer_carries_the_delta_at_8_bits():
     layer = make_layer(nbits=8, group_size=64)
     p = random_adapter(layer, scaling=20.0)
-    merged = hqqlora.merge(layer, p)
+    merged = hqqlora.merge(layer, p, warn=False)
     expected = hqqlora.dequantize(layer) + hqqlora.delta_weight(p)
     err = (hqqlora.dequantize(merged) - expected).norm() / hqqlora.delta_weight(p).norm()
     assert err < 0.2
@@ -68,7 +68,7 @@ def test_dora_merge_is_c_times_w_plus_delta():
     dW = hqqlora.delta_weight(p).double()
     c = p["magnitude"].double() / torch.linalg.norm(W + dW, dim=1)
     torch.testing.assert_close(hqqlora.merged_weight(layer, p).double(), c[:, None] * (W + dW))
-    merged = hqqlora.merge(layer, p)
+    merged = hqqlora.merge(layer, p, warn=False)
     assert codes_equal(
         merged, hqqlora.quantize_like(hqqlora.merged_weight(layer, p), layer, layer.bias)
     )
@@ -89,7 +89,7 @@ def test_unmerge_is_last_in_first_out_with_one_requantization():
     layer = make_layer()
     p1, p2 = random_adapter(layer, seed=1), random_adapter(layer, dora=True, seed=2)
     n2 = hqqlora.dora_weight_norm(layer, p2)
-    merged = hqqlora.merge(layer, [p1, p2])
+    merged = hqqlora.merge(layer, [p1, p2], warn=False)
     before = snapshot(merged)
     un = hqqlora.unmerge(merged, [p1, p2], weight_norm=[None, n2])
     assert_unchanged(merged, before)
@@ -102,7 +102,7 @@ def test_unmerge_is_last_in_first_out_with_one_requantization():
 def test_unmerge_of_dora_needs_the_weight_norm():
     layer = make_layer()
     p = random_adapter(layer, dora=True)
-    merged = hqqlora.merge(layer, p)
+    merged = hqqlora.merge(layer, p, warn=False)
     with pytest.raises(ValueError, match="Expected `weight_norm` for DoRA adapter 0"):
         hqqlora.unmerge(merged, p)
 
@@ -136,7 +136,7 @@ def test_property_merge_never_mutates_its_inputs(nbits, dtype, bias, dora, r, se
     p = random_adapter(layer, r=r, dora=dora, seed=seed)
     p_before = {k: v.clone() for k, v in p.items()}
     before = snapshot(layer)
-    merged = hqqlora.merge(layer, p)
+    merged = hqqlora.merge(layer, p, warn=False)
     kw = {"weight_norm": hqqlora.dora_weight_norm(layer, p)} if dora else {}
     hqqlora.unmerge(merged, p, **kw)
     assert_unchanged(layer, before)

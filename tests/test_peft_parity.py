@@ -51,7 +51,7 @@ def test_forward_delta_and_merge_match_peft(nbits, dtype, bias):
             hqqlora.delta_weight(p), ref.get_delta_weight("default"), rtol=1e-6, atol=1e-7
         )
         ref.merge()
-        merged = hqqlora.merge(layer, p)
+        merged = hqqlora.merge(layer, p, warn=False)
     assert torch.equal(hqqlora.dequantize(merged), ref.base_layer.dequantize())
     # PEFT drops the bias on merge; we keep it.
     assert ref.base_layer.bias is None
@@ -78,7 +78,7 @@ def test_dora_forward_and_merge_match_peft(nbits, dtype, use_rslora):
         assert_close_rel(hqqlora.apply_lora(layer, p, x, weight_norm=n), ref(x), dtype)
         ref.merge()
     merged_ref = ref.base_layer.dequantize().double()
-    ours = hqqlora.dequantize(hqqlora.merge(layer, p)).double()
+    ours = hqqlora.dequantize(hqqlora.merge(layer, p, warn=False)).double()
     # PEFT casts the DoRA-merged weight to the compute dtype before quantizing; we
     # quantize the float32 weight, so the two quantizations differ slightly. Ours is
     # at least as close to the exact merged weight c ⊙ (W + ΔW).
