@@ -191,16 +191,16 @@ def _eager() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is None
 
 
-def base_forward(base: HQQLinear, x: Tensor) -> Tensor:
+def base_forward(base: HQQLinear, x: Tensor, layout: QuantLayout | None = None) -> Tensor:
     """The base layer's output ``x @ dequantize(base)ᵀ + bias``.
 
     ``x`` is cast to the layer's compute dtype, unless autocast is on for its
     device type. The path depends on the mode, and every path gives HQQ's bits:
-    under ``torch.func`` transforms or ``torch.compile``, the pure
-    :func:`dequantize` (HQQ's forward is an autograd.Function with no vmap/jvp rule,
-    that dynamo cannot trace either); in eager mode on CUDA with Triton, a
-    one-kernel dequantization (HQQ's takes about ten launches); otherwise the
-    layer's own forward.
+    eager on CUDA with Triton, a one-kernel dequantization (HQQ's takes about ten
+    launches); eager on CUDA without Triton, the layer's own forward; otherwise
+    (CPU, ``torch.func`` transforms, ``torch.compile``) the pure :func:`dequantize`
+    (HQQ's forward is an autograd.Function with no vmap/jvp rule that dynamo cannot
+    trace either, and on the CPU it costs twice the host time of the pure path).
 
     Args:
         base: a quantized ``HQQLinear``.
@@ -209,18 +209,18 @@ def base_forward(base: HQQLinear, x: Tensor) -> Tensor:
     Returns:
         Tensor of shape ``(..., out_features)``.
     """
-    layout = quant_layout(base)
+    layout = quant_layout(base) if layout is None else layout
     if not torch.is_autocast_enabled(x.device.type) and x.dtype != layout.compute_dtype:
         x = x.to(layout.compute_dtype)
-    if not _eager():
-        return pure_forward(base, x, layout)
     W_q = base.W_q
+    if not W_q.is_cuda or not _eager():
+        return pure_forward(base, x, layout)
     if _triton.available(W_q) and layout.packing is not None:
         _, scale, zero = quant_tensors(base)
         if layout.view_as_float:
             W_q = W_q.view(layout.unpack_view_dtype)
         out = torch.matmul(x, _triton.dequantize_cuda(W_q, scale, zero, layout).t())
-        return out if base.bias is None else out + base.bias
+        return out if base.bias is None else (out + base.bias).to(out.dtype)
     return base(x)
 
 
@@ -234,7 +234,7 @@ def pure_forward(base: HQQLinear, x: Tensor, layout: QuantLayout | None = None) 
     W_q, scale, zero = quant_tensors(base)
     out = torch.matmul(x, _dequantize(W_q, scale, zero, layout).t())
     if base.bias is not None:
-        out = out + base.bias
+        out = (out + base.bias).to(out.dtype)  # as HQQ's in-place add, autocast included
     return out
 
 

@@ -44,12 +44,15 @@ def add_lora_term(params: Mapping[str, Tensor], x: Tensor, result: Tensor) -> Te
     """
     A = params["lora_A"]
     h = F.linear(pool_groups(x, A.shape[1]), A) * params["scaling"]
-    if result.dtype == h.dtype and result.ndim >= 2:
-        flat = torch.addmm(
-            result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), params["lora_B"].t()
-        )
-        return flat.view(result.shape)
-    return result + F.linear(h, params["lora_B"])
+    if result.dtype != h.dtype or result.ndim < 2:
+        return result + F.linear(h, params["lora_B"])
+    # One fused kernel for the up-projection and the sum.
+    if result.ndim == 2:
+        return torch.addmm(result, h, params["lora_B"].t())
+    flat = torch.addmm(
+        result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), params["lora_B"].t()
+    )
+    return flat.view(result.shape)
 
 
 def apply_lora(
@@ -100,12 +103,13 @@ def apply_lora(
         TypeError, ValueError: ``base``, ``params``, ``x`` or ``weight_norm`` do not fit.
     """
     check_hqq_layer(base)
-    adapters = as_adapter_list(params, base)
-    check_input(x, quant_layout(base).in_features)
+    layout = quant_layout(base)
+    adapters = as_adapter_list(params, base, layout=layout)
+    check_input(x, layout.in_features)
     norms = as_norm_list(weight_norm, adapters, base)
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"Expected `dropout` in [0, 1), got {dropout!r}.")
-    base_out = result = base_forward(base, x)
+    base_out = result = base_forward(base, x, layout)
     autocast = torch.is_autocast_enabled(x.device.type)
     out_dtype = result.dtype
     for p, n in zip(adapters, norms, strict=True):

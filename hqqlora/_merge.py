@@ -359,8 +359,9 @@ def _warn_if_lost(base: HQQLinear, adapters, merged: HQQLinear) -> None:
             f"merge kept only {report['captured']:.1%} of the adapters' update "
             f"(captured={report['captured']:.3f}, rel_error={report['rel_error']:.3f}): its largest "
             f"entry is {report['step_ratio']:.2g} quantization steps at {quant_layout(base).nbits} bits. "
-            "Use method='same_grid', or group-constant adapters (init_lora(..., group_constant=True)) "
-            "with method='zero_point'; see merge_report. Pass warn=False to silence this.",
+            "Keep the adapter unmerged, or train group-constant adapters (init_lora(..., "
+            "group_constant=True)) and merge them losslessly with method='zero_point'; see "
+            "merge_report. Pass warn=False to silence this.",
             UserWarning,
             stacklevel=3,
         )

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from hqqlora._base import HQQLinear, check_hqq_layer, quant_layout
+from hqqlora._base import HQQLinear, QuantLayout, check_hqq_layer, quant_layout
 
 __all__ = [
     "REQUIRED_KEYS",
@@ -137,8 +137,10 @@ def check_params(
     return params
 
 
-def as_adapter_list(params: object, base: HQQLinear | None = None) -> list[Mapping[str, Tensor]]:
-    """One adapter dict or a sequence of them, checked, as a list."""
+def as_adapter_list(
+    params: object, base: HQQLinear | None = None, *, layout: QuantLayout | None = None
+) -> list[Mapping[str, Tensor]]:
+    """One adapter dict or a sequence of them, checked (against ``base`` if given), as a list."""
     if isinstance(params, Mapping):
         items = [params]
     elif isinstance(params, Sequence) and not isinstance(params, str):
@@ -151,7 +153,7 @@ def as_adapter_list(params: object, base: HQQLinear | None = None) -> list[Mappi
         )
     shape, group_size = (None, None), None
     if base is not None:
-        layout = quant_layout(base)
+        layout = quant_layout(base) if layout is None else layout
         shape = layout.shape
         if layout.axis == 1 and layout.in_features % layout.group_size == 0:
             group_size = layout.group_size

@@ -135,7 +135,7 @@ def test_gradients_match_per_row():
         for n, p in params.items()
     }
     names = ["a", "b", BASE, "b"]
-    x = torch.randn(4, 64)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
     mixed_batch(x, leaves, names, base=layer).square().sum().backward()
     got = {n: {k: v.grad for k, v in p.items() if k != "scaling"} for n, p in leaves.items()}
     leaves2 = {
@@ -146,7 +146,7 @@ def test_gradients_match_per_row():
     for n in leaves2:
         for k, v in leaves2[n].items():
             if k != "scaling":
-                torch.testing.assert_close(got[n][k], v.grad, rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(got[n][k], v.grad, rtol=1e-4, atol=1e-5)
 
 
 # -- the bank -----------------------------------------------------------------------

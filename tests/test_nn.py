@@ -302,6 +302,7 @@ def test_errors_change_nothing():
         assert torch.equal(ours.state_dict()[k], v)
 
 
+@pytest.mark.filterwarnings("ignore:merge kept only")
 @given(
     nbits=st.sampled_from([2, 4, 8]),
     dtype=st.sampled_from(DTYPES),
