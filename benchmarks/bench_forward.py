@@ -61,13 +61,27 @@ def main() -> None:
     def ours_dora(x):
         return hqqlora.apply_lora(layer, dora, x, weight_norm=norm)
 
-    compiled_lora = compiled_dora = compiled_base = None
+    compiled_lora = compiled_dora = compiled_base = graphed_lora = graphed_dora = None
     if not args.no_compile:
         compiled_lora = torch.compile(ours_lora, fullgraph=True, dynamic=False)
         compiled_dora = torch.compile(ours_dora, fullgraph=True, dynamic=False)
         compiled_base = torch.compile(
             lambda x: hqqlora._base.pure_forward(layer, x), fullgraph=True, dynamic=False
         )
+        if device == "cuda":
+            # mode="reduce-overhead" replays CUDA graphs: no per-call launch or guard cost.
+            graphed_lora = torch.compile(
+                lambda x: ours_lora(x).clone(),
+                mode="reduce-overhead",
+                fullgraph=True,
+                dynamic=False,
+            )
+            graphed_dora = torch.compile(
+                lambda x: ours_dora(x).clone(),
+                mode="reduce-overhead",
+                fullgraph=True,
+                dynamic=False,
+            )
 
     rows, checks = [], []
     with torch.no_grad():
@@ -87,6 +101,11 @@ def main() -> None:
                     ("compiled base", lambda x=x: compiled_base(x)),
                     ("compiled LoRA", lambda x=x: compiled_lora(x)),
                     ("compiled DoRA", lambda x=x: compiled_dora(x)),
+                ]
+            if graphed_lora is not None:
+                pairs += [
+                    ("compiled+graphs LoRA", lambda x=x: graphed_lora(x)),
+                    ("compiled+graphs DoRA", lambda x=x: graphed_dora(x)),
                 ]
             for _, fn in pairs:
                 row.append(time_fn(fn, device) / base_ms)

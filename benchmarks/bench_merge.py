@@ -212,7 +212,10 @@ def main() -> None:
         "--size", type=int, default=None, help="timed layer, in = out (4096 on cuda, 1024 on cpu)"
     )
     parser.add_argument(
-        "--fidelity-size", type=int, default=None, help="fidelity layers (--size on cuda, 512 on cpu)"
+        "--fidelity-size",
+        type=int,
+        default=None,
+        help="fidelity layers (--size on cuda, 512 on cpu)",
     )
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rel", type=float, default=0.01, help="rms(ΔW) / rms(W)")

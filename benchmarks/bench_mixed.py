@@ -21,6 +21,8 @@ path refuses DoRA adapters, which the table shows as "n/a".
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 from common import (
@@ -41,6 +43,26 @@ COUNTS = (1, 4, 16, 64)
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def time_group(fns, device: str, reps: int) -> dict[str, float]:
+    """Median ms of each function: device events on CUDA; on CPU, interleaved rounds.
+
+    On a shared CPU the load drifts over seconds; timing the functions round-robin
+    lets every one of them (the base layer included) see the same drift.
+    """
+    if device == "cuda":
+        return {name: time_fn(fn, device) for name, fn in fns.items()}
+    for fn in fns.values():
+        fn()
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def _reference(layer, adapters, names, x, norms=None):
@@ -77,14 +99,10 @@ def main() -> None:
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else None
     setattr(torch._dynamo.config, limit or "cache_size_limit", 64)
 
-    def bench(fn):
-        return time_fn(fn, device, reps=args.reps)
-
     layer = make_hqq_layer(size, size, nbits=4, group_size=64, dtype=dtype, device=device)
     lora = {f"a{k}": random_params(layer, r, dtype=dtype, seed=100 + k) for k in range(n_max)}
     dora = {
-        f"d{k}": random_params(layer, r, dtype=dtype, dora=True, seed=200 + k)
-        for k in range(n_max)
+        f"d{k}": random_params(layer, r, dtype=dtype, dora=True, seed=200 + k) for k in range(n_max)
     }
     dora_norm = {name: hqqlora.dora_weight_norm(layer, p) for name, p in dora.items()}
 
@@ -129,13 +147,13 @@ def main() -> None:
     lora_rows, dora_rows, checks = [], [], []
     with torch.no_grad():
         for n in counts:
-            base_ms = bench(lambda: layer(x))  # per row: host load drifts on a shared CPU
             names = [f"a{i % n}" for i in range(rows)]
             adapters = {f"a{k}": lora[f"a{k}"] for k in range(n)}
             bank = hqqlora.stack_adapters(adapters)
             index = torch.tensor([i % n for i in range(rows)], device=device)
             _sync(device)
             fns = {
+                "base": lambda: layer(x),
                 "PEFT": lambda names=names: peft(x, adapter_names=names),
                 "ours dict": lambda a=adapters, names=names: hqqlora.mixed_batch(
                     x, a, names, base=layer
@@ -146,7 +164,9 @@ def main() -> None:
             }
             if serve is not None:
                 fns["ours compiled"] = lambda b=bank, i=index: serve(x, b, i, None)
-            ms = {k: bench(fn) for k, fn in fns.items()}
+            ms = time_group(fns, device, args.reps)
+            base_ms = ms.pop("base")
+            del fns["base"]
             row = [n, base_ms] + [ms[k] / base_ms for k in fns]
             row += [ms[k] / ms["PEFT"] for k in fns if k != "PEFT"]
             lora_rows.append(row)
@@ -157,7 +177,6 @@ def main() -> None:
             checks.append(["LoRA", n, *errs, max(errs), rel_err(outs["PEFT"], ref)])
 
         for n in counts:
-            base_ms = bench(lambda: layer(x))
             names = [f"d{i % n}" for i in range(rows)]
             adapters = {f"d{k}": dora[f"d{k}"] for k in range(n)}
             norms = {name: dora_norm[name] for name in adapters}
@@ -166,6 +185,7 @@ def main() -> None:
             index = torch.tensor([i % n for i in range(rows)], device=device)
             _sync(device)
             fns = {
+                "base": lambda: layer(x),
                 "ours dict": lambda a=adapters, names=names, w=norms: hqqlora.mixed_batch(
                     x, a, names, base=layer, weight_norm=w
                 ),
@@ -175,10 +195,12 @@ def main() -> None:
             }
             if serve is not None:
                 fns["ours compiled"] = lambda b=bank, i=index, w=bank_norm: serve(x, b, i, w)
-            peft_ms = None
             if peft_dora is not None:
-                peft_ms = bench(lambda names=names: peft_dora(x, adapter_names=names))
-            ms = {k: bench(fn) for k, fn in fns.items()}
+                fns["PEFT"] = lambda names=names: peft_dora(x, adapter_names=names)
+            ms = time_group(fns, device, args.reps)
+            base_ms, peft_ms = ms.pop("base"), ms.pop("PEFT", None)
+            del fns["base"]
+            fns.pop("PEFT", None)
             row = [n, base_ms, "n/a" if peft_ms is None else peft_ms / base_ms]
             row += [ms[k] / base_ms for k in fns]
             row += ["n/a" if peft_ms is None else ms[k] / peft_ms for k in fns]
