@@ -244,7 +244,7 @@ def main() -> None:
     params = trained_like(layer, r, rel, seed=1)
     with torch.no_grad():
         rows = timing_table(layer, params, r, device, reps, warmup)
-    text += print_table(
+    text += "\n" + print_table(
         f"Merge / unmerge time, {device}: layer {size}x{size}, 4-bit, group 64, bf16, no bias; "
         f"{adapter}; median of {reps} (host timer, synchronized), ratio vs PEFT's merge or unmerge",
         ["operation", "ms", "/ PEFT"],
@@ -255,7 +255,7 @@ def main() -> None:
     with torch.no_grad():
         for nbits in args.bits:
             fid += fidelity_rows(fid_size, nbits, r, rel, device, dtype, args.tokens)
-    text += print_table(
+    text += "\n" + print_table(
         f"Merge fidelity, {device}: layer {fid_size}x{fid_size}, group 64, bf16; {adapter} "
         "(zero_point: a group-constant adapter of the same size, init_lora(group_constant=True)). "
         "captured, rel_error: merge_report. output err: ‖merged(x) − apply_lora(base, p, x)‖ / "

@@ -218,7 +218,7 @@ def main() -> None:
             checks.append(["DoRA", n, *errs, max(errs), peft_ref])
 
     ours = ["ours dict", "ours indexed"] + ([] if serve is None else ["ours compiled"])
-    text += print_table(
+    text += "\n" + print_table(
         f"Mixed batch, LoRA, {device}",
         ["adapters", "HQQ base (ms)", "PEFT / base"]
         + [f"{k} / base" for k in ours]
@@ -231,14 +231,14 @@ def main() -> None:
         else f"Mixed batch, DoRA (weight_norm precomputed), {device}; PEFT refuses DoRA in mixed batches"
         f" ({peft_dora_error.splitlines()[0][:120]})"
     )
-    text += print_table(
+    text += "\n" + print_table(
         dora_caption,
         ["adapters", "HQQ base (ms)", "PEFT / base"]
         + [f"{k} / base" for k in ours]
         + [f"{k} / PEFT" for k in ours],
         dora_rows,
     )
-    text += print_table(
+    text += "\n" + print_table(
         "Agreement: relative error ‖ours − PEFT‖/‖PEFT‖ of the output (DoRA without PEFT: vs "
         "per-row apply_lora); last column: PEFT vs per-row apply_lora, the bf16 noise level",
         ["kind", "adapters", *ours, "max", "PEFT vs per-row"],
