@@ -332,33 +332,44 @@ def merge(
     _check_method(method)
     adapters = as_adapter_list(params, base)
     if method == "requantize":
-        weight = merge_dense(dequantize(base), base, adapters)
+        W = dequantize(base)
+        weight = merge_dense(W, base, adapters)
         if safe_merge:
             _check_finite(weight)
         merged = quantize_like(weight, base, base.bias)
     elif method == "same_grid":
-        weight = merge_dense(dequantize_float64(base), base, [as_float64(p) for p in adapters])
+        W = dequantize_float64(base)
+        weight = merge_dense(W, base, [as_float64(p) for p in adapters])
         if safe_merge:
             _check_finite(weight)
         codes, _ = round_to_grid(weight, base)
         _, scale, zero = quant_tensors(base)
         merged = _rebuild(base, W_q=_pack(codes, base), scale=scale, zero=zero)
     else:
-        merged = _zero_point_merge(base, [as_float64(p) for p in adapters], safe_merge=safe_merge)
+        # Lossless up to the zero points' precision: nothing to warn about.
+        return _zero_point_merge(base, [as_float64(p) for p in adapters], safe_merge=safe_merge)
     if warn:
-        _warn_if_lost(base, adapters, merged)
+        _warn_if_lost(base, W, weight, merged)
     return merged
 
 
-def _warn_if_lost(base: HQQLinear, adapters, merged: HQQLinear) -> None:
-    from hqqlora._report import merge_report
-
-    report = merge_report(base, adapters, merged)
-    if report["captured"] < _WARN_BELOW:
+def _warn_if_lost(base: HQQLinear, W: Tensor, weight: Tensor, merged: HQQLinear) -> None:
+    """Warns when ``merged`` holds less than half of ``weight - W`` (merge_report's
+    ``captured``, from the dense weights the merge already has, in float32)."""
+    delta = (weight - W).float()
+    delta_sq = float(torch.sum(delta * delta))
+    if not delta_sq > 0:
+        return
+    arrived = dequantize(merged).float().to(delta.device) - W.float()
+    captured = float(torch.sum(arrived * delta)) / delta_sq
+    if captured < _WARN_BELOW:
+        rel_error = float(torch.linalg.norm(arrived - delta)) / delta_sq**0.5
+        _, scale, _ = quant_tensors(base)
+        step_ratio = float(delta.abs().max()) / float(scale.float().abs().median())
         warnings.warn(
-            f"merge kept only {report['captured']:.1%} of the adapters' update "
-            f"(captured={report['captured']:.3f}, rel_error={report['rel_error']:.3f}): its largest "
-            f"entry is {report['step_ratio']:.2g} quantization steps at {quant_layout(base).nbits} bits. "
+            f"merge kept only {captured:.1%} of the adapters' update "
+            f"(captured={captured:.3f}, rel_error={rel_error:.3f}): its largest "
+            f"entry is {step_ratio:.2g} quantization steps at {quant_layout(base).nbits} bits. "
             "Keep the adapter unmerged, or train group-constant adapters (init_lora(..., "
             "group_constant=True)) and merge them losslessly with method='zero_point'; see "
             "merge_report. Pass warn=False to silence this.",
