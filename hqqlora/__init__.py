@@ -4,6 +4,7 @@ from hqqlora._base import QuantLayout, base_forward, dequantize, quant_layout, q
 from hqqlora._dora import dora_weight_norm
 from hqqlora._lora import apply_lora
 from hqqlora._merge import merge, merged_weight, unmerge, unmerged_weight
+from hqqlora._model import functional_call, get_adapter, inject_adapter, quantize_model
 from hqqlora._params import check_params, delta_weight, init_lora, trainable_params
 
 __version__ = "0.1.0"
@@ -16,11 +17,15 @@ __all__ = [
     "delta_weight",
     "dequantize",
     "dora_weight_norm",
+    "functional_call",
+    "get_adapter",
     "init_lora",
+    "inject_adapter",
     "merge",
     "merged_weight",
     "quant_layout",
     "quantize_like",
+    "quantize_model",
     "trainable_params",
     "unmerge",
     "unmerged_weight",
