@@ -3,6 +3,7 @@
 from hqqlora._base import QuantLayout, base_forward, dequantize, quant_layout, quantize_like
 from hqqlora._compose import CombineInfo, add, combine, negate, scale
 from hqqlora._dora import dora_weight_norm
+from hqqlora._io import load_adapter, save_adapter
 from hqqlora._loftq import loftq
 from hqqlora._lora import apply_lora
 from hqqlora._merge import merge, merged_weight, unmerge, unmerged_weight
@@ -13,6 +14,7 @@ from hqqlora._mixed import (
     mixed_batch_indexed,
     stack_adapters,
 )
+from hqqlora._model import functional_call, get_adapter, inject_adapter, quantize_model
 from hqqlora._nn import HqqLoraLinear, dispatch_hqq
 from hqqlora._params import (
     check_params,
@@ -41,7 +43,11 @@ __all__ = [
     "dispatch_hqq",
     "dora_weight_norm",
     "expand_group_constant",
+    "functional_call",
+    "get_adapter",
     "init_lora",
+    "inject_adapter",
+    "load_adapter",
     "loftq",
     "merge",
     "merge_report",
@@ -51,6 +57,8 @@ __all__ = [
     "negate",
     "quant_layout",
     "quantize_like",
+    "quantize_model",
+    "save_adapter",
     "scale",
     "stack_adapters",
     "trainable_params",
