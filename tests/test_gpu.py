@@ -65,3 +65,18 @@ def test_offload_meta_layers_work_and_keep_their_setting():
     assert_close_rel(hqqlora.apply_lora(layer, p, x), dense_reference(layer, p, x), torch.bfloat16)
     merged = hqqlora.merge(layer, p)
     assert merged.offload_meta and "zero_scale" in merged.meta
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_batch_on_cuda_equals_per_row(dtype):
+    layer = cuda_layer(4, dtype)
+    bank = {
+        "a": to_cuda(random_adapter(layer, r=2, seed=1, dtype=dtype)),
+        "b": to_cuda(random_adapter(layer, r=5, dora=True, seed=2, dtype=dtype)),
+    }
+    names = ["a", "__base__", "b", "a", "b"]
+    x = torch.randn(5, 3, 128, device="cuda", dtype=dtype)
+    y = hqqlora.mixed_batch(x, bank, names, base=layer)
+    for i, name in enumerate(names):
+        row = layer(x[i]) if name == "__base__" else hqqlora.apply_lora(layer, bank[name], x[i])
+        assert_close_rel(y[i], row, dtype, factor=2)
