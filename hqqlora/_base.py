@@ -161,6 +161,7 @@ def dequantize(base: HQQLinear) -> Tensor:
     Computes ``reshape((unpack(W_q) - zero) * scale, (out, in))`` in the layer's
     compute dtype, bit for bit what ``HQQLinear.dequantize`` returns, but with no
     writes to the layer, so ``torch.func`` transforms and ``torch.compile`` pass.
+    In eager mode on CUDA (with Triton) it runs as one kernel, same bits.
 
     Args:
         base: a quantized ``HQQLinear``.
@@ -171,7 +172,15 @@ def dequantize(base: HQQLinear) -> Tensor:
     check_hqq_layer(base)
     layout = quant_layout(base)
     W_q, scale, zero = quant_tensors(base)
+    if _triton.available(W_q) and layout.packing is not None and _eager():
+        return _dequantize_triton(W_q, scale, zero, layout)
     return _dequantize(W_q, scale, zero, layout)
+
+
+def _dequantize_triton(W_q: Tensor, scale: Tensor, zero: Tensor, layout: QuantLayout) -> Tensor:
+    if layout.view_as_float:
+        W_q = W_q.view(layout.unpack_view_dtype)
+    return _triton.dequantize_cuda(W_q, scale, zero, layout)
 
 
 def _dequantize(W_q: Tensor, scale: Tensor, zero: Tensor, layout: QuantLayout) -> Tensor:
@@ -217,9 +226,7 @@ def base_forward(base: HQQLinear, x: Tensor, layout: QuantLayout | None = None) 
         return pure_forward(base, x, layout)
     if _triton.available(W_q) and layout.packing is not None:
         _, scale, zero = quant_tensors(base)
-        if layout.view_as_float:
-            W_q = W_q.view(layout.unpack_view_dtype)
-        out = torch.matmul(x, _triton.dequantize_cuda(W_q, scale, zero, layout).t())
+        out = torch.matmul(x, _dequantize_triton(W_q, scale, zero, layout).t())
         return out if base.bias is None else (out + base.bias).to(out.dtype)
     return base(x)
 

@@ -1,0 +1,53 @@
+"""Where the time of a compiled decode step goes (CUDA): kernel times from torch.profiler.
+
+python benchmarks/profile_decode.py --tokens 1
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import environment, make_hqq_layer, random_params
+from torch.profiler import ProfilerActivity, profile
+
+import hqqlora
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=16)
+    args = parser.parse_args()
+    print(environment("cuda"))
+    layer = make_hqq_layer(args.size, args.size, device="cuda")
+    params = random_params(layer, args.rank, dtype=torch.bfloat16)
+    x = torch.randn(args.tokens, args.size, device="cuda", dtype=torch.bfloat16)
+    variants = {
+        "HQQ base forward": lambda: layer(x),
+        "ours eager LoRA": lambda: hqqlora.apply_lora(layer, params, x),
+        "ours compiled LoRA": torch.compile(
+            lambda: hqqlora.apply_lora(layer, params, x), fullgraph=True, dynamic=False
+        ),
+    }
+    with torch.no_grad():
+        for name, fn in variants.items():
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(50):
+                    fn()
+                torch.cuda.synchronize()
+            events = [
+                e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+            ]
+            gpu_us = sum(e.self_device_time_total for e in events) / 50
+            print(f"\n## {name}: GPU kernel time per call {gpu_us:.1f} us")
+            for e in sorted(events, key=lambda e: -e.self_device_time_total)[:6]:
+                print(f"  {e.self_device_time_total / 50:8.1f} us  x{e.count // 50}  {e.key[:90]}")
+
+
+if __name__ == "__main__":
+    main()
