@@ -356,12 +356,13 @@ def merge(
 def _warn_if_lost(base: HQQLinear, W: Tensor, weight: Tensor, merged: HQQLinear) -> None:
     """Warns when ``merged`` holds less than half of ``weight - W`` (merge_report's
     ``captured``, from the dense weights the merge already has, in float32)."""
-    delta = (weight - W).float()
-    delta_sq = float(torch.sum(delta * delta))
+    delta = (weight - W).float().flatten()
+    arrived = (dequantize(merged).to(delta.device).float() - W.float()).flatten()
+    # One host sync for both sums: this check runs on every merge.
+    delta_sq, overlap = torch.stack([torch.dot(delta, delta), torch.dot(arrived, delta)]).tolist()
     if not delta_sq > 0:
         return
-    arrived = dequantize(merged).float().to(delta.device) - W.float()
-    captured = float(torch.sum(arrived * delta)) / delta_sq
+    captured = overlap / delta_sq
     if captured < _WARN_BELOW:
         rel_error = float(torch.linalg.norm(arrived - delta)) / delta_sq**0.5
         _, scale, _ = quant_tensors(base)
