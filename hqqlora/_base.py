@@ -205,11 +205,10 @@ def base_forward(base: HQQLinear, x: Tensor, layout: QuantLayout | None = None) 
 
     ``x`` is cast to the layer's compute dtype, unless autocast is on for its
     device type. The path depends on the mode, and every path gives HQQ's bits:
-    eager on CUDA with Triton, a one-kernel dequantization (HQQ's takes about ten
-    launches); eager on CUDA without Triton, the layer's own forward; otherwise
-    (CPU, ``torch.func`` transforms, ``torch.compile``) the pure :func:`dequantize`
+    under ``torch.func`` transforms or ``torch.compile``, the pure :func:`dequantize`
     (HQQ's forward is an autograd.Function with no vmap/jvp rule that dynamo cannot
-    trace either, and on the CPU it costs twice the host time of the pure path).
+    trace either); in eager mode on CUDA with Triton, a one-kernel dequantization
+    (HQQ's takes about ten launches); otherwise the layer's own forward.
 
     Args:
         base: a quantized ``HQQLinear``.
@@ -222,7 +221,7 @@ def base_forward(base: HQQLinear, x: Tensor, layout: QuantLayout | None = None) 
     if not torch.is_autocast_enabled(x.device.type) and x.dtype != layout.compute_dtype:
         x = x.to(layout.compute_dtype)
     W_q = base.W_q
-    if not W_q.is_cuda or not _eager():
+    if not _eager():
         return pure_forward(base, x, layout)
     if _triton.available(W_q) and layout.packing is not None:
         _, scale, zero = quant_tensors(base)
