@@ -10,11 +10,15 @@ library. The adapters are a plain dict of tensors: training is
     python examples/minilm_recovery.py              # 4 bits, a few minutes on 2 CPU cores
     python examples/minilm_recovery.py --nbits 3 --device cuda
     python examples/minilm_recovery.py --quick      # CI: under a minute
+    python examples/minilm_recovery.py --compare    # + group-constant/zero_point and LoftQ rows
 
 Prints mean cosine similarity to the full-precision embeddings on held-out
 sentences, for full precision, HQQ, HQQ + LoRA and the merged (requantized)
 model, and writes the adapter (PEFT format) and a loss curve into ``--out``.
-Nothing is downloaded.
+``--compare`` adds rows for group-constant adapters merged losslessly by
+``method="zero_point"`` and for LoftQ initialization, and a column with the share of
+the update each merge kept (``merge_report(...)["captured"]``): it trains two more
+adapters, so it takes about three times as long. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -122,10 +126,28 @@ def pool(hidden, attention_mask):
     return torch.nn.functional.normalize(mean.float(), dim=-1)
 
 
+def full_width(model, adapters):
+    """Group-constant adapters as the ordinary adapters they equal (``lora_A``'s columns
+    repeated per group), others as they are.
+
+    ``hqqlora.functional_call`` checks ``lora_A`` against ``in_features`` only and refuses
+    a group-constant adapter's ``(r, in // group_size)`` one. The expanded adapter has
+    the same forward, and the gradient w.r.t. the compact ``lora_A`` is the pooled one.
+    """
+    widths = {path: model.get_submodule(path).meta["shape"][1] for path in adapters}
+    return {
+        path: params
+        if params["lora_A"].shape[1] == widths[path]
+        else hqqlora.expand_group_constant(params, widths[path])
+        for path, params in adapters.items()
+    }
+
+
 def embed(model, batch, adapters=None):
     if adapters is None:
         hidden = model(**batch).last_hidden_state
     else:
+        adapters = full_width(model, adapters)
         hidden = hqqlora.functional_call(model, adapters, (), batch).last_hidden_state
     return pool(hidden, batch["attention_mask"])
 
@@ -173,15 +195,33 @@ def train_lora(model, adapters, batches, targets, *, steps, lr, seed):
     return losses
 
 
-def merged_model(model, adapters):
-    """A copy of ``model`` with each adapter folded into its layer by ``hqqlora.merge``."""
-    merged = copy.deepcopy(model)
-    for path, params in tqdm(adapters.items(), desc="merging", unit="layer"):
+def replace_layers(model, layers):
+    """A copy of ``model`` with the layers of ``layers`` (module path -> module) swapped in."""
+    new = copy.deepcopy(model)
+    for path, layer in layers.items():
         parent, _, name = path.rpartition(".")
-        setattr(
-            merged.get_submodule(parent), name, hqqlora.merge(model.get_submodule(path), params)
-        )
-    return merged
+        setattr(new.get_submodule(parent), name, layer)
+    return new
+
+
+def merged_model(model, adapters, *, method="requantize", warn=True):
+    """A copy of ``model`` with each adapter folded into its layer by ``hqqlora.merge``."""
+    layers = {
+        path: hqqlora.merge(model.get_submodule(path), params, method=method, warn=warn)
+        for path, params in tqdm(adapters.items(), desc="merging", unit="layer")
+    }
+    return replace_layers(model, layers)
+
+
+def mean_captured(model, adapters, merged):
+    """Mean over layers of ``merge_report(...)["captured"]``: the share of the update kept."""
+    captured = [
+        hqqlora.merge_report(model.get_submodule(path), params, merged.get_submodule(path))[
+            "captured"
+        ]
+        for path, params in adapters.items()
+    ]
+    return sum(captured) / len(captured)
 
 
 # ----------------------------------------------------------------------------
@@ -190,28 +230,120 @@ def merged_model(model, adapters):
 # `cosines` a 1-D tensor over the held-out sentences, as `cosines(...)` returns.
 # ----------------------------------------------------------------------------
 def extra_rows(quantized, adapters, data, args):
-    """Rows to add to the results table.
+    """Rows to add to the results table (with ``--compare``; none without).
 
     Args:
         quantized: the HQQ-quantized model (never modify it; copy it first).
         adapters: the trained adapters, module path -> adapter dict.
         data: dict with ``train``/``held_out`` token batches, their full-precision
-            embeddings ``train_targets``/``held_out_targets``, and ``embed`` and
-            ``cosines`` (the functions of this script).
+            embeddings ``train_targets``/``held_out_targets``, the full-precision
+            model ``full``, the HQQ ``quant_config``, and ``embed`` and ``cosines``
+            (the functions of this script).
         args: the parsed command line.
 
     Returns:
-        A list of ``(label, cosines)`` rows.
+        A list of ``(label, cosines)`` or ``(label, cosines, captured)`` rows.
     """
-    return []
+    if not args.compare:
+        return []
+    return [
+        *group_constant_rows(quantized, adapters, data, args),
+        *loftq_rows(quantized, adapters, data, args),
+    ]
 
 
-def summarize(label, values, hqq_mean, *, recovery):
-    """A table row; ``gap closed`` = (mean - HQQ's mean) / (1 - HQQ's mean)."""
+def train_like_main(model, adapters, data, args):
+    """``train_lora`` with the main run's steps, learning rate and seed."""
+    return train_lora(
+        model,
+        adapters,
+        data["train"],
+        data["train_targets"],
+        steps=args.steps,
+        lr=args.lr,
+        seed=args.seed,
+    )
+
+
+def group_constant_rows(quantized, adapters, data, args):
+    """Group-constant (QA-LoRA) adapters on the same layers: unmerged, and merged by
+    ``method="zero_point"``, which folds them into the zero points without loss."""
+    kind = "DoRA" if args.dora else "LoRA"
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    pooled = {}
+    for path in adapters:
+        layer = quantized.get_submodule(path)
+        axis, group_size = layer.meta["axis"], layer.meta["group_size"]
+        in_features = layer.meta["shape"][1]
+        if axis != 1 or not group_size or in_features % group_size:
+            print(
+                f"group-constant {kind}: skipping {path} (axis={axis}, group_size={group_size}, "
+                f"in_features={in_features}); zero_point merges need axis=1 and a group size "
+                "dividing in_features"
+            )
+            continue
+        pooled[path] = hqqlora.init_lora(
+            layer,
+            args.rank,
+            args.alpha,
+            use_dora=args.dora,
+            generator=generator,
+            group_constant=True,
+        )
+    if not pooled:
+        return []
+    train_like_main(quantized, pooled, data, args)
+    merged = merged_model(quantized, pooled, method="zero_point")
+    held_out, targets = data["held_out"], data["held_out_targets"]
+    return [
+        (f"group-constant {kind} (unmerged)", cosines(quantized, held_out, targets, pooled)),
+        (
+            f"group-constant {kind} merged (zero_point)",
+            cosines(merged, held_out, targets),
+            mean_captured(quantized, pooled, merged),
+        ),
+    ]
+
+
+def loftq_rows(quantized, adapters, data, args):
+    """LoftQ initialization: each layer quantized from the full-precision weight together
+    with a rank-r adapter fitted to the quantization error, before and after training.
+    (LoRA even with ``--dora``: ``hqqlora.loftq`` returns LoRA adapters.)"""
+    full = data["full"]
+    layers, init = {}, {}
+    for path in tqdm(adapters, desc="LoftQ init", unit="layer"):
+        linear = full.get_submodule(path)
+        layers[path], init[path] = hqqlora.loftq(
+            linear.weight,
+            data["quant_config"],
+            args.rank,
+            args.alpha,
+            compute_dtype=torch.float32,
+            device=args.device,
+            bias=linear.bias,
+        )
+    model = replace_layers(quantized, layers)
+    held_out, targets = data["held_out"], data["held_out_targets"]
+    before = cosines(model, held_out, targets, init)
+    train_like_main(model, init, data, args)
+    return [
+        ("LoftQ init, before training", before),
+        ("LoftQ init + LoRA (unmerged)", cosines(model, held_out, targets, init)),
+    ]
+
+
+def summarize(label, values, hqq_mean, *, recovery, width=34, captured=None, column=False):
+    """A table row; ``gap closed`` = (mean - HQQ's mean) / (1 - HQQ's mean).
+
+    With ``column``, a last column holds ``captured`` (blank when None).
+    """
     mean = values.mean().item()
     gap = 1.0 - hqq_mean
     closed = f"{100 * (mean - hqq_mean) / gap:6.1f}%" if recovery and gap > 0 else ""
-    return f"| {label:<34} | {mean:.5f} | {values.min().item():.5f} | {closed:>11} |"
+    row = f"| {label:<{width}} | {mean:.5f} | {values.min().item():.5f} | {closed:>11} |"
+    if column:
+        row += f" {'' if captured is None else f'{captured:.4f}':>8} |"
+    return row
 
 
 def save_loss_plot(losses, path, title):
@@ -263,6 +395,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument(
         "--quick", action="store_true", help="a small run for CI (< 1 min on 2 cores)"
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="add group-constant (zero_point merge) and LoftQ rows; trains 2 more adapters",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -325,19 +462,22 @@ def main(argv=None):
         seed=args.seed,
     )
     lora_cos = cosines(quantized, held_out_batches, held_out_targets, adapters)
-    merged_cos = cosines(merged_model(quantized, adapters), held_out_batches, held_out_targets)
+    merged = merged_model(quantized, adapters, warn=not args.compare)
+    merged_cos = cosines(merged, held_out_batches, held_out_targets)
+    # with --compare the table shows how little requantization kept, instead of 12 warnings
+    merged_captured = mean_captured(quantized, adapters, merged) if args.compare else None
 
     data = {
         "train": train_batches, "train_targets": train_targets,
         "held_out": held_out_batches, "held_out_targets": held_out_targets,
-        "embed": embed, "cosines": cosines,
+        "full": full, "quant_config": config, "embed": embed, "cosines": cosines,
     }  # fmt: skip
     kind = "DoRA" if args.dora else "LoRA"
     rows = [
         ("full precision", full_cos),
         (f"HQQ {args.nbits}-bit (g{args.group_size})", hqq_cos),
         (f"HQQ + {kind} (r={args.rank})", lora_cos),
-        (f"HQQ + {kind} merged (requantized)", merged_cos),
+        (f"HQQ + {kind} merged (requantized)", merged_cos, merged_captured),
         *extra_rows(quantized, adapters, data, args),
     ]
     blocks = "all 6 blocks" if args.layers >= 6 else f"blocks 0-{args.layers - 1} of 6"
@@ -345,10 +485,25 @@ def main(argv=None):
         f"\nall-MiniLM-L6-v2 ({blocks} quantized), {len(held_out)} held-out sentences, "
         f"{args.steps} steps: cosine similarity to full precision"
     )
-    print(f"| {'model':<34} | mean    | min     | gap closed  |")
-    print(f"|{'-' * 36}|---------|---------|-------------|")
-    for i, (label, values) in enumerate(rows):
-        print(summarize(label, values, hqq_cos.mean().item(), recovery=i >= 2))
+    width = max(34, *(len(row[0]) for row in rows))
+    header = f"| {'model':<{width}} | mean    | min     | gap closed  |"
+    rule = f"|{'-' * (width + 2)}|---------|---------|-------------|"
+    if args.compare:
+        header, rule = header + " captured |", rule + "----------|"
+    print(header)
+    print(rule)
+    for i, (label, values, *captured) in enumerate(rows):
+        print(
+            summarize(
+                label, values, hqq_cos.mean().item(), recovery=i >= 2, width=width,
+                captured=captured[0] if captured else None, column=args.compare,
+            )
+        )  # fmt: skip
+    if args.compare:
+        print(
+            "captured: mean over layers of merge_report(base, params, merged)['captured'], "
+            "the share of the adapter's update the merged layers kept (1 = all of it)"
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
     adapter_dir = hqqlora.save_adapter(
