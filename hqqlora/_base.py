@@ -200,6 +200,18 @@ def _eager() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is None
 
 
+def _decode_kernel_allowed(W_q: Tensor, x: Tensor, layout: QuantLayout) -> bool:
+    # Under torch.compile a decode step (≤ 16 tokens, inference) on CUDA reads the
+    # packed weight in one fused kernel; inductor's dequantize-then-matmul writes and
+    # rereads a dense copy. Not when x needs a gradient (the op has no backward).
+    if not torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    tokens = x.numel() // max(x.shape[-1], 1)
+    return x.dtype == layout.compute_dtype and _triton.decode_supported(W_q, layout, tokens)
+
+
 def base_forward(base: HQQLinear, x: Tensor, layout: QuantLayout | None = None) -> Tensor:
     """The base layer's output ``x @ dequantize(base)ᵀ + bias``.
 
@@ -207,8 +219,11 @@ def base_forward(base: HQQLinear, x: Tensor, layout: QuantLayout | None = None) 
     device type. The path depends on the mode, and every path gives HQQ's bits:
     under ``torch.func`` transforms or ``torch.compile``, the pure :func:`dequantize`
     (HQQ's forward is an autograd.Function with no vmap/jvp rule that dynamo cannot
-    trace either); in eager mode on CUDA with Triton, a one-kernel dequantization
-    (HQQ's takes about ten launches); otherwise the layer's own forward.
+    trace either), except that a compiled decode step (≤ 16 tokens, no gradient
+    w.r.t. ``x``) on CUDA uses one fused dequantize-and-multiply Triton kernel (equal
+    up to the compute dtype's rounding); in eager mode on CUDA with Triton, a
+    one-kernel dequantization (HQQ's takes about ten launches); otherwise the
+    layer's own forward.
 
     Args:
         base: a quantized ``HQQLinear``.
@@ -222,6 +237,10 @@ def base_forward(base: HQQLinear, x: Tensor, layout: QuantLayout | None = None) 
         x = x.to(layout.compute_dtype)
     W_q = base.W_q
     if not _eager():
+        if _decode_kernel_allowed(W_q, x, layout):
+            _, scale, zero = quant_tensors(base)
+            out = _triton.dequant_matmul(x, W_q, scale, zero, layout)
+            return out if base.bias is None else (out + base.bias).to(out.dtype)
         return pure_forward(base, x, layout)
     if _triton.available(W_q) and layout.packing is not None:
         _, scale, zero = quant_tensors(base)
