@@ -126,28 +126,10 @@ def pool(hidden, attention_mask):
     return torch.nn.functional.normalize(mean.float(), dim=-1)
 
 
-def full_width(model, adapters):
-    """Group-constant adapters as the ordinary adapters they equal (``lora_A``'s columns
-    repeated per group), others as they are.
-
-    ``hqqlora.functional_call`` checks ``lora_A`` against ``in_features`` only and refuses
-    a group-constant adapter's ``(r, in // group_size)`` one. The expanded adapter has
-    the same forward, and the gradient w.r.t. the compact ``lora_A`` is the pooled one.
-    """
-    widths = {path: model.get_submodule(path).meta["shape"][1] for path in adapters}
-    return {
-        path: params
-        if params["lora_A"].shape[1] == widths[path]
-        else hqqlora.expand_group_constant(params, widths[path])
-        for path, params in adapters.items()
-    }
-
-
 def embed(model, batch, adapters=None):
     if adapters is None:
         hidden = model(**batch).last_hidden_state
     else:
-        adapters = full_width(model, adapters)
         hidden = hqqlora.functional_call(model, adapters, (), batch).last_hidden_state
     return pool(hidden, batch["attention_mask"])
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hqqlora._base import HQQLinear
+from hqqlora._base import HQQLinear, quant_layout
 from hqqlora._lora import apply_lora
 from hqqlora._params import check_params
 
@@ -95,9 +95,14 @@ def _check_adapters(
     checked = {}
     for path, params in adapters.items():
         base = _base_of(modules[path])
-        out_features, in_features = (int(s) for s in base.meta["shape"])
+        layout = quant_layout(base)
+        pooled = layout.axis == 1 and layout.in_features % layout.group_size == 0
         check_params(
-            params, in_features=in_features, out_features=out_features, name=f"adapters[{path!r}]"
+            params,
+            in_features=layout.in_features,
+            out_features=layout.out_features,
+            group_size=layout.group_size if pooled else None,  # group-constant adapters
+            name=f"adapters[{path!r}]",
         )
         checked[path] = (base, params)
     return checked

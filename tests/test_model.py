@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import hqqlora
 from hqqlora import (
     apply_lora,
     dequantize,
@@ -423,3 +424,23 @@ def test_inject_and_get_adapter():
         inject_adapter(model, target_modules=["nope"], r=4, lora_alpha=8)
     with pytest.raises(ValueError, match="'other'"):
         get_adapter(model, "other")
+
+
+def test_functional_call_accepts_group_constant_adapters():
+    torch.manual_seed(0)
+    model = hqqlora.quantize_model(
+        torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)),
+        BaseQuantizeConfig(nbits=4, group_size=16),
+        compute_dtype=torch.float32,
+        device="cpu",
+    )
+    adapters = {
+        "0": hqqlora.init_lora(model[0], 4, 8, group_constant=True, init_lora_weights=False),
+        "2": hqqlora.init_lora(model[2], 4, 8, init_lora_weights=False),
+    }
+    assert adapters["0"]["lora_A"].shape == (4, 64 // 16)
+    x = torch.randn(3, 64)
+    expected = hqqlora.apply_lora(
+        model[2], adapters["2"], torch.relu(hqqlora.apply_lora(model[0], adapters["0"], x))
+    )
+    torch.testing.assert_close(hqqlora.functional_call(model, adapters, (x,)), expected)
