@@ -29,6 +29,7 @@ __all__ = [
     "quant_tensors",
     "quantize_like",
     "unpack",
+    "unpacked_codes",
 ]
 
 # packing name -> (bits per code, codes per packed element)
@@ -77,6 +78,11 @@ class QuantLayout:
     @property
     def num_groups(self) -> int:
         return self.shape[0] * self.shape[1] // self.group_size
+
+    @property
+    def packing_bits(self) -> tuple[int, int]:
+        """``(bits per code, codes per packed element)`` of the packing."""
+        return _PACKINGS[self.packing]
 
 
 def check_hqq_layer(base: object, name: str = "base") -> HQQLinear:
@@ -183,13 +189,23 @@ def _dequantize_triton(W_q: Tensor, scale: Tensor, zero: Tensor, layout: QuantLa
     return _triton.dequantize_cuda(W_q, scale, zero, layout)
 
 
-def _dequantize(W_q: Tensor, scale: Tensor, zero: Tensor, layout: QuantLayout) -> Tensor:
+def unpacked_codes(W_q: Tensor, layout: QuantLayout, dtype: torch.dtype) -> Tensor:
+    """The codes of ``W_q`` in HQQ's grouped 2-D layout, in ``dtype``.
+
+    Shape ``(num_groups, group_size)`` for ``axis=1``, ``(group_size, num_groups)``
+    for ``axis=0`` (3-bit padding trimmed); scale and zero broadcast against it.
+    """
     if layout.packing is not None and layout.view_as_float:
         W_q = W_q.view(layout.unpack_view_dtype)
-    W_r = unpack(W_q, layout.packing, layout.compute_dtype)
+    codes = unpack(W_q, layout.packing, dtype)
     if layout.packing is not None and layout.nbits == 3:
         rows = layout.group_size if layout.axis == 0 else layout.num_groups
-        W_r = W_r[:rows]
+        codes = codes[:rows]
+    return codes
+
+
+def _dequantize(W_q: Tensor, scale: Tensor, zero: Tensor, layout: QuantLayout) -> Tensor:
+    W_r = unpacked_codes(W_q, layout, layout.compute_dtype)
     return ((W_r - zero) * scale).reshape(layout.shape)
 
 

@@ -35,7 +35,7 @@ from hqqlora._base import (
     quant_layout,
     quant_tensors,
     quantize_like,
-    unpack,
+    unpacked_codes,
 )
 from hqqlora._dora import as_norm_list, dora_factor, dora_weight_norm
 from hqqlora._params import as_adapter_list, delta_weight
@@ -153,12 +153,7 @@ def grid(base: HQQLinear) -> tuple[Tensor, Tensor, Tensor]:
     """
     layout = quant_layout(base)
     W_q, scale, zero = quant_tensors(base)
-    if layout.packing is not None and layout.view_as_float:
-        W_q = W_q.view(layout.unpack_view_dtype)
-    codes = unpack(W_q, layout.packing, torch.float64)
-    if layout.packing is not None and layout.nbits == 3:
-        rows = layout.group_size if layout.axis == 0 else layout.num_groups
-        codes = codes[:rows]
+    codes = unpacked_codes(W_q, layout, torch.float64)
     return codes, scale.double(), zero.double()
 
 

@@ -21,13 +21,6 @@ try:  # Triton is optional: only CUDA eager inference uses it.
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-_PACKINGS = {
-    "8bit_u8": (8, 1),
-    "4bit_u8": (4, 2),
-    "3bit_32": (3, 10),
-    "2bit_u8": (2, 4),
-    "1bit_u8": (1, 8),
-}
 
 if triton is not None:
 
@@ -79,7 +72,7 @@ def dequantize_cuda(W_q: Tensor, scale: Tensor, zero: Tensor, layout) -> Tensor:
     Returns:
         Tensor of shape ``layout.shape`` in ``layout.compute_dtype``.
     """
-    bits, per = _PACKINGS[layout.packing]
+    bits, per = layout.packing_bits
     n_packed_rows, n_cols = W_q.shape
     valid_rows = n_packed_rows * per
     if layout.nbits == 3:
@@ -176,7 +169,7 @@ def decode_supported(W_q: Tensor, layout, tokens: int) -> bool:
         return False
     if layout.packing not in ("8bit_u8", "4bit_u8", "2bit_u8", "1bit_u8") or layout.view_as_float:
         return False
-    _, per = _PACKINGS[layout.packing]
+    _, per = layout.packing_bits
     out_features, in_features = layout.shape
     group = layout.group_size
     power_of_two = group >= 16 and group & (group - 1) == 0  # one K step per group for tl.dot
@@ -235,7 +228,7 @@ def dequant_matmul(x: Tensor, W_q: Tensor, scale: Tensor, zero: Tensor, layout) 
     Returns:
         ``(..., out)`` in the compute dtype.
     """
-    bits, per = _PACKINGS[layout.packing]
+    bits, per = layout.packing_bits
     out_features, in_features = layout.shape
     flat = x.reshape(-1, in_features).contiguous()
     meta = [bits, per, layout.group_size, out_features, in_features]
