@@ -454,10 +454,11 @@ def main(argv=None):
         seed=args.seed,
     )
     lora_cos = cosines(quantized, held_out_batches, held_out_targets, adapters)
-    merged = merged_model(quantized, adapters, warn=not args.compare)
+    # The table's `captured` column shows how little requantization kept, instead of a
+    # warning per layer.
+    merged = merged_model(quantized, adapters, warn=False)
     merged_cos = cosines(merged, held_out_batches, held_out_targets)
-    # with --compare the table shows how little requantization kept, instead of 12 warnings
-    merged_captured = mean_captured(quantized, adapters, merged) if args.compare else None
+    merged_captured = mean_captured(quantized, adapters, merged)
 
     data = {
         "train": train_batches, "train_targets": train_targets,
@@ -478,24 +479,21 @@ def main(argv=None):
         f"{args.steps} steps: cosine similarity to full precision"
     )
     width = max(34, *(len(row[0]) for row in rows))
-    header = f"| {'model':<{width}} | mean    | min     | gap closed  |"
-    rule = f"|{'-' * (width + 2)}|---------|---------|-------------|"
-    if args.compare:
-        header, rule = header + " captured |", rule + "----------|"
+    header = f"| {'model':<{width}} | mean    | min     | gap closed  | captured |"
+    rule = f"|{'-' * (width + 2)}|---------|---------|-------------|----------|"
     print(header)
     print(rule)
     for i, (label, values, *captured) in enumerate(rows):
         print(
             summarize(
                 label, values, hqq_cos.mean().item(), recovery=i >= 2, width=width,
-                captured=captured[0] if captured else None, column=args.compare,
+                captured=captured[0] if captured else None, column=True,
             )
         )  # fmt: skip
-    if args.compare:
-        print(
-            "captured: mean over layers of merge_report(base, params, merged)['captured'], "
-            "the share of the adapter's update the merged layers kept (1 = all of it)"
-        )
+    print(
+        "captured: mean over layers of merge_report(base, params, merged)['captured'], "
+        "the share of the adapter's update the merged layers kept (1 = all of it)"
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     adapter_dir = hqqlora.save_adapter(
