@@ -121,3 +121,19 @@ def print_table(title: str, header: list[str], rows: list[list[object]]) -> str:
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
     return text
+
+
+def profile_kernels(fn: Callable[[], object], name: str, *, calls: int, top: int) -> None:
+    """Prints the CUDA kernel time per call of ``fn`` (torch.profiler) and its top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(e.self_device_time_total for e in events) / calls
+    print(f"\n## {name}: GPU kernel time per call {gpu_us:.1f} us")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"  {e.self_device_time_total / calls:8.1f} us  x{e.count // calls}  {e.key[:100]}")

@@ -8,8 +8,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import environment, make_hqq_layer, random_params
-from torch.profiler import ProfilerActivity, profile
+from common import environment, make_hqq_layer, profile_kernels, random_params
 
 import hqqlora
 
@@ -35,18 +34,7 @@ def main() -> None:
         for name, fn in variants.items():
             for _ in range(20):
                 fn()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(50):
-                    fn()
-                torch.cuda.synchronize()
-            events = [
-                e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
-            ]
-            gpu_us = sum(e.self_device_time_total for e in events) / 50
-            print(f"\n## {name}: GPU kernel time per call {gpu_us:.1f} us")
-            for e in sorted(events, key=lambda e: -e.self_device_time_total)[:6]:
-                print(f"  {e.self_device_time_total / 50:8.1f} us  x{e.count // 50}  {e.key[:90]}")
+            profile_kernels(fn, name, calls=50, top=6)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import environment, make_hqq_layer, random_params
-from torch.profiler import ProfilerActivity, profile
+from common import environment, make_hqq_layer, profile_kernels, random_params
 
 import hqqlora
 
@@ -38,16 +37,7 @@ def main() -> None:
 
         for _ in range(10):
             step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(20):
-                step()
-            torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-        gpu_us = sum(e.self_device_time_total for e in events) / 20
-        print(f"\n## {name} training step: GPU kernel time per step {gpu_us:.1f} us")
-        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:10]:
-            print(f"  {e.self_device_time_total / 20:8.1f} us  x{e.count // 20}  {e.key[:100]}")
+        profile_kernels(step, f"{name} training step", calls=20, top=10)
 
 
 if __name__ == "__main__":
