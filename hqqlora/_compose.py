@@ -23,7 +23,7 @@ so sums and scalings of DoRA adapters have no meaning that keeps the magnitudes.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import optree
 import torch
@@ -33,7 +33,7 @@ from hqqlora._params import check_params
 
 __all__ = ["METHODS", "CombineInfo", "add", "combine", "negate", "scale"]
 
-METHODS = (
+Method = Literal[
     "cat",
     "linear",
     "svd",
@@ -45,7 +45,8 @@ METHODS = (
     "dare_ties_svd",
     "magnitude_prune",
     "magnitude_prune_svd",
-)
+]
+METHODS: tuple[str, ...] = get_args(Method)
 _PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 _SAME_RANK = ("linear", *_PRUNING)
 
@@ -454,19 +455,7 @@ def combine(
     adapters: Sequence[Mapping],
     weights: Sequence[float | Tensor] | Tensor,
     /,
-    method: Literal[
-        "cat",
-        "linear",
-        "svd",
-        "ties",
-        "ties_svd",
-        "dare_linear",
-        "dare_linear_svd",
-        "dare_ties",
-        "dare_ties_svd",
-        "magnitude_prune",
-        "magnitude_prune_svd",
-    ] = "cat",
+    method: Method = "cat",
     rank: int | None = None,
     density: float | None = None,
     *,
