@@ -24,6 +24,7 @@ from hqqlora._params import (
     trainable_params,
 )
 from hqqlora._report import merge_report
+from hqqlora._route import prepare_model
 
 __version__ = "0.1.0"
 
@@ -55,6 +56,7 @@ __all__ = [
     "mixed_batch",
     "mixed_batch_indexed",
     "negate",
+    "prepare_model",
     "quant_layout",
     "quantize_like",
     "quantize_model",

@@ -30,6 +30,7 @@ __all__ = [
     "quantize_like",
     "unpack",
     "unpacked_codes",
+    "unrouted_class",
 ]
 
 # packing name -> (bits per code, codes per packed element)
@@ -262,7 +263,14 @@ def base_forward(base: HQQLinear, x: Tensor, layout: QuantLayout | None = None) 
         _, scale, zero = quant_tensors(base)
         out = torch.matmul(x, _dequantize_triton(W_q, scale, zero, layout).t())
         return out if base.bias is None else (out + base.bias).to(out.dtype)
-    return base(x)
+    # The layer's own forward, not base(x): a layer prepared for functional_call
+    # routes base(x) back here.
+    return unrouted_class(base).forward(base, x)
+
+
+def unrouted_class(module: object) -> type:
+    """The class ``module`` had before :func:`~hqqlora.prepare_model` (its own class if never)."""
+    return getattr(type(module), "_hqqlora_unrouted", None) or type(module)
 
 
 def pure_forward(base: HQQLinear, x: Tensor, layout: QuantLayout | None = None) -> Tensor:

@@ -99,23 +99,24 @@ def add_dora_term(
     params: Mapping[str, Tensor],
     x: Tensor,
     result: Tensor,
-    base_out: Tensor,
     weight_norm: Tensor | None,
     *,
     dropped: bool,
 ) -> Tensor:
-    """``result`` plus the DoRA term of one adapter, in ``x``'s dtype.
+    """``result`` plus the DoRA term of one adapter, in ``x``'s dtype (PEFT's forward).
 
-    The term is ``(c - 1) ⊙ (x @ Wᵀ) + c ⊙ scaling · x @ Aᵀ @ Bᵀ``.
+    Without dropout the term is ``(c - 1) ⊙ (result - bias) + c ⊙ scaling · x @ Aᵀ @ Bᵀ``
+    on the running output ``result``: for the first adapter ``result - bias = x @ Wᵀ``,
+    and for a later one it holds the earlier adapters' terms too, so that the forward
+    of several active adapters is what merging them in order (``W ← c ⊙ (W + ΔW)``)
+    computes, up to the earlier updates' share of the norm, as PEFT's forward is. The sum is computed as ``c ⊙ (result - bias + lora) + bias``.
 
     Args:
         x: the (possibly dropped-out) input, ``(..., in)``, in the adapters' dtype.
         result: the output so far, ``(..., out)``.
-        base_out: ``base(x)`` on the input before dropout, ``(..., out)``, so that
-            ``x @ Wᵀ = base_out - bias`` needs no dequantization.
         weight_norm: ``n``, or ``None`` to compute it from the base.
         dropped: whether dropout changed ``x``: then ``x @ Wᵀ`` is recomputed on the
-            dropped input, as PEFT does in training.
+            dropped input in place of ``result - bias``, as PEFT does in training.
     """
     if weight_norm is None:
         weight_norm = dora_weight_norm(base, params)
@@ -126,11 +127,7 @@ def add_dora_term(
     if dropped:
         weight = dequantize(base).to(dtype)
         return result + (c - 1) * F.linear(x, weight) + c * scaled_lora
-    bias = None if base.bias is None else base.bias.to(dtype)
-    if result is base_out:
-        # result = x @ Wᵀ + bias, so the sum is c ⊙ (x @ Wᵀ + ΔW x) + bias.
-        if bias is None:
-            return c * (result.to(dtype) + scaled_lora)
-        return torch.addcmul(bias, result.to(dtype) - bias + scaled_lora, c)
-    x_w = base_out.to(dtype) if bias is None else base_out.to(dtype) - bias
-    return result + (c - 1) * x_w + c * scaled_lora
+    if base.bias is None:
+        return c * (result.to(dtype) + scaled_lora)
+    bias = base.bias.to(dtype)
+    return torch.addcmul(bias, result.to(dtype) - bias + scaled_lora, c)

@@ -77,7 +77,13 @@ def apply_lora(
         y = base(x) + (c - 1) ⊙ (x @ Wᵀ) + c ⊙ scaling · x @ Aᵀ @ Bᵀ
 
     (with dropout, both terms see ``dropout(x)``, as in PEFT). A sequence of
-    adapters adds each term in turn, like PEFT's several active adapters. A
+    adapters adds each term in turn on the running output, as PEFT's several active
+    adapters do: with ``y₀ = base(x)``::
+
+        y_k = y_{k-1} + s_k · x @ A_kᵀ @ B_kᵀ                                     (LoRA)
+        y_k = y_{k-1} + (c_k - 1) ⊙ (y_{k-1} - bias) + c_k ⊙ s_k · x @ A_kᵀ @ B_kᵀ  (DoRA)
+
+    with ``c_k = m_k / ‖W + ΔW_k‖``, so the forward matches merging in order. A
     group-constant adapter (``lora_A`` of shape ``(r, in // group_size)``) applies
     ``lora_A`` to the input summed over each group: ``pool_groups(x) @ Aᵀ``.
 
@@ -109,14 +115,14 @@ def apply_lora(
     norms = as_norm_list(weight_norm, adapters, base)
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"Expected `dropout` in [0, 1), got {dropout!r}.")
-    base_out = result = base_forward(base, x, layout)
+    result = base_forward(base, x, layout)
     autocast = torch.is_autocast_enabled(x.device.type)
     out_dtype = result.dtype
     for p, n in zip(adapters, norms, strict=True):
         x_a = x if autocast else x.to(p["lora_A"].dtype)
         x_d = lora_dropout(x_a, float(dropout), generator)
         if "magnitude" in p:
-            result = add_dora_term(base, p, x_d, result, base_out, n, dropped=dropout > 0)
+            result = add_dora_term(base, p, x_d, result, n, dropped=dropout > 0)
         else:
             result = add_lora_term(p, x_d, result)
         if not autocast:

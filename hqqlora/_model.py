@@ -11,10 +11,9 @@ respect to the adapters is the whole training step's gradient.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,12 +23,14 @@ from tqdm.auto import tqdm
 from hqqlora._base import HQQLinear, quant_layout
 from hqqlora._lora import apply_lora
 from hqqlora._params import check_params
+from hqqlora._route import install_adapter_names, prepare_layer, prepare_model, set_routing
 
 __all__ = [
     "functional_call",
     "get_adapter",
     "hqq_layers",
     "inject_adapter",
+    "prepare_model",
     "quantize_model",
 ]
 
@@ -40,6 +41,12 @@ def _base_of(module: nn.Module) -> HQQLinear | None:
         return module
     base = getattr(module, "base_layer", None)
     return base if isinstance(base, HQQLinear) else None
+
+
+def _inside_shim(path: str, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether the module at ``path`` is the ``base_layer`` of the shim above it."""
+    parent = modules.get(path.rpartition(".")[0]) if path else None
+    return parent is not None and parent is not modules[path] and _base_of(parent) is modules[path]
 
 
 def hqq_layers(model: nn.Module) -> dict[str, HQQLinear]:
@@ -58,44 +65,33 @@ def hqq_layers(model: nn.Module) -> dict[str, HQQLinear]:
     return layers
 
 
-class _AdaptedLayer(nn.Module):
-    """Stands in for one quantized layer during :func:`functional_call`.
+def _check_adapters(model: nn.Module, adapters: object) -> dict[nn.Module, Mapping[str, Tensor]]:
+    """The routing table of a ``functional_call``: target module → checked adapter.
 
-    Holds the base layer and the adapter without registering either, so the model's
-    modules and parameters look the same from outside while it is in place.
+    The target is the ``HQQLinear`` itself for a plain layer and the shim for a shim.
     """
-
-    def __init__(self, base: HQQLinear, params: Mapping[str, Tensor]):
-        super().__init__()
-        object.__setattr__(self, "base", base)
-        object.__setattr__(self, "params", params)
-
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return apply_lora(self.base, self.params, x)
-
-
-def _check_adapters(
-    model: nn.Module, adapters: object
-) -> dict[str, tuple[HQQLinear, Mapping[str, Tensor]]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(adapters, Mapping):
         raise TypeError(
             f"Expected `adapters` to be a dict of module path -> adapter dict, got {type(adapters).__name__}."
         )
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     unknown = sorted(p for p in adapters if p not in modules)
-    not_hqq = sorted(p for p in adapters if p in modules and _base_of(modules[p]) is None)
+    not_hqq = sorted(
+        p
+        for p in adapters
+        if p in modules and (_base_of(modules[p]) is None or _inside_shim(p, modules))
+    )
     if unknown or not_hqq:
-        found = sorted(hqq_layers(model))
         raise ValueError(
-            f"Expected `adapters` keyed by paths of HQQ layers of `model` (such as {found[:4]}), "
-            f"got unknown paths {unknown} and non-HQQ modules {not_hqq}."
+            f"Expected `adapters` keyed by paths of HQQ layers of `model` (such as "
+            f"{sorted(hqq_layers(model))[:4]}), got unknown paths {unknown} and non-HQQ modules "
+            f"{not_hqq} (name a shim, not the base_layer inside it)."
         )
-    checked = {}
+    table: dict[nn.Module, Mapping[str, Tensor]] = {}
     for path, params in adapters.items():
-        base = _base_of(modules[path])
-        layout = quant_layout(base)
+        layout = quant_layout(_base_of(modules[path]))
         pooled = layout.axis == 1 and layout.in_features % layout.group_size == 0
         check_params(
             params,
@@ -104,29 +100,32 @@ def _check_adapters(
             group_size=layout.group_size if pooled else None,  # group-constant adapters
             name=f"adapters[{path!r}]",
         )
-        checked[path] = (base, params)
-    return checked
+        table[modules[path]] = params
+    _check_unshared(model, table, adapters)
+    return table
 
 
-@contextlib.contextmanager
-def _adapted(
-    model: nn.Module, layers: Mapping[str, tuple[HQQLinear, Mapping[str, Tensor]]]
-) -> Iterator[None]:
-    # Swap each target for a stand-in in its parent's _modules (same key, same order)
-    # and always put the originals back. Patching the layer's own `forward` instead
-    # would recurse, since the eager base path calls the HQQLinear itself.
-    modules = dict(model.named_modules())
-    swapped = []
-    try:
-        for path, (base, params) in layers.items():
-            parent_path, _, name = path.rpartition(".")
-            parent = modules[parent_path]
-            swapped.append((parent, name, parent._modules[name]))
-            parent._modules[name] = _AdaptedLayer(base, params)
-        yield
-    finally:
-        for parent, name, original in reversed(swapped):
-            parent._modules[name] = original
+def _check_unshared(
+    model: nn.Module, table: Mapping[nn.Module, Any], adapters: Mapping[str, Any]
+) -> None:
+    # Routing is by module object: a layer reachable under two paths would get the
+    # adapter under both, although only one was named.
+    paths: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if module in table:
+            paths.setdefault(id(module), []).append(path)
+    shared = {p[0]: p for p in paths.values() if len(p) > 1 and set(p) - set(adapters)}
+    if shared:
+        raise ValueError(
+            "Expected each adapted layer to appear once in `model`, got layers shared between "
+            f"paths {sorted(shared.values())}; name every path of a shared layer, with one adapter."
+        )
+    for module_paths in paths.values():
+        given = [adapters[p] for p in module_paths if p in adapters]
+        if any(a is not given[0] for a in given[1:]):
+            raise ValueError(
+                f"Expected one adapter for the shared layer at {module_paths}, got different ones."
+            )
 
 
 def functional_call(
@@ -140,12 +139,17 @@ def functional_call(
     Each layer named in ``adapters`` computes ``apply_lora(base, adapters[path], x)``
     (``base(x) + scaling · x @ Aᵀ @ Bᵀ``, or DoRA's formula) for this call only.
     A path may name a plain ``HQQLinear`` or a shim (its ``base_layer`` is used and
-    its own adapters are ignored). Layers not named run as they are.
+    its own adapters are ignored). Layers not named run as they are, except that
+    every HQQ layer computes its base output with :func:`~hqqlora.base_forward`,
+    the pure path under ``torch.func`` transforms and ``torch.compile``.
 
-    The call is pure: ``model`` is left exactly as it was (same modules, same state
-    dict, no hooks or attributes left behind, also when the forward raises), and the
-    result is differentiable with respect to ``adapters`` under ``torch.func.grad``,
-    ``vmap`` and ``jvp``, and traceable by ``torch.compile(fullgraph=True)``.
+    The call is pure, reentrant and thread-safe: the module tree is not changed per
+    call (the adapters reach the layers through per-thread state, see
+    :func:`~hqqlora.prepare_model`, which the first call applies once), so threads
+    may run different adapters through one model at the same time, and the model is
+    left as it was also when the forward raises. The result is differentiable with
+    respect to ``adapters`` under ``torch.func.grad``, ``vmap`` and ``jvp``, and
+    traceable by ``torch.compile(fullgraph=True)`` once the model is prepared.
 
     Args:
         model: a module with ``HQQLinear`` layers.
@@ -158,23 +162,35 @@ def functional_call(
         Whatever ``model`` returns.
 
     Raises:
-        ValueError: a path that is not a module of ``model`` or not an HQQ layer,
-            or an adapter whose shapes do not fit its layer.
+        ValueError: a path that is not a module of ``model`` or not an HQQ layer
+            (the ``base_layer`` inside a shim is not: name the shim), a layer
+            shared between paths not all named, or an adapter whose shapes do not
+            fit its layer.
         TypeError: ``adapters`` is not a dict of adapter dicts.
 
     Example:
         >>> loss = lambda a: functional_call(model, a, (x,)).pow(2).mean()
         >>> grads = torch.func.grad(loss)(trainable)   # doctest: +SKIP
     """
-    layers = _check_adapters(model, adapters)
+    table = _check_adapters(model, adapters)
     if not isinstance(args, tuple):
         args = (args,)
     kwargs = {} if kwargs is None else dict(kwargs)
-    if "" in layers:  # the model itself is the quantized layer
-        base, params = layers.pop("")
-        return apply_lora(base, params, *args, **kwargs)
-    with _adapted(model, layers):
+    if model in table:  # the model itself is the quantized layer (or a shim)
+        base = model if isinstance(model, HQQLinear) else model.get_base_layer()
+        return apply_lora(base, table[model], *args, **kwargs)
+    from hqqlora._nn import HqqLoraLinear
+
+    for module in model.modules():
+        if isinstance(module, HQQLinear) or (
+            module in table and not isinstance(module, HqqLoraLinear)
+        ):
+            prepare_layer(module)
+    previous = set_routing(table)
+    try:
         return model(*args, **kwargs)
+    finally:
+        set_routing(previous)
 
 
 def _matches(path: str, targets: str | Sequence[str]) -> bool:
@@ -207,6 +223,14 @@ def inject_adapter(
     with ``"." + name`` (a single string is a regex that must match the whole path),
     PEFT's rule. A targeted plain ``HQQLinear`` is replaced by a new shim; a
     targeted shim gets one more adapter through its ``update_layer``.
+
+    Afterwards ``model(*args, adapter_names=[...], **kwargs)`` gives row ``i`` of the
+    batch adapter ``adapter_names[i]`` (``"__base__"``: none) in every shim, as PEFT's
+    model does: a forward pre-hook registered once on ``model`` takes the names out
+    of the call (its own forward never sees them) and hands them to the shims
+    through per-thread state, so concurrent calls do not mix. The model must be in
+    eval mode; every name must be held by some shim (a shim that lacks one treats it
+    as ``"__base__"``, PEFT's rule).
 
     Args:
         model: the module to modify; it is changed in place.
@@ -241,6 +265,8 @@ def inject_adapter(
         parent_path, _, name = path.rpartition(".")
         shim = HqqLoraLinear(module, adapter_name, r=r, lora_alpha=lora_alpha, **options)
         setattr(modules[parent_path], name, shim)
+    prepare_model(model)
+    install_adapter_names(model)
     return model
 
 
@@ -282,6 +308,7 @@ def quantize_model(
 ) -> nn.Module:
     """Replaces the ``nn.Linear`` layers of ``model`` by ``HQQLinear`` ones, in place.
 
+    The layers are prepared for :func:`functional_call` (:func:`prepare_model`).
     Like HQQ's own ``quantize_model``, this works in place and returns the model:
     each quantized ``nn.Linear`` is emptied (HQQ's ``del_orig``) and replaced by an
     ``HQQLinear`` with ``quant_config`` (from ``hqq.core.quantize.BaseQuantizeConfig``)
@@ -336,4 +363,4 @@ def quantize_model(
             # Parameter); a frozen layer's bias is a leaf, which torch.compile needs.
             layer.bias = layer.bias.detach()
         setattr(modules[parent_path], name, layer)
-    return model
+    return prepare_model(model)

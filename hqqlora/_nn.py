@@ -9,8 +9,10 @@ maths is the core's: :func:`apply_lora`, :func:`mixed_batch`, :func:`merge`,
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +22,7 @@ from hqqlora._lora import apply_lora
 from hqqlora._merge import merge
 from hqqlora._mixed import BASE, mixed_batch
 from hqqlora._params import delta_weight, init_lora, lora_scaling
+from hqqlora._route import adapter_names_in_use, routed_params
 
 __all__ = ["HqqLoraLinear", "dispatch_hqq"]
 
@@ -46,6 +49,60 @@ def _linear(weight: Tensor) -> nn.Linear:
     return layer
 
 
+_OPTION_DEFAULTS = {
+    "lora_dropout": 0.0,
+    "init_lora_weights": True,
+    "use_rslora": False,
+    "use_dora": False,
+    "lora_bias": False,
+    "inference_mode": False,
+}
+
+
+def _unsupported_variants(config: Any) -> list[str]:
+    """The LoRA variants (other than DoRA) a dataclass config switches on."""
+    if not dataclasses.is_dataclass(config):
+        return []
+    return [
+        f.name
+        for f in dataclasses.fields(config)
+        if f.metadata.get("is_lora_variant") and f.name != "use_dora" and getattr(config, f.name)
+    ]
+
+
+def resolve_options(config: Any, **explicit: Any) -> dict[str, Any]:
+    """The layer options from PEFT's ``config`` and the explicit arguments.
+
+    An explicit argument left at ``None`` takes the config's value (PEFT's layers
+    read these options from the config), or PEFT's default without a config. An
+    explicit value that contradicts the config is refused rather than silently
+    overriding or being overridden.
+
+    Raises:
+        ValueError: an explicit option that contradicts ``config``, or a ``config``
+            asking for a LoRA variant this layer does not implement.
+    """
+    options = dict(_OPTION_DEFAULTS)
+    if config is not None:
+        variants = _unsupported_variants(config)
+        if variants:
+            raise ValueError(
+                f"Expected a LoRA or DoRA config, got one asking for unsupported variants {variants}."
+            )
+        for key in options:
+            if hasattr(config, key):
+                options[key] = getattr(config, key)
+    for key, value in explicit.items():
+        if value is None:
+            continue
+        if config is not None and hasattr(config, key) and value != options[key]:
+            raise ValueError(
+                f"Expected `{key}` to agree with `config.{key}` ({options[key]!r}), got {value!r}."
+            )
+        options[key] = value
+    return options
+
+
 class HqqLoraLinear(nn.Module):
     """LoRA/DoRA adapters on an ``HQQLinear``, with PEFT's ``HqqLoraLinear`` interface.
 
@@ -62,9 +119,14 @@ class HqqLoraLinear(nn.Module):
     Args:
         base_layer: the quantized layer; read, never written.
         adapter_name: name of the first adapter.
-        r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora: as in
-            PEFT's ``LoraConfig``.
+        r, lora_alpha: rank and alpha of the first adapter.
+        lora_dropout, init_lora_weights, use_rslora, use_dora: as in PEFT's
+            ``LoraConfig``; ``None`` takes ``config``'s value, or PEFT's default
+            (0.0, True, False, False) without one.
         lora_bias: must be ``False``.
+        config: a PEFT ``LoraConfig`` (what PEFT's ``dispatch`` passes): supplies the
+            options above and ``inference_mode``, as PEFT's ``HqqLoraLinear`` reads
+            them; an explicit option that contradicts it raises ``ValueError``.
         **kwargs: ignored, as PEFT's layers ignore the dispatch arguments they do not use.
 
     Raises:
@@ -80,14 +142,24 @@ class HqqLoraLinear(nn.Module):
         adapter_name: str,
         r: int = 0,
         lora_alpha: float = 1,
-        lora_dropout: float = 0.0,
-        init_lora_weights: bool | str = True,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        lora_bias: bool = False,
+        lora_dropout: float | None = None,
+        init_lora_weights: bool | str | None = None,
+        use_rslora: bool | None = None,
+        use_dora: bool | None = None,
+        lora_bias: bool | None = None,
+        *,
+        config: Any = None,
         **kwargs,
     ) -> None:
-        if lora_bias:
+        options = resolve_options(
+            config,
+            lora_dropout=lora_dropout,
+            init_lora_weights=init_lora_weights,
+            use_rslora=use_rslora,
+            use_dora=use_dora,
+            lora_bias=lora_bias,
+        )
+        if options["lora_bias"]:
             raise ValueError(
                 f"Expected lora_bias=False ({type(self).__name__} has no LoRA bias), got True."
             )
@@ -111,16 +183,7 @@ class HqqLoraLinear(nn.Module):
         self._active_adapter: list[str] = [adapter_name]
         # The pre-merge layer, kept out of the module tree (and the state dict).
         self._kept_base: tuple[HQQLinear, ...] = ()
-        self.update_layer(
-            adapter_name,
-            r,
-            lora_alpha,
-            lora_dropout=lora_dropout,
-            init_lora_weights=init_lora_weights,
-            use_rslora=use_rslora,
-            use_dora=use_dora,
-            lora_bias=lora_bias,
-        )
+        self.update_layer(adapter_name, r, lora_alpha, config=config, **options)
 
     # -- adapters -------------------------------------------------------------------
 
@@ -137,22 +200,40 @@ class HqqLoraLinear(nn.Module):
         adapter_name: str,
         r: int,
         lora_alpha: float,
-        lora_dropout: float = 0.0,
-        init_lora_weights: bool | str = True,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        lora_bias: bool = False,
+        lora_dropout: float | None = None,
+        init_lora_weights: bool | str | None = None,
+        use_rslora: bool | None = None,
+        use_dora: bool | None = None,
+        lora_bias: bool | None = None,
+        *,
+        config: Any = None,
         **kwargs,
     ) -> None:
         """Adds (or replaces) adapter ``adapter_name``, initialized by :func:`init_lora`.
 
-        DoRA's magnitude is computed from the current base layer, as in PEFT.
+        DoRA's magnitude is computed from the current base layer, as in PEFT. With
+        ``config`` (a PEFT ``LoraConfig``), its ``lora_dropout``, ``init_lora_weights``,
+        ``use_rslora``, ``use_dora``, ``lora_bias`` and ``inference_mode`` apply, as in
+        PEFT's layers; ``r`` and ``lora_alpha`` are the arguments (PEFT passes each
+        module's entry of ``rank_pattern``/``alpha_pattern``).
 
         Raises:
             ValueError: ``r <= 0``, ``lora_bias=True``, ``lora_dropout`` outside
-                ``[0, 1)``, or the reserved name ``"__base__"``.
+                ``[0, 1)``, the reserved name ``"__base__"``, an option that
+                contradicts ``config``, or a ``config`` asking for a LoRA variant
+                other than DoRA.
         """
-        if lora_bias:
+        options = resolve_options(
+            config,
+            lora_dropout=lora_dropout,
+            init_lora_weights=init_lora_weights,
+            use_rslora=use_rslora,
+            use_dora=use_dora,
+            lora_bias=lora_bias,
+        )
+        lora_dropout, init_lora_weights = options["lora_dropout"], options["init_lora_weights"]
+        use_rslora, use_dora = options["use_rslora"], options["use_dora"]
+        if options["lora_bias"]:
             raise ValueError(
                 f"Expected lora_bias=False ({type(self).__name__} has no LoRA bias), got True."
             )
@@ -185,7 +266,7 @@ class HqqLoraLinear(nn.Module):
         self.lora_dropout[adapter_name] = float(lora_dropout)
         self.use_rslora[adapter_name] = use_rslora
         self.use_dora[adapter_name] = use_dora
-        self.set_adapter(self.active_adapters)
+        self.set_adapter(self.active_adapters, inference_mode=options["inference_mode"])
 
     def _check_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.lora_A:
@@ -322,6 +403,11 @@ class HqqLoraLinear(nn.Module):
             raise TypeError(
                 f"Expected only `x` and `adapter_names`, got extra arguments {args} {sorted(kwargs)}."
             )
+        routed = routed_params(self)
+        if routed is not None:  # functional_call names this shim: its adapter, not ours
+            return apply_lora(self.base_layer, routed, x)
+        if adapter_names is None:
+            adapter_names = adapter_names_in_use()  # model(..., adapter_names=[...])
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -371,18 +457,14 @@ def dispatch_hqq(target: nn.Module, adapter_name: str, **kwargs) -> HqqLoraLinea
     """An :class:`HqqLoraLinear` around ``target`` if it is (or wraps) an ``HQQLinear``, else ``None``.
 
     ``target`` may be an ``HQQLinear`` or a layer with ``get_base_layer()`` (a shim,
-    PEFT's or ours). A PEFT ``config=LoraConfig(...)`` in ``kwargs`` supplies
-    ``lora_dropout``, ``init_lora_weights``, ``use_rslora``, ``use_dora`` and
-    ``lora_bias`` unless given explicitly.
+    PEFT's or ours). A PEFT ``config=LoraConfig(...)`` in ``kwargs`` supplies the
+    options as in :class:`HqqLoraLinear`, and ``r``/``lora_alpha`` when not given.
     """
     base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
     if not isinstance(base, HQQLinear):
         return None
-    config = kwargs.pop("config", None)
+    config = kwargs.get("config")
     if config is not None:
-        for key in ("lora_dropout", "init_lora_weights", "use_rslora", "use_dora", "lora_bias"):
-            if hasattr(config, key):
-                kwargs.setdefault(key, getattr(config, key))
         kwargs.setdefault("r", getattr(config, "r", 0))
         kwargs.setdefault("lora_alpha", getattr(config, "lora_alpha", 1))
     return HqqLoraLinear(base, adapter_name, **kwargs)

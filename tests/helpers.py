@@ -69,13 +69,17 @@ def dense_reference(layer: HQQLinear, params, x: torch.Tensor) -> torch.Tensor:
     y = x @ W.T
     if layer.bias is not None:
         y = y + layer.bias.double()
+    bias = 0.0 if layer.bias is None else layer.bias.double()
+    # PEFT's forward for several active adapters (peft/tuners/lora/dora.py,
+    # DoraLinearLayer.forward with base_result = the running output):
+    #   y_k = y_{k-1} + (c_k - 1)(y_{k-1} - bias) + c_k s_k x Aᵀ Bᵀ,  c_k = m_k / ‖W + s_k B_k A_k‖.
     for p in adapters:
         A, B, s = p["lora_A"].double(), p["lora_B"].double(), p["scaling"].double()
         lora = s * (x @ A.T @ B.T)
         if "magnitude" in p:
             n = torch.linalg.norm(W + s * B @ A, dim=1)
             c = p["magnitude"].double() / n
-            y = y + (c - 1) * (x @ W.T) + c * lora
+            y = y + (c - 1) * (y - bias) + c * lora
         else:
             y = y + lora
     return y

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BITS, DTYPES, assert_close_rel, dense_reference, make_layer
+from helpers import BITS, DTYPES, RTOL, assert_close_rel, dense_reference, make_layer
 from hypothesis import given
 from hypothesis import strategies as st
 from peft import LoraConfig
@@ -331,3 +331,91 @@ def test_shim_mixed_batch_and_unmerge_property(nbits, dtype, dora, ranks, names)
         ours.merge()
         ours.unmerge()
         assert torch.equal(ours(x), y0) and ours.base_layer is layer
+
+
+# -- several active adapters with DoRA follow PEFT's forward (issue 10, item 4) ---------
+
+
+def _perturb_magnitudes(module, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.lora_magnitude_vector.values():
+            m.weight.mul_(1 + 0.3 * (torch.rand(m.weight.shape, generator=gen) - 0.5))
+
+
+@pytest.mark.parametrize(("nbits", "dtype", "bias"), CASES[:3])
+def test_lora_then_dora_active_matches_peft_and_reference(nbits, dtype, bias):
+    layer = make_layer(nbits=nbits, dtype=dtype, bias=bias)
+    peft = PeftHqq(
+        layer, "a", config=LoraConfig(r=4, lora_alpha=8, init_lora_weights=False), r=4, lora_alpha=8
+    )
+    peft.update_layer(
+        "b",
+        3,
+        lora_alpha=6,
+        config=LoraConfig(r=3, lora_alpha=6, init_lora_weights=False, use_dora=True),
+    )
+    _perturb_magnitudes(peft)  # c ≠ 1, so every (c - 1) term counts
+    peft.eval()
+    ours = HqqLoraLinear(layer, "a", r=4, lora_alpha=8)
+    ours.update_layer("b", 3, 6, use_dora=True)
+    ours.load_state_dict(peft.state_dict())
+    ours.eval()
+    x = torch.randn(6, 64).to(dtype)
+    with torch.no_grad():
+        for active in (["a", "b"], ["b", "a"]):
+            peft.set_adapter(active)
+            ours.set_adapter(active)
+            y_peft, y_ours = peft(x), ours(x)
+            params = [ours.adapter_params(n) for n in active]
+            ref = dense_reference(layer, params, x)
+            # compare the adapters' contribution, not the whole output
+            term = ref - dense_reference(layer, [], x)
+            tol = 20 * RTOL[dtype] * term.abs().max().item()
+            assert (y_ours.double() - ref).abs().max().item() <= tol
+            assert (y_peft.double() - ref).abs().max().item() <= tol
+
+
+def test_several_dora_adapters_forward_agrees_with_merge():
+    layer = make_layer(nbits=8, bias=True)
+    ours = HqqLoraLinear(layer, "a", r=4, lora_alpha=8, init_lora_weights=False)
+    ours.update_layer("b", 3, 6, use_dora=True, init_lora_weights=False)
+    _perturb_magnitudes(ours)
+    ours.set_adapter(["a", "b"])
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        y = ours(x).double()
+        base = base_forward(layer, x).double()
+        ours.merge()
+        y_merged = ours(x).double()
+    # forward ≈ merge (up to ΔW_a's share of b's norm and 8-bit rounding), as PEFT's;
+    # "each c from the base" is 18% apart on such a layer.
+    assert (y - y_merged).norm() <= 0.05 * (y - base).norm()
+
+
+# -- config= is honoured as PEFT does (issue 10, item 8) -------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:aLoRA is currently only supported")
+def test_config_options_are_honoured():
+    layer = make_layer()
+    config = LoraConfig(use_dora=True, use_rslora=True, lora_dropout=0.1)
+    ours = HqqLoraLinear(layer, "default", config=config, r=8, lora_alpha=16)
+    peft = PeftHqq(layer, "default", config=config, r=8, lora_alpha=16)
+    assert ours.use_dora == {"default": True} and "default" in ours.lora_magnitude_vector
+    assert ours.scaling == peft.scaling == {"default": 16 / 8**0.5}
+    assert ours.lora_dropout == {"default": 0.1} == {"default": peft.lora_dropout["default"].p}
+    ours.update_layer("b", 4, 8, config=LoraConfig(lora_dropout=0.2, inference_mode=True))
+    assert ours.use_dora["b"] is False and ours.scaling["b"] == 2.0
+    assert ours.lora_dropout["b"] == 0.2
+    ours.set_adapter("b")
+    ours.update_layer("c", 2, 4, config=LoraConfig(inference_mode=True))
+    assert not ours.lora_A["b"].weight.requires_grad  # inference_mode freezes, as PEFT
+    shim = dispatch_hqq(layer, "d", config=LoraConfig(r=2, lora_alpha=4, use_rslora=True))
+    assert shim.scaling == {"d": 4 / 2**0.5}
+    with pytest.raises(ValueError, match=r"`use_dora` to agree with `config.use_dora` \(True\)"):
+        HqqLoraLinear(layer, "x", config=config, use_dora=False, r=2)
+    with pytest.raises(ValueError, match="lora_bias=False"):
+        HqqLoraLinear(layer, "x", config=LoraConfig(lora_bias=True), r=2)
+    with pytest.raises(ValueError, match="unsupported variants"):
+        HqqLoraLinear(layer, "x", config=LoraConfig(alora_invocation_tokens=[1, 2]), r=2)
