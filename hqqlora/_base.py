@@ -18,10 +18,12 @@ from hqq.core.quantize import HQQLinear
 from torch import Tensor
 
 from hqqlora import _triton
+from hqqlora._state import STATE
 
 __all__ = [
     "QuantLayout",
     "base_forward",
+    "call_unrouted",
     "check_hqq_layer",
     "dequantize",
     "pure_forward",
@@ -263,9 +265,25 @@ def base_forward(base: HQQLinear, x: Tensor, layout: QuantLayout | None = None) 
         _, scale, zero = quant_tensors(base)
         out = torch.matmul(x, _dequantize_triton(W_q, scale, zero, layout).t())
         return out if base.bias is None else (out + base.bias).to(out.dtype)
-    # The layer's own forward, not base(x): a layer prepared for functional_call
-    # routes base(x) back here.
-    return unrouted_class(base).forward(base, x)
+    return call_unrouted(base, x)
+
+
+def call_unrouted(base: HQQLinear, x: Tensor) -> Tensor:
+    """``base(x)`` through HQQ's own forward, hooks included, never routed by hqqlora.
+
+    A layer prepared for ``functional_call`` routes its calls; this runs the original
+    forward instead: directly when the layer's own call is already under way (its
+    hooks ran), else as ``base(x)`` so that its hooks run, as PEFT's shim calls it.
+    """
+    if getattr(type(base), "_hqqlora_unrouted", None) is None:
+        return base(x)
+    if STATE.running is base:
+        return unrouted_class(base).forward(base, x)
+    previous, STATE.bypass = STATE.bypass, base
+    try:
+        return base(x)
+    finally:
+        STATE.bypass = previous
 
 
 def unrouted_class(module: object) -> type:

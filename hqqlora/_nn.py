@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -83,19 +83,26 @@ def resolve_options(config: Any, **explicit: Any) -> dict[str, Any]:
             asking for a LoRA variant this layer does not implement.
     """
     options = dict(_OPTION_DEFAULTS)
-    if config is not None:
+    given: dict[str, Any] = {}
+    if isinstance(config, Mapping):  # a config as a dict (load_adapter's, PEFT's JSON)
+        given = {k: config[k] for k in options if k in config}
+    elif config is not None:
+        if not hasattr(config, "use_dora") or not hasattr(config, "lora_dropout"):
+            raise TypeError(
+                f"Expected `config` to be a peft.LoraConfig (or a dict of its fields), got "
+                f"{type(config).__name__}."
+            )
         variants = _unsupported_variants(config)
         if variants:
             raise ValueError(
                 f"Expected a LoRA or DoRA config, got one asking for unsupported variants {variants}."
             )
-        for key in options:
-            if hasattr(config, key):
-                options[key] = getattr(config, key)
+        given = {k: getattr(config, k) for k in options if hasattr(config, k)}
+    options.update(given)
     for key, value in explicit.items():
         if value is None:
             continue
-        if config is not None and hasattr(config, key) and value != options[key]:
+        if key in given and value != given[key]:
             raise ValueError(
                 f"Expected `{key}` to agree with `config.{key}` ({options[key]!r}), got {value!r}."
             )
@@ -405,7 +412,8 @@ class HqqLoraLinear(nn.Module):
             )
         routed = routed_params(self)
         if routed is not None:  # functional_call names this shim: its adapter, not ours
-            return apply_lora(self.base_layer, routed, x)
+            unmerged = self._kept_base[0] if self._kept_base else self.base_layer
+            return apply_lora(unmerged, routed, x)
         if adapter_names is None:
             adapter_names = adapter_names_in_use()  # model(..., adapter_names=[...])
         if self.disable_adapters:

@@ -15,14 +15,20 @@ around each call, so calls nest), and the layers read it:
   dict, hooks and ``isinstance`` checks stay as they were; this is the mechanism
   ``torch.distributed.fsdp.fully_shard`` uses too.
 
-``threading.local`` rather than ``contextvars``: dynamo traces attribute reads and
-writes on it (so ``torch.compile(fullgraph=True)`` of a ``functional_call`` works),
-while it cannot trace ``ContextVar.set``; every hqqlora call sets and restores the
-state synchronously, so tasks sharing a thread never see each other's values.
+The state itself is in :mod:`hqqlora._state`.
+
+Limits: a layer whose *instance* has its own ``forward`` (hqq's
+``prepare_for_inference``, ``layer.forward = torch.compile(layer.forward)``, or
+accelerate hooks added before preparing) cannot be routed and is refused with a
+``ValueError``; and activation checkpointing *inside* the model recomputes the
+forward during backward, after the call's routing has ended, so wrap the whole
+``functional_call`` in the checkpoint instead (the recomputation then re-enters it).
 """
 
 from __future__ import annotations
 
+import copy
+import copyreg
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,114 +37,146 @@ import torch
 from torch import Tensor, nn
 
 from hqqlora._base import HQQLinear, base_forward, unrouted_class
+from hqqlora._state import STATE
 
 __all__ = [
     "adapter_names_in_use",
     "install_adapter_names",
+    "is_foreign_shim",
     "prepare_model",
     "routed_params",
     "routing",
 ]
 
 
-class _State(threading.local):
-    def __init__(self) -> None:
-        # functional_call: layer (or named shim) -> adapter dict, or None outside one.
-        self.adapters: Mapping[nn.Module, Any] | None = None
-        # model(..., adapter_names=...): the names, or None.
-        self.adapter_names: Sequence[str] | None = None
-        self.names_stack: list[Sequence[str] | None] = []
-
-
-_STATE = _State()
 _PREPARE_LOCK = threading.Lock()
 _ROUTED_CLASSES: dict[type, type] = {}
 
 
 def routing() -> Mapping[nn.Module, Any] | None:
     """The running ``functional_call``'s table (module → adapter), or ``None``."""
-    return _STATE.adapters
+    return STATE.adapters
 
 
 def set_routing(table: Mapping[nn.Module, Any] | None) -> Mapping[nn.Module, Any] | None:
     """Sets this thread's table and returns the previous one (to restore it)."""
-    previous = _STATE.adapters
-    _STATE.adapters = table
+    previous = STATE.adapters
+    STATE.adapters = table
     return previous
 
 
 def routed_params(module: nn.Module) -> Any:
     """The adapter the running ``functional_call`` gives ``module``, or ``None``."""
-    table = _STATE.adapters
+    table = STATE.adapters
     return None if table is None else table.get(module)
 
 
 def adapter_names_in_use() -> Sequence[str] | None:
     """The ``adapter_names`` of the model call under way in this thread, or ``None``."""
-    return _STATE.adapter_names
+    return STATE.adapter_names
 
 
 # ---- prepared layers ---------------------------------------------------------------
 
 
 def _routed_hqq_forward(self: HQQLinear, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-    table = _STATE.adapters
-    if table is None:
+    table = STATE.adapters
+    if table is None or STATE.bypass is self:
         return unrouted_class(self).forward(self, x, *args, **kwargs)
     params = table.get(self)
-    if params is None:
-        # Inside functional_call every HQQ layer takes base_forward, so that
-        # torch.func transforms and torch.compile see the pure path, adapted or not.
-        return base_forward(self, x)
-    from hqqlora._lora import apply_lora
+    previous, STATE.running = STATE.running, self
+    try:
+        if params is None:
+            # Inside functional_call every HQQ layer takes base_forward, so that
+            # torch.func transforms and torch.compile see the pure path, adapted or not.
+            return base_forward(self, x)
+        from hqqlora._lora import apply_lora
 
-    return apply_lora(self, params, x)
+        return apply_lora(self, params, x)
+    finally:
+        STATE.running = previous
 
 
 def _routed_shim_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     params = routed_params(self)
     if params is None:
         return unrouted_class(self).forward(self, x, *args, **kwargs)
+    if getattr(self, "merged", False):
+        raise ValueError(
+            f"Expected an unmerged {type(self).__name__} in functional_call, got one with merged "
+            "adapters (its base layer holds them): unmerge it first."
+        )
     from hqqlora._lora import apply_lora
 
     return apply_lora(self.get_base_layer(), params, x)
 
 
+def _set_backend_on_original(cls: type, backend: Any) -> None:
+    # HQQLinear.__init__ and users call set_backend, which assigns cls.forward: on a
+    # prepared class that would erase the routing for every prepared layer.
+    unrouted = cls._hqqlora_unrouted
+    unrouted.set_backend(backend)
+
+
 def _routed_class(cls: type) -> type:
     routed = _ROUTED_CLASSES.get(cls)
     if routed is None:
-        forward = _routed_hqq_forward if issubclass(cls, HQQLinear) else _routed_shim_forward
-        routed = type(
-            cls.__name__,
-            (cls,),
-            {
-                "forward": forward,
-                "_hqqlora_unrouted": cls,
-                "__module__": cls.__module__,
-                "__qualname__": cls.__qualname__,
-                "__reduce_ex__": _reduce_as_unrouted,
-            },
-        )
+        namespace = {
+            "forward": _routed_shim_forward,
+            "_hqqlora_unrouted": cls,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__reduce_ex__": _reduce_as_unrouted,
+            "__deepcopy__": _deepcopy_prepared,
+        }
+        if issubclass(cls, HQQLinear):
+            namespace["forward"] = _routed_hqq_forward
+            namespace["set_backend"] = classmethod(_set_backend_on_original)
+        routed = type(cls.__name__, (cls,), namespace)
         _ROUTED_CLASSES[cls] = routed
     return routed
 
 
 def _reduce_as_unrouted(self: nn.Module, protocol: int) -> Any:
-    # Pickles (and torch.save) as the original class: the routing is a property of
-    # this process, and a dynamic class cannot be looked up by name on load.
-    state = self.__dict__.copy()
-    return (_rebuild_unrouted, (unrouted_class(self), state))
+    # Pickles (and torch.save-s) as the original class: the routing is a property of
+    # this process, and the pickle must load where hqqlora is not installed. (Not
+    # copyreg.__newobj__, which pickle refuses for another class than the object's:
+    # torch.load(weights_only=True) needs copyreg._reconstructor allowed too.)
+    getstate = getattr(self, "__getstate__", None)  # object.__getstate__ is 3.11+
+    state = getstate() if getstate is not None else self.__dict__
+    return copyreg._reconstructor, (unrouted_class(self), object, None), state
 
 
-def _rebuild_unrouted(cls: type, state: dict) -> nn.Module:
-    module = cls.__new__(cls)
-    module.__dict__.update(state)
-    return module
+def _deepcopy_prepared(self: nn.Module, memo: dict) -> nn.Module:
+    # A copy made in this process stays prepared (the default would go through
+    # __reduce_ex__ and give back the original class).
+    new = type(self).__new__(type(self))
+    memo[id(self)] = new
+    new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+    return new
+
+
+def _check_routable(module: nn.Module) -> None:
+    own = module.__dict__.get("forward")
+    if own is None:
+        return
+    # accelerate's hooks wrap the forward they found: routable if that was ours.
+    wrapped = getattr(module.__dict__.get("_old_forward"), "__func__", None)
+    if wrapped in (_routed_hqq_forward, _routed_shim_forward):
+        return
+    raise ValueError(
+        f"Expected {type(module).__name__} layers whose forward is their class's, got one with "
+        "its own instance `forward` (set by hqq's prepare_for_inference, accelerate's hooks or "
+        "`layer.forward = torch.compile(layer.forward)`), which hqqlora cannot route adapters "
+        "through: call hqqlora.prepare_model(model) before such patching, or run the layer "
+        "unpatched."
+    )
 
 
 def prepare_layer(module: nn.Module) -> None:
     """Makes ``module`` (an ``HQQLinear`` or a foreign shim) read the routing state. Idempotent."""
     if getattr(type(module), "_hqqlora_unrouted", None) is not None:
+        _check_routable(module)
         return
     if torch.compiler.is_compiling():
         raise ValueError(
@@ -147,6 +185,7 @@ def prepare_layer(module: nn.Module) -> None:
             "hqqlora.prepare_model(model) (quantize_model and inject_adapter do) outside "
             "the compiled region."
         )
+    _check_routable(module)
     with _PREPARE_LOCK:
         if getattr(type(module), "_hqqlora_unrouted", None) is None:
             module.__class__ = _routed_class(type(module))
@@ -159,7 +198,8 @@ def prepare_model(model: nn.Module, /) -> nn.Module:
     layers without changing the module tree per call (so it is reentrant and
     thread-safe); for that, each plain ``HQQLinear`` must read hqqlora's per-thread
     routing state. This gives each one, once, a subclass of its own class whose
-    ``forward`` runs the original one unchanged outside hqqlora's calls. Modules,
+    ``forward`` runs the original one unchanged outside hqqlora's calls; and each
+    other library's shim around one (PEFT's ``HqqLoraLinear``) likewise. Modules,
     parameters, buffers, state dict, hooks and ``isinstance`` are unchanged; a
     pickled or ``torch.save``-d layer comes back as its original class.
 
@@ -180,9 +220,20 @@ def prepare_model(model: nn.Module, /) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}.")
     for module in model.modules():
-        if isinstance(module, HQQLinear):
+        if isinstance(module, HQQLinear) or is_foreign_shim(module):
             prepare_layer(module)
     return model
+
+
+def is_foreign_shim(module: nn.Module) -> bool:
+    """Whether ``module`` is another library's layer around an ``HQQLinear`` (PEFT's)."""
+    from hqqlora._nn import HqqLoraLinear
+
+    if isinstance(module, (HQQLinear, HqqLoraLinear)):
+        return False
+    return isinstance(getattr(module, "base_layer", None), HQQLinear) and hasattr(
+        module, "get_base_layer"
+    )
 
 
 # ---- model(..., adapter_names=[...]) ------------------------------------------------
@@ -225,19 +276,23 @@ def _check_adapter_names(model: nn.Module, names: object) -> list[str]:
 
 
 def _pop_adapter_names(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    # Always push (and let the always-called post hook pop), also when the names
-    # turn out to be invalid: the stack stays balanced whatever raises.
-    _STATE.names_stack.append(_STATE.adapter_names)
+    # Push first (the always-called post hook pops), also when the names turn out to
+    # be invalid, so that the stack stays balanced whatever raises afterwards.
+    STATE.names_stack.append((module, STATE.adapter_names))
     if "adapter_names" not in kwargs:
         return None
     kwargs = dict(kwargs)
     names = kwargs.pop("adapter_names")
-    _STATE.adapter_names = None if names is None else _check_adapter_names(module, names)
+    STATE.adapter_names = None if names is None else _check_adapter_names(module, names)
     return args, kwargs
 
 
 def _restore_adapter_names(module: nn.Module, args: tuple, output: Any) -> None:
-    _STATE.adapter_names = _STATE.names_stack.pop()
+    # Pop only this module's own frame: if a hook that runs before ours raised, our
+    # pre-hook never pushed.
+    stack = STATE.names_stack
+    if stack and stack[-1][0] is module:
+        STATE.adapter_names = stack.pop()[1]
 
 
 def install_adapter_names(model: nn.Module) -> None:
@@ -252,5 +307,5 @@ def install_adapter_names(model: nn.Module) -> None:
     """
     if any(h is _pop_adapter_names for h in model._forward_pre_hooks.values()):
         return
-    model.register_forward_pre_hook(_pop_adapter_names, with_kwargs=True)
+    model.register_forward_pre_hook(_pop_adapter_names, with_kwargs=True, prepend=True)
     model.register_forward_hook(_restore_adapter_names, always_call=True)
