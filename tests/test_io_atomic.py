@@ -10,7 +10,6 @@ import fcntl
 import json
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -101,8 +100,12 @@ def fork(child):
 
 
 def traced_save(folder, kill_at):
-    """Saves NEW in a child that SIGKILLs itself at the `kill_at`-th traced line; returns its line count."""
-    traced = {hqqlora._io.__file__, hqqlora._atomic.__file__, shutil.__file__}
+    """Saves NEW in a child that SIGKILLs itself at its `kill_at`-th line of the swap protocol.
+
+    Every line run in hqqlora/_atomic.py counts (the validation before it touches
+    nothing); returns the count when the save completes.
+    """
+    traced = {hqqlora._atomic.__file__}
 
     def child(pipe):
         count = 0
@@ -135,9 +138,8 @@ def test_save_killed_at_every_step_leaves_old_or_new(tmp_path):
     folder = setup_folder(tmp_path)
     total = traced_save(setup_folder(tmp_path, "dry-run"), kill_at=-1)  # lines a save runs
     assert total > 50
-    steps = sorted(set(range(1, total + 1, max(1, total // 60))) | {total})
     seen = set()
-    for step in steps:
+    for step in range(1, total + 1):
         save(folder, OLD)
         assert traced_save(folder, kill_at=step) is None
         seen.add(which(folder))
@@ -165,7 +167,7 @@ def test_save_killed_at_random_times_leaves_old_or_new(tmp_path):
 
     rng = random.Random(0)
     outcomes, completed = [], 0
-    for _ in range(25):
+    for _ in range(20):
         pid, read = fork(child)
         time.sleep(rng.uniform(0, 3 * duration))
         os.kill(pid, signal.SIGKILL)

@@ -314,3 +314,25 @@ def test_saved_config_passes_load_checks_at_every_scaling(tmp_path):
         got = scalings(folder)
         for path, a in adapters.items():
             assert math.isclose(got[path], float(a["scaling"]), rel_tol=1e-6), path
+
+
+def test_pattern_keys_written_for_one_path_miss_its_suffixes(tmp_path):
+    """`fc2`'s own rank and alpha must not reach `block.fc2`, which ends in `.fc2`."""
+    adapters = {
+        "fc2": {**lora(2), "scaling": torch.tensor(3.0)},
+        "block.fc2": {**lora(4, seed=1), "scaling": torch.tensor(2.0)},
+        "x.block.fc2": {**lora(4, seed=2), "scaling": torch.tensor(2.0)},
+    }
+    folder = save_adapter(tmp_path, adapters, r=4, lora_alpha=8)
+    loaded, _ = load_adapter(folder)
+    for path, a in adapters.items():
+        assert all(torch.equal(loaded[path][k], v) for k, v in a.items()), path
+
+
+def test_load_refuses_other_prefixes(tmp_path):
+    folder = write_folder(tmp_path, PEFT_CONFIG, {"fc1": lora(4)})
+    tensors = {"base_model.fc1.lora_A.weight": torch.zeros(4, 32)}
+    tensors["base_model.fc1.lora_B.weight"] = torch.zeros(48, 4)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"unsupported \['base_model\.fc1\.lora_A\.weight'"):
+        load_adapter(folder)

@@ -77,6 +77,13 @@ def test_first_matching_key_wins(tmp_path):
     assert got == pytest.approx({"fc1": 16 / 4, "block.fc2": 12 / 2, "fc3": 12 / 4}, rel=1e-7)
 
 
+def test_peft_falls_back_to_the_path_itself(tmp_path):
+    """PEFT looks a path up as a key when no key matches it as a regex: "m(1)" matches "m1" only."""
+    config = {**PEFT_CONFIG, "r": 4, "lora_alpha": 8, "rank_pattern": {"m(1)": 2, "x": 3}}
+    adapters, _ = load_adapter(write_folder(tmp_path, config, {"m(1)": lora(2), "m1": lora(2)}))
+    assert {p: a["scaling"].item() for p, a in adapters.items()} == {"m(1)": 4.0, "m1": 4.0}
+
+
 def test_patterns_match_peft(tmp_path):
     peft = pytest.importorskip("peft")
     for rslora in (False, True):
