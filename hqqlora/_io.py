@@ -11,6 +11,12 @@ maps to PEFT's tensors as::
 (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rslora, with per-module
 ``rank_pattern`` / ``alpha_pattern`` overrides). Only safetensors are read or
 written, never pickle.
+
+Every config field is checked, on saving and on loading, with a ``ValueError``
+that names the field: a file that would load as something other than what PEFT
+builds from it is refused, never loaded. Pattern keys are matched in bounded time
+(:mod:`hqqlora._patterns`), and the pair of files is replaced in one atomic step
+(:mod:`hqqlora._atomic`).
 """
 
 from __future__ import annotations
@@ -19,17 +25,18 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from hqqlora._atomic import replace_folder
 from hqqlora._model import _check_targets, _matches, hqq_layers
 from hqqlora._params import check_params, lora_scaling
+from hqqlora._patterns import compile_pattern, pattern_value
 
 __all__ = ["load_adapter", "save_adapter"]
 
@@ -43,41 +50,104 @@ _KEYS = {  # PEFT's key suffix -> our leaf name
     ".lora_magnitude_vector": "magnitude",
     ".lora_magnitude_vector.weight": "magnitude",  # older PEFT versions
 }
+# The per-file temporary names of earlier hqqlora versions, never carried into a new save.
+_OLD_TEMPORARY = re.compile(rf"\.({re.escape(CONFIG_NAME)}|{re.escape(WEIGHTS_NAME)})\..*\.tmp")
+
+# Config fields that change what PEFT builds and that hqqlora cannot honour: each
+# must hold its PEFT default (a JSON null / false / "none" / empty list).
+_UNSUPPORTED = {
+    "fan_in_fan_out": False,
+    "lora_bias": False,
+    "use_qalora": False,
+    "ensure_weight_tying": False,
+    "bias": "none",
+    "modules_to_save": None,
+    "layer_replication": None,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+    "alora_invocation_tokens": None,
+    "megatron_config": None,
+    "velora_config": None,
+    "kasa_config": None,
+    "monteclora_config": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+}
+# init_lora_weights values whose init only draws the adapter (the file's tensors then
+# replace it). Others (pissa, olora, corda, loftq, lora_ga, ...) also rewrite the base
+# weight when PEFT builds the adapter, which hqqlora does not reproduce.
+_ADAPTER_ONLY_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# Fields that only steer which modules PEFT adapts (the file's tensors say which it did)
+# or that only PEFT's training-time initialization reads, and metadata: type-checked.
+_STR_OR_NONE = ("task_type", "peft_version", "base_model_name_or_path", "revision", "megatron_core")
+_DICT_OR_NONE = (
+    "auto_mapping",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "runtime_config",
+)
+_KNOWN = {
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "use_dora",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "init_lora_weights",
+    "inference_mode",
+    "qalora_group_size",
+    *_UNSUPPORTED,
+    *_STR_OR_NONE,
+    *_DICT_OR_NONE,
+}
 
 
-def _write_atomically(target: Path, write: Callable[[str], None]) -> None:
-    # A temporary file in the same folder, then os.replace: the target is either
-    # the old file or the complete new one, never half written.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a normal file's mode
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _pattern_key(path: str) -> str:
-    # PEFT matches pattern keys with re.match(rf"(.*\.)?({key})$", path); the
-    # anchor makes the key match this exact path and no longer one ending in it.
-    return "^" + re.escape(path)
+def _is_str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-def _pattern_value(pattern: Mapping[str, Any], path: str, default: Any) -> Any:
-    """PEFT's lookup: the first key of ``pattern`` matching ``path`` (or a ``.``-suffix)."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
+def _refuse(field: str, expected: str, got: object, where: str = "") -> ValueError:
+    return ValueError(f"Expected `{field}`{where} to be {expected}, got {got!r}.")
+
+
+def _check_rank(value: object, field: str, where: str = "") -> int:
+    if not _is_int(value) or value <= 0:
+        raise _refuse(field, "a positive int", value, where)
+    return value
+
+
+def _check_alpha(value: object, field: str, where: str = "") -> float:
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
+        raise _refuse(field, "a finite number > 0", value, where)
+    return value
+
+
+def _check_dropout(value: object, where: str = "") -> float:
+    if not _is_real(value) or not 0 <= value < 1:
+        raise _refuse("lora_dropout", "a number in [0, 1)", value, where)
+    return value
+
+
+def _check_bool(value: object, field: str, where: str = "") -> bool:
+    if not isinstance(value, bool):
+        raise _refuse(field, "a JSON boolean (true or false)", value, where)
+    return value
 
 
 def save_adapter(
@@ -93,46 +163,77 @@ def save_adapter(
     lora_dropout: float = 0.0,
     task_type: str | None = None,
 ) -> Path:
-    """Writes ``adapters`` to the folder ``path`` in PEFT's format.
+    """Writes ``adapters`` to the folder ``path`` in PEFT's format, atomically.
 
     The result loads with ``peft.PeftModel.from_pretrained(model, path)`` and with
     :func:`load_adapter`. ``r`` and ``lora_alpha`` are the config's defaults; a
     module whose rank differs from ``r``, or whose ``scaling`` differs from
     ``lora_scaling(rank, lora_alpha, use_rslora)``, gets an exact entry in
-    ``rank_pattern`` / ``alpha_pattern`` (alpha recovered as ``scaling·rank``, or
-    ``scaling·√rank`` with rslora), so PEFT rebuilds every adapter as it is.
+    ``rank_pattern`` / ``alpha_pattern`` (key ``"^" + re.escape(path)``, alpha
+    recovered as ``scaling·rank``, or ``scaling·√rank`` with rslora), so PEFT
+    rebuilds every adapter as it is.
 
-    Each file is written to a temporary file in the same folder and renamed
-    (``os.replace``), the config last: an interrupted save never leaves a
-    half-written file.
+    The pair of files is replaced as one: they are written and ``fsync``-ed in a
+    fresh hidden sibling folder ``.<name>.hqqlora-<hex>``, which is then swapped
+    with ``path`` by ``renameat2(RENAME_EXCHANGE)`` (see :mod:`hqqlora._atomic`). A
+    save interrupted at any point, even by ``SIGKILL``, leaves the old adapter or
+    the new one, whole; a hidden sibling it may leave is removed by the next save.
+    Other files in the folder are carried over (as hard links). This needs write
+    access to the parent folder; ``path`` may not be the working directory.
 
     Args:
         path: the folder (created if missing).
-        adapters: module path → adapter dict.
-        r: default rank in the config.
-        lora_alpha: default alpha in the config.
+        adapters: module path → adapter dict, each of rank >= 1 with a finite
+            ``scaling`` > 0 (PEFT stores it as an alpha).
+        r: default rank in the config, a positive int.
+        lora_alpha: default alpha in the config, a finite number > 0.
         target_modules: PEFT's ``target_modules``; by default the adapters' paths.
             Every adapter path must match it.
         use_rslora: scaling is ``lora_alpha / sqrt(r)``.
         use_dora: the adapters are DoRA adapters (all of them have ``magnitude``).
-        base_model_name_or_path, lora_dropout, task_type: written to the config.
+        base_model_name_or_path, task_type: strings (or ``None``) for the config.
+        lora_dropout: a number in [0, 1), written to the config.
 
     Returns:
         The folder's ``Path``.
 
     Raises:
-        ValueError: empty adapters, adapters without ``magnitude`` when
-            ``use_dora`` (or with it when not), or paths ``target_modules`` misses.
+        ValueError: empty adapters, a config value out of range, an adapter of
+            rank 0 or with a scaling PEFT cannot store, adapters without
+            ``magnitude`` when ``use_dora`` (or with it when not), or paths
+            ``target_modules`` misses. Nothing is written then.
         TypeError: ``adapters`` is not a dict of adapter dicts.
     """
     if not isinstance(adapters, Mapping) or not adapters:
         raise (TypeError if not isinstance(adapters, Mapping) else ValueError)(
             f"Expected `adapters` to be a non-empty dict of module path -> adapter dict, got {adapters!r}."
         )
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"Expected `r` to be a positive int, got {r!r}.")
+    _check_rank(r, "r")
+    _check_alpha(lora_alpha, "lora_alpha")
+    _check_dropout(lora_dropout)
+    _check_bool(use_rslora, "use_rslora")
+    _check_bool(use_dora, "use_dora")
+    for field, value in (
+        ("base_model_name_or_path", base_model_name_or_path),
+        ("task_type", task_type),
+    ):
+        if value is not None and not isinstance(value, str):
+            raise _refuse(field, "a str or None", value)
     for name, params in adapters.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Expected module paths to be non-empty strings, got {name!r}.")
         check_params(params, name=f"adapters[{name!r}]")
+        if params["lora_A"].shape[0] == 0:
+            raise ValueError(
+                f"Expected `adapters[{name!r}]['lora_A']` of rank >= 1, got shape "
+                f"{tuple(params['lora_A'].shape)} (PEFT cannot load rank 0)."
+            )
+        scaling = float(params["scaling"])
+        if not math.isfinite(scaling) or scaling <= 0:
+            raise ValueError(
+                f"Expected `adapters[{name!r}]['scaling']` finite and > 0 (PEFT stores it as "
+                f"lora_alpha), got {scaling}; fold a sign or zero into lora_B instead."
+            )
     dora = sorted(p for p, a in adapters.items() if "magnitude" in a)
     if use_dora and len(dora) != len(adapters):
         missing = sorted(set(adapters) - set(dora))
@@ -156,7 +257,7 @@ def save_adapter(
         if rank != r:
             rank_pattern[_pattern_key(name)] = rank
         if not math.isclose(alpha, lora_alpha, rel_tol=1e-6, abs_tol=1e-9):
-            alpha_pattern[_pattern_key(name)] = alpha
+            alpha_pattern[_pattern_key(name)] = _check_alpha(alpha, f"alpha of {name!r}")
         for suffix, leaf in (
             (".lora_A.weight", "lora_A"),
             (".lora_B.weight", "lora_B"),
@@ -186,41 +287,131 @@ def save_adapter(
         "modules_to_save": None,
         "inference_mode": True,
     }
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_atomically(
-        folder / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"})
+
+    def write(folder: Path) -> None:
+        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(folder / CONFIG_NAME, "w") as handle:
+            json.dump(config, handle, indent=2, sort_keys=True, allow_nan=False)
+
+    replace_folder(Path(path), write, carry=lambda name: not _OLD_TEMPORARY.fullmatch(name))
+    return Path(path)
+
+
+def _pattern_key(path: str) -> str:
+    # PEFT matches pattern keys with re.match(rf"(.*\.)?({key})$", path); the
+    # anchor makes the key match this exact path and no longer one ending in it.
+    return "^" + re.escape(path)
+
+
+class _Settings(NamedTuple):
+    """What a checked config says about building each adapter."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    use_dora: bool
+    rank_pattern: dict[str, tuple[Callable[[str], bool], int]]
+    alpha_pattern: dict[str, tuple[Callable[[str], bool], float]]
+
+
+def _check_config(config: object, where: str) -> _Settings:
+    """Checks every field of a PEFT LoRA config; ``where`` names the file in messages."""
+    where = f" in {where}"
+    if not isinstance(config, dict):
+        raise ValueError(f"Expected a JSON object{where}, got {type(config).__name__}.")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(
+            f"Expected a LoRA adapter config (peft_type 'LORA'){where}, got {config.get('peft_type')!r}."
+        )
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            raise ValueError(f"Expected `{key}`{where}, got keys {sorted(config)}.")
+    r = _check_rank(config["r"], "r", where)
+    lora_alpha = _check_alpha(config["lora_alpha"], "lora_alpha", where)
+    _check_dropout(config.get("lora_dropout", 0.0), where)
+    flags = {
+        f: _check_bool(config.get(f, False), f, where)
+        for f in ("use_rslora", "use_dora", "inference_mode")
+    }
+    for field, default in _UNSUPPORTED.items():
+        value = config.get(field, default)
+        if field in ("fan_in_fan_out", "lora_bias", "use_qalora", "ensure_weight_tying"):
+            _check_bool(value, field, where)
+        if value != default and not (default is None and value == []):
+            raise ValueError(
+                f"Expected `{field}`{where} to be {json.dumps(default)} (hqqlora cannot honour it), "
+                f"got {value!r}."
+            )
+    init = config.get("init_lora_weights", True)
+    if not any(init is v if isinstance(v, bool) else init == v for v in _ADAPTER_ONLY_INITS):
+        raise _refuse(
+            "init_lora_weights",
+            "true, false, 'gaussian', 'eva' or 'orthogonal' (inits that rewrite the base "
+            "weight cannot be reproduced)",
+            init,
+            where,
+        )
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not _is_str_list(targets):
+        raise _refuse("target_modules", "a str, a list of str or null", targets, where)
+    for field in ("exclude_modules", "layers_pattern"):
+        value = config.get(field)
+        if value is not None and not isinstance(value, str) and not _is_str_list(value):
+            raise _refuse(field, "a str, a list of str or null", value, where)
+    layers = config.get("layers_to_transform")
+    if not (
+        layers is None
+        or _is_int(layers)
+        or (isinstance(layers, list) and all(map(_is_int, layers)))
+    ):
+        raise _refuse("layers_to_transform", "an int, a list of int or null", layers, where)
+    if not _is_int(config.get("qalora_group_size", 16)):
+        raise _refuse("qalora_group_size", "an int", config["qalora_group_size"], where)
+    for field in _STR_OR_NONE:
+        if not isinstance(config.get(field), (str, type(None))):
+            raise _refuse(field, "a str or null", config[field], where)
+    for field in _DICT_OR_NONE:
+        if not isinstance(config.get(field), (dict, type(None))):
+            raise _refuse(field, "an object or null", config[field], where)
+    for field in sorted(set(config) - _KNOWN):
+        # A field of a newer PEFT: a switch turned on (true, a non-empty object or
+        # list) may change what PEFT builds; a number or string alone does not.
+        value = config[field]
+        if value is True or (isinstance(value, (dict, list)) and value):
+            raise ValueError(
+                f"Expected the unknown field `{field}`{where} to be off (null, false or empty), "
+                f"got {value!r}; hqqlora does not know what it changes."
+            )
+    return _Settings(
+        r=r,
+        lora_alpha=lora_alpha,
+        use_rslora=flags["use_rslora"],
+        use_dora=flags["use_dora"],
+        rank_pattern=_check_pattern(config, "rank_pattern", _check_rank, where),
+        alpha_pattern=_check_pattern(config, "alpha_pattern", _check_alpha, where),
     )
 
-    def write_config(f: str) -> None:
-        with open(f, "w") as handle:
-            json.dump(config, handle, indent=2, sort_keys=True)
 
-    _write_atomically(folder / CONFIG_NAME, write_config)
-    return folder
+def _check_pattern(
+    config: Mapping[str, Any], field: str, check: Callable[..., Any], where: str
+) -> dict[str, tuple[Callable[[str], bool], Any]]:
+    pattern = config.get(field) or {}
+    if not isinstance(pattern, dict):
+        raise _refuse(field, "an object of pattern -> value", pattern, where)
+    return {
+        key: (compile_pattern(key, field=field), check(value, f"{field}[{key!r}]", where))
+        for key, value in pattern.items()
+    }
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
+def _read_config(folder: Path) -> tuple[dict[str, Any], _Settings]:
     try:
         config = json.loads((folder / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(
             f"Expected valid JSON in {folder / CONFIG_NAME}, got an error: {e}."
         ) from e
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        got = config.get("peft_type") if isinstance(config, dict) else config
-        raise ValueError(f"Expected a LoRA adapter config (peft_type 'LORA'), got {got!r}.")
-    for key in ("r", "lora_alpha"):
-        if key not in config:
-            raise ValueError(
-                f"Expected `{key}` in {folder / CONFIG_NAME}, got keys {sorted(config)}."
-            )
-    for key in ("fan_in_fan_out", "lora_bias"):
-        if config.get(key):
-            raise ValueError(
-                f"Expected `{key}` false in {folder / CONFIG_NAME}, got true (unsupported)."
-            )
-    return config
+    return config, _check_config(config, str(folder / CONFIG_NAME))
 
 
 def _group_tensors(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
@@ -228,10 +419,13 @@ def _group_tensors(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]
     unknown = []
     for key, value in tensors.items():
         suffix = next((s for s in _KEYS if key.endswith(s)), None)
-        if suffix is None or not key.startswith(PREFIX):
+        if suffix is None or not key.startswith(PREFIX) or len(key) == len(PREFIX) + len(suffix):
             unknown.append(key)
             continue
-        grouped.setdefault(key[len(PREFIX) : -len(suffix)], {})[_KEYS[suffix]] = value
+        leaves = grouped.setdefault(key[len(PREFIX) : -len(suffix)], {})
+        if _KEYS[suffix] in leaves:
+            raise ValueError(f"Expected one tensor per leaf, got two for {key!r}.")
+        leaves[_KEYS[suffix]] = value
     if unknown:
         raise ValueError(
             f"Expected only `{PREFIX}<path>.lora_A.weight`, `.lora_B.weight` and "
@@ -259,10 +453,19 @@ def load_adapter(
 ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
     """Reads a PEFT-format LoRA/DoRA adapter folder (PEFT's ``save_pretrained`` output too).
 
-    Reads ``adapter_model.safetensors`` only: a folder holding a pickled
-    ``adapter_model.bin`` is refused, never unpickled. Each adapter's ``scaling`` is
-    rebuilt as PEFT does, ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``),
-    with ``rank_pattern`` / ``alpha_pattern`` overrides.
+    Reads ``adapter_model.safetensors`` only: a pickled ``adapter_model.bin`` /
+    ``.pt`` / ``.pth`` is never opened (ignored beside a safetensors file, refused
+    alone). Each adapter's ``scaling`` is rebuilt as PEFT does, ``alpha / r``
+    (``alpha / sqrt(r)`` with ``use_rslora``), with ``r`` and ``alpha`` from the
+    first ``rank_pattern`` / ``alpha_pattern`` key matching the module path
+    (PEFT's ``re.match(rf"(.*\\.)?({key})$", path)``, in bounded time).
+
+    Every config field is checked first: ``r`` a positive int, ``lora_alpha`` a
+    finite number > 0, ``use_rslora``/``use_dora`` JSON booleans, pattern values
+    like them, ``lora_dropout`` in [0, 1), ``target_modules`` a str, a list of str
+    or null; fields that would change what PEFT builds and that hqqlora cannot
+    honour (``modules_to_save``, ``layer_replication``, ``fan_in_fan_out``,
+    ``bias``, ``init_lora_weights="pissa"``, ...) must hold PEFT's default.
 
     Args:
         path: the adapter folder.
@@ -270,12 +473,14 @@ def load_adapter(
 
     Returns:
         ``(adapters, config)``: module path → adapter dict (``scaling`` float32),
-        and the config as a dict.
+        and the config as read.
 
     Raises:
         FileNotFoundError: the folder, its config or its safetensors file is missing.
-        ValueError: only a pickle file, an unsupported config or tensor, ranks that
-            disagree with the config, or shapes that do not fit ``model``.
+        ValueError: only a pickle file, a config field of the wrong type or out of
+            range (the message names it), a pattern key that cannot be matched in
+            bounded time, an unsupported tensor, ranks that disagree with the
+            config, or shapes that do not fit ``model``.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -294,31 +499,36 @@ def load_adapter(
         raise FileNotFoundError(f"Expected {WEIGHTS_NAME} in {str(folder)!r}, got no such file.")
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"Expected {CONFIG_NAME} in {str(folder)!r}, got no such file.")
-    config = _read_config(folder)
-    grouped = _group_tensors(load_file(str(weights)))
+    config, settings = _read_config(folder)
+    try:
+        tensors = load_file(str(weights))
+    except OSError:
+        raise
+    except Exception as e:  # safetensors' own error type for a malformed file
+        raise ValueError(f"Expected a valid safetensors file at {weights}, got: {e}.") from e
+    grouped = _group_tensors(tensors)
     if not grouped:
         raise ValueError(f"Expected adapter tensors in {weights}, got none.")
-    use_rslora = bool(config.get("use_rslora", False))
-    use_dora = bool(config.get("use_dora", False))
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
     adapters = {}
     for name, leaves in sorted(grouped.items()):
-        expected = {"lora_A", "lora_B"} | ({"magnitude"} if use_dora else set())
+        expected = {"lora_A", "lora_B"} | ({"magnitude"} if settings.use_dora else set())
         if set(leaves) != expected:
             raise ValueError(
-                f"Expected tensors {sorted(expected)} for {name!r} (use_dora={use_dora}), got {sorted(leaves)}."
+                f"Expected tensors {sorted(expected)} for {name!r} (use_dora={settings.use_dora}), "
+                f"got {sorted(leaves)}."
             )
-        rank = _pattern_value(rank_pattern, name, config["r"])
-        if leaves["lora_A"].shape[0] != rank:
+        rank = pattern_value(settings.rank_pattern, name, settings.r)
+        if leaves["lora_A"].ndim != 2 or leaves["lora_A"].shape[0] != rank:
             raise ValueError(
                 f"Expected rank {rank} for {name!r} from the config, got lora_A of shape "
                 f"{tuple(leaves['lora_A'].shape)}."
             )
-        alpha = _pattern_value(alpha_pattern, name, config["lora_alpha"])
+        alpha = pattern_value(settings.alpha_pattern, name, settings.lora_alpha)
         params = {
             **leaves,
-            "scaling": torch.tensor(lora_scaling(rank, alpha, use_rslora), dtype=torch.float32),
+            "scaling": torch.tensor(
+                lora_scaling(rank, alpha, settings.use_rslora), dtype=torch.float32
+            ),
         }
         adapters[name] = dict(check_params(params, name=f"adapter {name!r}"))
     if model is not None:

@@ -1,9 +1,15 @@
-"""PEFT-format adapter files: both ways with PEFT, round trips, bad input, atomic writes."""
+"""PEFT-format adapter files: both ways with PEFT, round trips, bad input, pickle refusal.
+
+Only the tests that take the `peft` fixture need PEFT; the others run without it.
+More in test_io_atomic.py (killed saves), test_io_config.py (config fields) and
+test_io_patterns.py (rank_pattern / alpha_pattern).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 import pickle
 
 import pytest
@@ -14,10 +20,13 @@ from hqqlora import functional_call, load_adapter, save_adapter
 from tests.helpers import assert_close_rel
 from tests.test_model import PATHS, make_adapters, make_model
 
-peft = pytest.importorskip("peft")
+
+@pytest.fixture
+def peft():
+    return pytest.importorskip("peft")
 
 
-def peft_model(config, seed=0):
+def peft_model(peft, config, seed=0):
     model = peft.get_peft_model(make_model(seed=seed), config)
     assert type(model.base_model.model.fc1).__name__ == "HqqLoraLinear"
     return model.eval()
@@ -26,7 +35,7 @@ def peft_model(config, seed=0):
 @pytest.mark.parametrize(
     ("dora", "rslora"), [(False, False), (True, False), (False, True), (True, True)]
 )
-def test_peft_save_pretrained_then_load_adapter(tmp_path, dora, rslora):
+def test_peft_save_pretrained_then_load_adapter(tmp_path, peft, dora, rslora):
     config = peft.LoraConfig(
         r=4,
         lora_alpha=6,
@@ -35,7 +44,7 @@ def test_peft_save_pretrained_then_load_adapter(tmp_path, dora, rslora):
         use_rslora=rslora,
         init_lora_weights=False,
     )
-    model = peft_model(config)
+    model = peft_model(peft, config)
     if dora:  # move the magnitudes off their initial norms, so DoRA matters
         with torch.no_grad():
             for m in model.modules():
@@ -57,7 +66,7 @@ def test_peft_save_pretrained_then_load_adapter(tmp_path, dora, rslora):
 
 
 @pytest.mark.parametrize(("dora", "rslora"), [(False, False), (True, True)])
-def test_save_adapter_then_peft_from_pretrained(tmp_path, dora, rslora):
+def test_save_adapter_then_peft_from_pretrained(tmp_path, peft, dora, rslora):
     model = make_model()
     adapters = make_adapters(model, dora=dora)
     # Different ranks and scalings per module go through rank_pattern / alpha_pattern.
@@ -78,12 +87,12 @@ def test_save_adapter_then_peft_from_pretrained(tmp_path, dora, rslora):
     assert_close_rel(got, functional_call(model, adapters, (x,)), torch.float32, factor=10)
 
 
-def test_save_adapter_keys_match_peft(tmp_path):
+def test_save_adapter_keys_match_peft(tmp_path, peft):
     model = make_model()
     adapters = make_adapters(model, dora=True)
     save_adapter(tmp_path / "ours", adapters, r=4, lora_alpha=8, use_dora=True)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2", "fc3"], use_dora=True)
-    peft_model(config).save_pretrained(tmp_path / "peft")
+    peft_model(peft, config).save_pretrained(tmp_path / "peft")
     ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
@@ -126,22 +135,62 @@ def test_load_missing_files(tmp_path):
         load_adapter(tmp_path)
 
 
-def test_load_refuses_pickle(tmp_path, monkeypatch):
-    torch.save(
-        {"base_model.model.fc1.lora_A.weight": torch.zeros(4, 32)}, tmp_path / "adapter_model.bin"
-    )
-    (tmp_path / "adapter_config.json").write_text(
+class Payload:
+    """Unpickling this creates `marker`: what a hostile adapter_model.bin would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def plant(path, marker, how):
+    if how == "pickle":
+        path.write_bytes(pickle.dumps({"base_model.model.fc1.lora_A.weight": Payload(marker)}))
+    else:  # torch.save's zip format, what PEFT's .bin files are
+        torch.save({"base_model.model.fc1.lora_A.weight": Payload(marker)}, path)
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_payload_really_runs_when_unpickled(tmp_path, how):
+    """The planted files below are live: unpickling one creates its marker."""
+    plant(tmp_path / "payload", tmp_path / "marker", how)
+    if how == "pickle":
+        pickle.loads((tmp_path / "payload").read_bytes())
+    else:
+        torch.load(tmp_path / "payload", weights_only=False)
+    assert (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+@pytest.mark.parametrize("name", ["adapter_model.bin", "adapter_model.pt", "adapter_model.pth"])
+def test_load_never_unpickles(tmp_path, name, how):
+    marker = tmp_path / "marker"
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    plant(alone / name, marker, how)
+    (alone / "adapter_config.json").write_text(
         json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8})
     )
-
-    def no_unpickling(*args, **kwargs):
-        raise AssertionError("unpickled")
-
-    monkeypatch.setattr(torch, "load", no_unpickling)
-    monkeypatch.setattr(pickle, "load", no_unpickling)
-    monkeypatch.setattr(pickle, "loads", no_unpickling)
     with pytest.raises(ValueError, match="refuses to unpickle"):
-        load_adapter(tmp_path)
+        load_adapter(alone)
+    assert not marker.exists()
+
+    beside = tmp_path / "beside"  # a safetensors file beside it: the pickle is ignored
+    adapters = make_adapters(make_model())
+    save_adapter(beside, adapters, r=4, lora_alpha=8)
+    plant(beside / name, marker, how)
+    loaded, _ = load_adapter(beside)
+    assert all(torch.equal(loaded[p]["lora_A"], a["lora_A"]) for p, a in adapters.items())
+    assert not marker.exists()
+
+    disguised = tmp_path / "disguised"  # a pickle under the safetensors name
+    save_adapter(disguised, adapters, r=4, lora_alpha=8)
+    plant(disguised / "adapter_model.safetensors", marker, how)
+    with pytest.raises(ValueError, match="valid safetensors"):
+        load_adapter(disguised)
+    assert not marker.exists()
 
 
 def test_load_shape_mismatch(tmp_path):
