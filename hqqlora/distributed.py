@@ -137,9 +137,10 @@ def all_reduce_mean(
     concatenated in tree order, and cut into buckets of at most ``bucket_bytes``
     (a leaf larger than that travels alone). All buckets are issued before the
     first is waited on, so they overlap. On NCCL the reduction is
-    ``ReduceOp.AVG``; on backends without it (gloo) it is ``ReduceOp.SUM``
-    followed by a division by N. The sum runs in the leaves' own dtype: cast a
-    bf16 tree to float32 first for an fp32 reduction.
+    ``ReduceOp.AVG``; on every other backend (gloo) it is ``ReduceOp.SUM``
+    followed by a division by N, which every torch version supports. The sum
+    runs in the leaves' own dtype: cast a bf16 tree to float32 first for an
+    fp32 reduction.
 
     Pure: the input tensors are read, never written; the result is a new tree of
     the same structure whose leaves are new tensors, detached from any autograd
@@ -205,6 +206,9 @@ def all_reduce_mean(
     for bucket in _buckets(leaves, bucket_bytes):
         # torch.cat copies: the input leaves are never written.
         flat = torch.cat([leaves[i].detach().reshape(-1) for i in bucket])
+        # NCCL averages natively. Elsewhere SUM, then divide: gloo gained AVG only in 2025
+        # (pytorch#149781; torch>=2.4 is supported here), and its reduce_scatter AVG was
+        # found summing silently (pytorch#162338).
         average = _backend_of(group, flat.device) == "nccl"
         op = dist.ReduceOp.AVG if average else dist.ReduceOp.SUM
         work = dist.all_reduce(flat, op=op, group=group, async_op=True)
