@@ -469,6 +469,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     device = init_distributed(args.device)
     args.device = str(device)  # this rank's device, for the helpers that read args
+    distributed = dist.is_available() and dist.is_initialized()
     rank, world = rank_and_world()
     log = print if rank == 0 else lambda *_, **__: None
     started = time.perf_counter()
@@ -579,11 +580,11 @@ def main(argv=None):
         plot = save_loss_plot(
             losses, args.out / "loss.png", f"all-MiniLM-L6-v2, HQQ {args.nbits}-bit + {kind}"
         )
-        ranks = f" × {world} ranks" if dist.is_initialized() else ""
+        ranks = f" × {world} ranks" if distributed else ""
         log(
             f"\nadapter: {adapter_dir}/  loss curve: {plot}  ({time.perf_counter() - started:.0f} s on {device}{ranks}, torch {torch.__version__}, {torch.get_num_threads()} threads)"
         )
-    if dist.is_initialized():
+    if distributed:
         dist.barrier()  # the others wait until rank 0 has written
         dist.destroy_process_group()
     return rows
