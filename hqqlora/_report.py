@@ -17,8 +17,8 @@ __all__ = ["merge_report"]
 def merge_report(
     base: HQQLinear,
     params: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
-    merged: HQQLinear | None = None,
     /,
+    merged: HQQLinear | None = None,
     *,
     method: str = "requantize",
 ) -> dict[str, float | int]:
