@@ -99,9 +99,11 @@ def loftq(
         raise ValueError(
             f"Expected `r` an int in [1, {min(out_features, in_features)}], got {r!r}."
         )
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, Real):
-        raise ValueError(f"Expected `lora_alpha` a finite number > 0, got {lora_alpha!r}.")
-    if not (math.isfinite(lora_alpha) and lora_alpha > 0):
+    if (
+        isinstance(lora_alpha, bool)
+        or not isinstance(lora_alpha, Real)
+        or not (math.isfinite(lora_alpha) and lora_alpha > 0)
+    ):
         raise ValueError(f"Expected `lora_alpha` a finite number > 0, got {lora_alpha!r}.")
     if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
         raise ValueError(f"Expected `num_iters` a positive int, got {num_iters!r}.")
@@ -113,7 +115,7 @@ def loftq(
             f"got {type(quant_config).__name__}."
         )
     for name, value in (("compute_dtype", compute_dtype), ("dtype", dtype)):
-        if value is not None and (
+        if (value is not None or name == "compute_dtype") and (
             not isinstance(value, torch.dtype) or not value.is_floating_point
         ):
             raise TypeError(f"Expected `{name}` a floating-point torch.dtype, got {value!r}.")

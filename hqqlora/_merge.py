@@ -165,17 +165,15 @@ def unmerged_weight(
     return unmerge_dense(dequantize(merged), adapters, norms)
 
 
-def _require_finite_layer(layer: HQQLinear, dense: Tensor | None = None) -> None:
-    """``safe_merge``: raises unless the merged weight (dense, and as the layer holds it) is finite.
+def _require_finite_layer(layer: HQQLinear) -> None:
+    """``safe_merge``: raises unless the weight the merged layer holds is finite.
 
-    One host sync for both checks.
+    A non-finite dense weight makes its whole quantization group non-finite, so this
+    one check on ``dequantize(layer)`` (one host sync) also covers the dense merge.
     """
     weight = dequantize(layer)
-    flags = [torch.isfinite(weight).all()]
-    if dense is not None:
-        flags.append(torch.isfinite(dense).all().to(weight.device))
-    if not all(torch.stack(flags).tolist()):
-        bad = max(int((~torch.isfinite(w)).sum()) for w in (weight, dense) if w is not None)
+    if not torch.isfinite(weight).all():
+        bad = int((~torch.isfinite(weight)).sum())
         raise ValueError(
             f"Expected finite merged weights, got {bad} NaN/inf entries: the update overflows "
             f"the layer's {layer.compute_dtype}. Nothing was merged."
@@ -412,7 +410,7 @@ def _merge(base: HQQLinear, adapters, *, safe_merge: bool, method: str, warn: bo
         _, scale, zero = quant_tensors(base)
         merged = _rebuild(base, W_q=_pack(codes, base), scale=scale, zero=zero)
     if safe_merge:
-        _require_finite_layer(merged, weight)
+        _require_finite_layer(merged)
     if warn:
         _warn_if_lost(base, W, weight, merged)
     return merged

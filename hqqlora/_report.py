@@ -43,7 +43,8 @@ def merge_report(
     Args:
         base: the quantized layer before the merge, weight ``(out, in)``.
         params: the adapter dict, or a sequence of them, that was merged.
-        merged: the merged layer; ``None`` merges with ``method`` here.
+        merged: the merged layer (by position or by name); ``None`` merges with
+            ``method`` here (a non-finite update then raises, as in :func:`merge`).
         method: the merge method when ``merged`` is ``None``.
 
     Returns:

@@ -74,3 +74,11 @@ def test_quantize_like_is_plain_data_and_leaves_its_inputs_alone():
     assert torch.equal(weight.detach(), before)
     expected = hqqlora.quantize_like((weight * 2).detach(), layer, layer.bias)
     assert torch.equal(new.W_q, expected.W_q) and torch.equal(new.bias, bias.detach())
+
+
+def test_quantize_like_casts_the_bias_to_the_compute_dtype():
+    layer = make_layer(dtype=torch.bfloat16)
+    bias = torch.randn(48, dtype=torch.float64)
+    new = hqqlora.quantize_like(hqqlora.dequantize(layer), layer, bias)
+    assert new.bias.dtype == torch.bfloat16
+    assert torch.equal(new.bias, bias.to(torch.bfloat16))

@@ -158,6 +158,7 @@ def test_loftq_rejects_bad_input(kwargs, match):
         ({"weight": torch.zeros(4, 4, dtype=torch.int64)}, r"Expected `weight` to be a floating"),
         ({"quant_config": [("nbits", 4)]}, r"Expected `quant_config` to be a dict"),
         ({"compute_dtype": torch.int8}, r"Expected `compute_dtype` a floating-point torch.dtype"),
+        ({"compute_dtype": None}, r"Expected `compute_dtype` a floating-point torch.dtype"),
         ({"dtype": "float32"}, r"Expected `dtype` a floating-point torch.dtype"),
     ],
 )
@@ -171,3 +172,26 @@ def test_loftq_rejects_wrong_types(kwargs, match):
     weight = args.pop("weight")
     with pytest.raises(TypeError, match=match):
         loftq(weight, r=1, **args)
+
+
+def test_loftq_honours_its_dtypes():
+    weight = gaussian_weight(32, 64, 2)
+    config = BaseQuantizeConfig(nbits=4, group_size=16)
+    bias = torch.randn(32)
+    layer, params = loftq(
+        weight,
+        config,
+        r=4,
+        lora_alpha=8,
+        compute_dtype=torch.bfloat16,
+        dtype=torch.float16,
+        bias=bias,
+        num_iters=1,
+    )
+    assert layer.compute_dtype == quant_layout(layer).compute_dtype == torch.bfloat16
+    assert dequantize(layer).dtype == torch.bfloat16
+    assert layer.bias.dtype == torch.bfloat16 and torch.equal(layer.bias, bias.bfloat16())
+    assert params["lora_A"].dtype == params["lora_B"].dtype == torch.float16
+    fit = dequantize(layer).double() + delta_weight(params).double()
+    error = float(torch.linalg.norm(weight.double() - fit))
+    assert error < plain_error(weight, config, torch.bfloat16)

@@ -163,6 +163,19 @@ def test_unmerge_is_last_in_first_out_with_one_requantization():
     assert torch.equal(un.bias, layer.bias)
 
 
+def test_unmerged_weight_undoes_the_sequence_last_in_first_out():
+    layer = make_layer()
+    merged = make_layer(seed=5)  # any layer: unmerged_weight is dense arithmetic on it
+    p1, p2 = random_adapter(layer, seed=1, dora=True), random_adapter(layer, seed=2, dora=True)
+    n1, n2 = torch.rand(48) + 1, torch.rand(48) + 1
+    M = merged.dequantize().double()
+    d1, d2 = hqqlora.delta_weight(p1).double(), hqqlora.delta_weight(p2).double()
+    c1, c2 = p1["magnitude"].double() / n1.double(), p2["magnitude"].double() / n2.double()
+    expected = (M / c2[:, None] - d2) / c1[:, None] - d1
+    got = hqqlora.unmerged_weight(merged, [p1, p2], weight_norm=[n1, n2])
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_unmerge_of_dora_needs_the_weight_norm():
     layer = make_layer()
     p = random_adapter(layer, dora=True)
@@ -245,13 +258,13 @@ def test_safe_merge_rejects_a_finite_update_that_overflows():
     p["lora_B"] = torch.zeros_like(p["lora_B"])
     p["lora_B"][0, 0] = 1e5 / float(p["lora_A"][0, 0] * p["scaling"])
     before = snapshot(layer)
-    with pytest.raises(ValueError, match=r"Expected finite merged weights, got \d+ NaN/inf"):
+    # The update is finite: without safe_merge there is nothing to refuse.
+    merged = hqqlora.merge(layer, p, warn=False)
+    bad = int((~torch.isfinite(merged.dequantize())).sum())
+    assert bad > 0
+    with pytest.raises(ValueError, match=rf"Expected finite merged weights, got {bad} NaN/inf"):
         hqqlora.merge(layer, p, safe_merge=True, warn=False)
     assert_unchanged(layer, before)
-    merged = hqqlora.merge(
-        layer, p, warn=False
-    )  # the update is finite: no check without safe_merge
-    assert not torch.isfinite(merged.dequantize()).all()
 
 
 def test_safe_merge_rejects_zero_points_that_overflow():

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from helpers import make_layer, random_adapter
-from hqq.core.quantize import Quantizer
+from hqq.core.quantize import BaseQuantizeConfig, HQQLinear, Quantizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_merge import assert_unchanged, snapshot
@@ -295,6 +295,47 @@ def test_merge_warns_below_half_captured_and_not_above():
         warnings.simplefilter("error")
         merged = merge(base, high, method="same_grid")
     assert 0.6 < measured_captured(base, merged, high) < 0.8
+
+
+def test_report_step_ratio_and_numel():
+    base = make_layer(64, 32, nbits=3)
+    p = random_adapter(base, scaling=1.5)
+    report = merge_report(base, p)
+    delta = (p["lora_B"].double() @ p["lora_A"].double()) * 1.5
+    step = base.meta["scale"].double().abs().median()
+    assert report["step_ratio"] == pytest.approx(float(delta.abs().max() / step), rel=1e-6)
+    assert report["numel"] == 64 * 32
+
+
+def view_as_float_pair(nbits, dtype):
+    """The same weight quantized by HQQ with W_q stored viewed as ``dtype``, and without."""
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(32, 64, generator=gen) / 8, torch.randn(32, generator=gen)
+    layers = []
+    for view_as_float in (True, False):
+        linear = torch.nn.Linear(64, 32)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            linear.bias.copy_(bias)
+        config = BaseQuantizeConfig(nbits=nbits, group_size=16, view_as_float=view_as_float)
+        layers.append(HQQLinear(linear, config, compute_dtype=dtype, device="cpu"))
+    return tuple(layers)
+
+
+@pytest.mark.parametrize("method", ["requantize", "same_grid", "zero_point"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nbits", [1, 3, 4])
+def test_merges_keep_w_q_viewed_as_float(nbits, dtype, method):
+    viewed, plain = view_as_float_pair(nbits, dtype)
+    assert viewed.W_q.dtype == dtype
+    p = group_constant_adapter(plain, scale=3.0)
+    merged = merge(viewed, p, method=method, warn=False)
+    expected = merge(plain, p, method=method, warn=False)
+    assert merged.W_q.dtype == dtype and merged.meta["view_as_float"]
+    assert torch.equal(merged.dequantize(), expected.dequantize())
+    back = unmerge(merged, p, method=method)
+    assert back.W_q.dtype == dtype
+    assert torch.equal(back.dequantize(), unmerge(expected, p, method=method).dequantize())
 
 
 # ---- group-constant adapters ------------------------------------------------------
