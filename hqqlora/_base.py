@@ -315,12 +315,13 @@ def quantize_like(weight: Tensor, base: HQQLinear, bias: Tensor | None) -> HQQLi
 
     The new layer has ``base``'s quant config (nbits, group size, axis,
     ``offload_meta``...), compute dtype and device, and carries ``bias``
-    (HQQ's ``quantize`` drops it).
+    (HQQ's ``quantize`` drops it). It is plain data: ``weight`` and ``bias`` are
+    detached, so no autograd graph reaches the layer's tensors.
     """
     config = quant_config_of(base)
     layer = HQQLinear(None, config, compute_dtype=base.compute_dtype, device=base.device)
     config.pop("offload_meta")
-    layer.quantize(weight, **config)
+    layer.quantize(weight.detach(), **config)
     if bias is not None:
         layer.bias = bias.detach().clone().to(device=layer.W_q.device, dtype=base.compute_dtype)
     return layer

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
+from numbers import Real
 
 import torch
 from hqq.core.quantize import HQQLinear
@@ -16,13 +18,13 @@ __all__ = ["loftq"]
 
 
 def _quantize(
-    weight: Tensor, quant_config: dict, compute_dtype: torch.dtype, device: str
+    weight: Tensor, quant_config: Mapping, compute_dtype: torch.dtype, device: str
 ) -> HQQLinear:
     # from_weights handles group_size=None as HQQ does; the bias is carried separately.
     return HQQLinear.from_weights(
         weight.clone(),
         None,
-        copy.deepcopy(quant_config),
+        copy.deepcopy(dict(quant_config)),
         compute_dtype=compute_dtype,
         device=device,
     )
@@ -30,10 +32,10 @@ def _quantize(
 
 def loftq(
     weight: Tensor,
-    quant_config: dict,
+    /,
+    quant_config: Mapping,
     r: int,
     lora_alpha: float = 8,
-    /,
     *,
     compute_dtype: torch.dtype,
     device: str = "cpu",
@@ -61,7 +63,7 @@ def loftq(
         weight: the full-precision weight, shape ``(out, in)``.
         quant_config: HQQ's quant config (``hqq.core.quantize.BaseQuantizeConfig``).
         r: the adapter rank, ``1 <= r <= min(out, in)``.
-        lora_alpha: the LoRA alpha.
+        lora_alpha: the LoRA alpha, a finite number ``> 0``.
         compute_dtype: the quantized layer's compute dtype.
         device: where the layer lives (``"cpu"`` on a machine without a GPU).
         num_iters: the number of alternations, at least 1.
@@ -73,8 +75,14 @@ def loftq(
         ``(layer, params)``: a new ``HQQLinear`` and a LoRA adapter dict for it.
 
     Raises:
-        TypeError: ``weight`` is not a floating-point tensor.
-        ValueError: ``weight`` is not 2-d, or ``r``, ``num_iters`` or ``bias`` do not fit.
+        TypeError: ``weight`` is not a floating-point tensor, ``quant_config`` not a
+            dict, ``dtype`` or ``compute_dtype`` not a floating-point dtype.
+        ValueError: ``weight`` is not 2-d, or ``r``, ``lora_alpha``, ``num_iters``,
+            ``use_rslora`` or ``bias`` do not fit.
+
+    Example:
+        >>> layer, params = loftq(W, BaseQuantizeConfig(nbits=2, group_size=64), r=16,
+        ...                       lora_alpha=32, compute_dtype=torch.bfloat16)  # doctest: +SKIP
     """
     if not isinstance(weight, Tensor) or not weight.is_floating_point():
         raise TypeError(
@@ -91,8 +99,26 @@ def loftq(
         raise ValueError(
             f"Expected `r` an int in [1, {min(out_features, in_features)}], got {r!r}."
         )
+    if (
+        isinstance(lora_alpha, bool)
+        or not isinstance(lora_alpha, Real)
+        or not (math.isfinite(lora_alpha) and lora_alpha > 0)
+    ):
+        raise ValueError(f"Expected `lora_alpha` a finite number > 0, got {lora_alpha!r}.")
     if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
         raise ValueError(f"Expected `num_iters` a positive int, got {num_iters!r}.")
+    if not isinstance(use_rslora, bool):
+        raise ValueError(f"Expected `use_rslora` a bool, got {use_rslora!r}.")
+    if not isinstance(quant_config, Mapping):
+        raise TypeError(
+            "Expected `quant_config` to be a dict (hqq's BaseQuantizeConfig), "
+            f"got {type(quant_config).__name__}."
+        )
+    for name, value in (("compute_dtype", compute_dtype), ("dtype", dtype)):
+        if (value is not None or name == "compute_dtype") and (
+            not isinstance(value, torch.dtype) or not value.is_floating_point
+        ):
+            raise TypeError(f"Expected `{name}` a floating-point torch.dtype, got {value!r}.")
     if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (out_features,)):
         got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
         raise ValueError(f"Expected `bias` of shape ({out_features},) or None, got {got}.")

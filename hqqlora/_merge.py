@@ -1,7 +1,9 @@
 """Folding adapters into the quantized weight, and taking them out again.
 
 ``merge`` adds the adapters' updates to the base weight and returns a new layer;
-``unmerge`` takes them out again. Both leave their inputs alone. Three methods:
+``unmerge`` takes them out again. Both leave their inputs alone, return plain data
+(detached tensors, no autograd graph back to the adapters), and refuse an update
+that is not finite, whatever the method. Three methods:
 
 * ``"requantize"`` (default, PEFT's): dequantize, add, quantize once with the base's
   settings. Lossy: at 2–4 bits a LoRA-sized update is far smaller than one
@@ -56,28 +58,75 @@ _WARN_BELOW = 0.5
 def merge_dense(
     weight: Tensor, base: HQQLinear, adapters: Sequence[Mapping[str, Tensor]]
 ) -> Tensor:
-    in_features = weight.shape[1]
-    for p in adapters:
-        delta = delta_weight(p, in_features=in_features)
-        if "magnitude" in p:
-            c = dora_factor(p, dora_weight_norm(base, p))
-            weight = c.unsqueeze(-1) * (weight + delta)
-        else:
-            weight = weight + delta
+    """``weight`` with each adapter folded in, in order (see :func:`merged_weight`)."""
+    return _fold(weight, *merge_terms(base, adapters, weight.shape[1]))
+
+
+def merge_terms(
+    base: HQQLinear, adapters: Sequence[Mapping[str, Tensor]], in_features: int
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    """Each adapter's ``ΔW`` ``(out, in)`` and DoRA factor ``c = m / ‖W + ΔW‖`` (``None`` for LoRA)."""
+    deltas = [delta_weight(p, in_features=in_features) for p in adapters]
+    factors = [
+        dora_factor(p, dora_weight_norm(base, p)) if "magnitude" in p else None for p in adapters
+    ]
+    return deltas, factors
+
+
+def _fold(weight: Tensor, deltas: Sequence[Tensor], factors: Sequence[Tensor | None]) -> Tensor:
+    for delta, c in zip(deltas, factors, strict=True):
+        weight = weight + delta if c is None else c.unsqueeze(-1) * (weight + delta)
+    return weight
+
+
+def unmerge_terms(
+    adapters: Sequence[Mapping[str, Tensor]], norms: Sequence[Tensor | None], in_features: int
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    """Each adapter's ``ΔW`` and DoRA factor ``c = m / n`` from the given norms ``n``."""
+    deltas = [delta_weight(p, in_features=in_features) for p in adapters]
+    factors = [
+        dora_factor(p, n) if "magnitude" in p else None
+        for p, n in zip(adapters, norms, strict=True)
+    ]
+    return deltas, factors
+
+
+def _unfold(weight: Tensor, deltas: Sequence[Tensor], factors: Sequence[Tensor | None]) -> Tensor:
+    for delta, c in reversed(list(zip(deltas, factors, strict=True))):
+        weight = weight - delta if c is None else weight / c.unsqueeze(-1) - delta
     return weight
 
 
 def unmerge_dense(
     weight: Tensor, adapters: Sequence[Mapping[str, Tensor]], norms: Sequence[Tensor | None]
 ) -> Tensor:
-    in_features = weight.shape[1]
-    for p, n in reversed(list(zip(adapters, norms, strict=True))):
-        delta = delta_weight(p, in_features=in_features)
-        if "magnitude" in p:
-            weight = weight / dora_factor(p, n).unsqueeze(-1) - delta
-        else:
-            weight = weight - delta
-    return weight
+    """``weight`` with the adapters taken out, last-in first-out (see :func:`unmerged_weight`)."""
+    return _unfold(weight, *unmerge_terms(adapters, norms, weight.shape[1]))
+
+
+def _require_finite_updates(
+    deltas: Sequence[Tensor], factors: Sequence[Tensor | None], action: str
+) -> None:
+    """Raises unless every ``ΔW`` and DoRA factor ``c`` is finite (``1/c`` too, to unmerge).
+
+    One ``isfinite`` reduction per tensor and a single host sync for all adapters.
+    """
+    flags = []
+    for delta, c in zip(deltas, factors, strict=True):
+        flag = torch.isfinite(delta).all()
+        if c is not None:
+            flag = flag & torch.isfinite(c).all()
+            if action == "unmerge":
+                flag = flag & torch.isfinite(c.reciprocal()).all()
+        flags.append(flag.to(deltas[0].device))
+    bad = [i for i, ok in enumerate(torch.stack(flags).tolist()) if not ok]
+    if bad:
+        raise ValueError(
+            f"Expected finite updates to {action}, got NaN/inf in the update of adapter(s) {bad} "
+            "(ΔW = scaling·lora_B@lora_A, or DoRA's factor magnitude / weight_norm"
+            + (", or its inverse" if action == "unmerge" else "")
+            + f"): the adapter seems broken. Nothing was {action}d."
+        )
 
 
 def merged_weight(base: HQQLinear, params: Adapters, /) -> Tensor:
@@ -116,11 +165,18 @@ def unmerged_weight(
     return unmerge_dense(dequantize(merged), adapters, norms)
 
 
-def _check_finite(weight: Tensor) -> None:
+def _require_finite_layer(layer: HQQLinear) -> None:
+    """``safe_merge``: raises unless the weight the merged layer holds is finite.
+
+    A non-finite dense weight makes its whole quantization group non-finite, so this
+    one check on ``dequantize(layer)`` (one host sync) also covers the dense merge.
+    """
+    weight = dequantize(layer)
     if not torch.isfinite(weight).all():
         bad = int((~torch.isfinite(weight)).sum())
         raise ValueError(
-            f"Expected finite merged weights, got {bad} NaN/inf entries: the adapter seems broken."
+            f"Expected finite merged weights, got {bad} NaN/inf entries: the update overflows "
+            f"the layer's {layer.compute_dtype}. Nothing was merged."
         )
 
 
@@ -245,34 +301,26 @@ def _row_to_groups(factor: Tensor, layout: QuantLayout) -> Tensor:
     return factor.repeat_interleave(layout.in_features // layout.group_size).unsqueeze(-1)
 
 
-def _zero_point_merge(base: HQQLinear, adapters, *, safe_merge: bool) -> HQQLinear:
+def _zero_point_merge(base: HQQLinear, deltas, factors) -> HQQLinear:
     layout = quant_layout(base)
-    _check_zero_point_layout(layout)
     W_q, scale, zero = quant_tensors(base)
     s, z = scale.double(), zero.double()
-    for i, p in enumerate(adapters):
-        delta = delta_weight(p, in_features=layout.in_features)
-        if safe_merge:
-            _check_finite(delta)
+    for i, (delta, c) in enumerate(zip(deltas, factors, strict=True)):
         z = z - _group_constant(delta, layout, i) / s
-        if "magnitude" in p:
+        if c is not None:
             # c ⊙ ((q - z')·s) = (q - z')·(c·s): DoRA's row factor goes into the scales.
-            s = s * _row_to_groups(dora_factor(p, dora_weight_norm(base, p)), layout)
-    if safe_merge:
-        _check_finite(z)
-        _check_finite(s)
+            s = s * _row_to_groups(c, layout)
     return _rebuild(base, W_q=W_q.detach().clone(), scale=s, zero=z)
 
 
-def _zero_point_unmerge(merged: HQQLinear, adapters, norms) -> HQQLinear:
+def _zero_point_unmerge(merged: HQQLinear, deltas, factors) -> HQQLinear:
     layout = quant_layout(merged)
-    _check_zero_point_layout(layout)
     W_q, scale, zero = quant_tensors(merged)
     s, z = scale.double(), zero.double()
-    for i, (p, n) in reversed(list(enumerate(zip(adapters, norms, strict=True)))):
-        if "magnitude" in p:
-            s = s / _row_to_groups(dora_factor(p, n), layout)
-        z = z + _group_constant(delta_weight(p, in_features=layout.in_features), layout, i) / s
+    for i, (delta, c) in reversed(list(enumerate(zip(deltas, factors, strict=True)))):
+        if c is not None:
+            s = s / _row_to_groups(c, layout)
+        z = z + _group_constant(delta, layout, i) / s
     return _rebuild(merged, W_q=W_q.detach().clone(), scale=s, zero=z)
 
 
@@ -305,12 +353,17 @@ def merge(
       Needs an ``axis=1`` layer whose group size divides ``in_features`` and
       group-constant updates (``init_lora(..., group_constant=True)``).
 
-    The bias is kept; ``base`` is never modified.
+    The bias is kept; ``base`` is never modified. The merged layer is plain data:
+    its tensors are detached, whatever the adapters' ``requires_grad``. An update
+    that is not finite (NaN/inf in ``ΔW`` or in DoRA's factor ``c``) raises, for
+    every method and with or without ``safe_merge``.
 
     Args:
         base: the quantized layer.
         params: an adapter dict or a sequence of them.
-        safe_merge: raise instead of returning a layer with non-finite weights.
+        safe_merge: also raise when the merged weight is not finite although the
+            update is (it overflows the compute dtype); ``dequantize(merged)`` is
+            checked, one host sync.
         method: ``"requantize"``, ``"same_grid"`` or ``"zero_point"``.
         warn: emit a ``UserWarning`` when the merged layer keeps less than half of
             the update (``merge_report(...)["captured"] < 0.5``).
@@ -319,30 +372,45 @@ def merge(
         The merged ``HQQLinear``.
 
     Raises:
-        ValueError: ``safe_merge`` and a non-finite merged weight; adapters that do
-            not fit; an unknown ``method``; for ``"zero_point"``, a layout or an
-            update that is not group-constant.
+        ValueError: an update that is not finite; ``safe_merge`` and a non-finite
+            merged weight; adapters that do not fit; an unknown ``method``; for
+            ``"zero_point"``, a layout or an update that is not group-constant.
+            Nothing is changed.
     """
     check_hqq_layer(base)
     _check_method(method)
     adapters = as_adapter_list(params, base)
+    # A merged layer is plain data: no autograd graph back to trainable adapters.
+    with torch.no_grad():
+        return _merge(base, adapters, safe_merge=safe_merge, method=method, warn=warn)
+
+
+def _merge(base: HQQLinear, adapters, *, safe_merge: bool, method: str, warn: bool) -> HQQLinear:
+    layout = quant_layout(base)
+    if method == "zero_point":
+        _check_zero_point_layout(layout)
+    if method != "requantize":
+        adapters = [as_float64(p) for p in adapters]
+    deltas, factors = merge_terms(base, adapters, layout.in_features)
+    _require_finite_updates(deltas, factors, "merge")
+    if method == "zero_point":
+        merged = _zero_point_merge(base, deltas, factors)
+        if safe_merge:
+            _require_finite_layer(merged)
+        # Lossless up to the zero points' precision: nothing to warn about.
+        return merged
     if method == "requantize":
         W = dequantize(base)
-        weight = merge_dense(W, base, adapters)
-        if safe_merge:
-            _check_finite(weight)
+        weight = _fold(W, deltas, factors)
         merged = quantize_like(weight, base, base.bias)
-    elif method == "same_grid":
+    else:
         W = dequantize_float64(base)
-        weight = merge_dense(W, base, [as_float64(p) for p in adapters])
-        if safe_merge:
-            _check_finite(weight)
+        weight = _fold(W, deltas, factors)
         codes, _ = round_to_grid(weight, base)
         _, scale, zero = quant_tensors(base)
         merged = _rebuild(base, W_q=_pack(codes, base), scale=scale, zero=zero)
-    else:
-        # Lossless up to the zero points' precision: nothing to warn about.
-        return _zero_point_merge(base, [as_float64(p) for p in adapters], safe_merge=safe_merge)
+    if safe_merge:
+        _require_finite_layer(merged)
     if warn:
         _warn_if_lost(base, W, weight, merged)
     return merged
@@ -370,7 +438,7 @@ def _warn_if_lost(base: HQQLinear, W: Tensor, weight: Tensor, merged: HQQLinear)
             "group_constant=True)) and merge them losslessly with method='zero_point'; see "
             "merge_report. Pass warn=False to silence this.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -408,22 +476,34 @@ def unmerge(
         The unmerged ``HQQLinear``.
 
     Raises:
-        ValueError: a DoRA adapter without its ``weight_norm``; adapters that do
-            not fit; an unknown ``method``; for ``"zero_point"``, a layout or an
-            update that is not group-constant.
+        ValueError: an update that is not finite (NaN/inf in ``ΔW``, in ``c`` or in
+            ``1/c``, e.g. a zero ``weight_norm``); a DoRA adapter without its
+            ``weight_norm``; adapters that do not fit; an unknown ``method``; for
+            ``"zero_point"``, a layout or an update that is not group-constant.
     """
     check_hqq_layer(merged, "merged")
     _check_method(method)
     adapters = as_adapter_list(params, merged)
     norms = _checked_norms(merged, adapters, weight_norm)
+    with torch.no_grad():
+        return _unmerge(merged, adapters, norms, method=method)
+
+
+def _unmerge(merged: HQQLinear, adapters, norms, *, method: str) -> HQQLinear:
+    layout = quant_layout(merged)
+    if method == "zero_point":
+        _check_zero_point_layout(layout)
+    if method != "requantize":
+        adapters = [as_float64(p) for p in adapters]
+        norms = [None if n is None else n.detach().double() for n in norms]
+    deltas, factors = unmerge_terms(adapters, norms, layout.in_features)
+    _require_finite_updates(deltas, factors, "unmerge")
     if method == "requantize":
-        weight = unmerge_dense(dequantize(merged), adapters, norms)
+        weight = _unfold(dequantize(merged), deltas, factors)
         return quantize_like(weight, merged, merged.bias)
-    adapters64 = [as_float64(p) for p in adapters]
-    norms64 = [None if n is None else n.detach().double() for n in norms]
     if method == "same_grid":
-        weight = unmerge_dense(dequantize_float64(merged), adapters64, norms64)
+        weight = _unfold(dequantize_float64(merged), deltas, factors)
         codes, _ = round_to_grid(weight, merged)
         _, scale, zero = quant_tensors(merged)
         return _rebuild(merged, W_q=_pack(codes, merged), scale=scale, zero=zero)
-    return _zero_point_unmerge(merged, adapters64, norms64)
+    return _zero_point_unmerge(merged, deltas, factors)

@@ -17,8 +17,8 @@ __all__ = ["merge_report"]
 def merge_report(
     base: HQQLinear,
     params: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
-    merged: HQQLinear | None = None,
     /,
+    merged: HQQLinear | None = None,
     *,
     method: str = "requantize",
 ) -> dict[str, float | int]:
@@ -43,7 +43,8 @@ def merge_report(
     Args:
         base: the quantized layer before the merge, weight ``(out, in)``.
         params: the adapter dict, or a sequence of them, that was merged.
-        merged: the merged layer; ``None`` merges with ``method`` here.
+        merged: the merged layer (by position or by name); ``None`` merges with
+            ``method`` here (a non-finite update then raises, as in :func:`merge`).
         method: the merge method when ``merged`` is ``None``.
 
     Returns:

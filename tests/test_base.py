@@ -58,3 +58,27 @@ def test_rejects_non_hqq_base():
         TypeError, match="Expected `base` to be an hqq.core.quantize.HQQLinear, got Linear"
     ):
         hqqlora.dequantize(torch.nn.Linear(4, 4))
+
+
+def test_quantize_like_is_plain_data_and_leaves_its_inputs_alone():
+    import copy
+
+    layer = make_layer()
+    weight = torch.nn.Parameter(hqqlora.dequantize(layer) + 0.01)
+    bias = torch.nn.Parameter(layer.bias.clone())
+    before = weight.detach().clone()
+    new = hqqlora.quantize_like(weight * 2, layer, bias)
+    tensors = [new.W_q, new.bias, *(v for v in new.meta.values() if isinstance(v, torch.Tensor))]
+    assert all(not t.requires_grad and t.grad_fn is None for t in tensors)
+    copy.deepcopy(new)
+    assert torch.equal(weight.detach(), before)
+    expected = hqqlora.quantize_like((weight * 2).detach(), layer, layer.bias)
+    assert torch.equal(new.W_q, expected.W_q) and torch.equal(new.bias, bias.detach())
+
+
+def test_quantize_like_casts_the_bias_to_the_compute_dtype():
+    layer = make_layer(dtype=torch.bfloat16)
+    bias = torch.randn(48, dtype=torch.float64)
+    new = hqqlora.quantize_like(hqqlora.dequantize(layer), layer, bias)
+    assert new.bias.dtype == torch.bfloat16
+    assert torch.equal(new.bias, bias.to(torch.bfloat16))

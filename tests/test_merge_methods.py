@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import make_layer, random_adapter
+from hqq.core.quantize import BaseQuantizeConfig, HQQLinear, Quantizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_merge import assert_unchanged, snapshot
 
 from hqqlora import (
     apply_lora,
@@ -27,20 +31,13 @@ from hqqlora._merge import grid
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def snapshot(layer):
-    W_q, scale, zero = layer.W_q.clone(), layer.meta["scale"].clone(), layer.meta["zero"].clone()
-    bias = None if layer.bias is None else layer.bias.clone()
-    return W_q, scale, zero, bias
-
-
-def assert_unchanged(layer, snap):
-    W_q, scale, zero, bias = snap
-    assert torch.equal(layer.W_q, W_q)
-    assert torch.equal(layer.meta["scale"], scale)
-    assert torch.equal(layer.meta["zero"], zero)
-    assert (bias is None) == (layer.bias is None)
-    if bias is not None:
-        assert torch.equal(layer.bias, bias)
+def hqq_codes(layer):
+    """The codes in HQQ's grouped layout, float64, unpacked by HQQ's own functions."""
+    meta = layer.meta
+    codes = Quantizer.unpack[meta["packing"]](layer.W_q, dtype=torch.float64)
+    if meta["nbits"] == 3:
+        codes = codes[: meta["shape"][0] * meta["shape"][1] // meta["group_size"]]
+    return codes
 
 
 def as_double(p):
@@ -104,8 +101,17 @@ def test_same_grid_sequence_roundtrip():
     ps = [random_adapter(base, scaling=0.3, seed=s) for s in (1, 2, 3)]
     merged = merge(base, ps, method="same_grid", warn=False)
     back = unmerge(merged, ps, method="same_grid")
-    if merge_report(base, ps, merged)["clamped"] == 0:
-        assert torch.equal(back.W_q, base.W_q)
+    # Float64 reference from HQQ's own codes, scales and zeros (axis=1: groups of 16).
+    codes, s, z = hqq_codes(base), base.meta["scale"].double(), base.meta["zero"].double()
+    delta = sum(delta_weight(as_double(p)) for p in ps).reshape(-1, 16)
+    ref = torch.round(((codes - z) * s + delta) / s + z)
+    inside = (ref >= 0) & (ref <= 15)
+    assert 0 < int((~inside).sum()) < inside.numel() // 10  # some clamp: both branches run
+    assert merge_report(base, ps, merged)["clamped"] == int((~inside).sum())
+    assert torch.equal(hqq_codes(merged), ref.clamp(0, 15))
+    assert not torch.equal(hqq_codes(merged), codes)  # the update arrived
+    assert torch.equal(hqq_codes(back)[inside], codes[inside])
+    assert torch.equal(back.bias, base.bias)
 
 
 def test_same_grid_keeps_layer_usable():
@@ -231,18 +237,105 @@ def test_report_rejects_a_merged_layer_of_another_shape():
         merge_report(base, random_adapter(base), make_layer(32, 64))
 
 
-def test_unknown_method_and_safe_merge():
+def test_unknown_method():
     base = make_layer(64, 32)
     with pytest.raises(ValueError, match=r"Expected `method` in"):
         merge(base, random_adapter(base), method="nearest")
     with pytest.raises(ValueError, match=r"Expected `method` in"):
         unmerge(base, random_adapter(base), method="nearest")
-    bad = group_constant_adapter(base)
-    bad["lora_B"] = bad["lora_B"].clone()
-    bad["lora_B"][0, 0] = float("nan")
-    for method in ("same_grid", "zero_point"):
-        with pytest.raises(ValueError, match="Expected finite merged weights"):
-            merge(base, bad, method=method, safe_merge=True, warn=False)
+
+
+def test_report_takes_merged_by_name_or_position():
+    base = make_layer(64, 32, nbits=8)
+    p = random_adapter(base, scaling=4.0)
+    merged = merge(base, p, method="same_grid")
+    by_name = merge_report(base, p, merged=merged)
+    assert by_name == merge_report(base, p, merged)
+    assert by_name != merge_report(base, p)  # merges with "requantize" itself
+    with pytest.raises(TypeError):
+        merge_report(base=base, params=p)  # the layer and adapters stay positional-only
+
+
+def _update_capturing(base, share):
+    """A same_grid update (as a rank-in adapter) of which about ``share`` survives.
+
+    On a grid point, an entry of one step moves its code by one (it all arrives); an
+    entry of 0.3 step rounds back (nothing arrives). With a fraction ρ of whole-step
+    entries, captured ≈ ρ / (ρ + 0.09 (1 - ρ)).
+    """
+    out_features, in_features = base.meta["shape"]
+    codes = hqq_codes(base)  # (groups, 16) for axis=1
+    s = base.meta["scale"].double()
+    rho = 0.09 * share / (1 - share + 0.09 * share)
+    gen = torch.Generator().manual_seed(0)
+    whole = torch.rand(codes.shape, generator=gen, dtype=torch.float64) < rho
+    sign = torch.where(codes < 2 ** base.meta["nbits"] - 1, 1.0, -1.0).double()
+    delta = (sign * s * torch.where(whole, 1.0, 0.3)).reshape(out_features, in_features)
+    return {
+        "lora_A": torch.eye(in_features),
+        "lora_B": delta.float(),
+        "scaling": torch.tensor(1.0),
+    }
+
+
+def measured_captured(base, merged, p):
+    """⟨M - W, ΔW⟩ / ‖ΔW‖² in float64, from HQQ's own dequantization."""
+    W, M = base.dequantize().double(), merged.dequantize().double()
+    delta = (p["lora_B"].double() @ p["lora_A"].double()) * float(p["scaling"])
+    return float(((M - W) * delta).sum() / (delta * delta).sum())
+
+
+def test_merge_warns_below_half_captured_and_not_above():
+    base = make_layer(64, 48, nbits=4)
+    low, high = _update_capturing(base, 0.3), _update_capturing(base, 0.7)
+    with pytest.warns(UserWarning, match=r"merge kept only .* \(captured=0\.[23]"):
+        merged = merge(base, low, method="same_grid")
+    assert 0.2 < measured_captured(base, merged, low) < 0.4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merged = merge(base, high, method="same_grid")
+    assert 0.6 < measured_captured(base, merged, high) < 0.8
+
+
+def test_report_step_ratio_and_numel():
+    base = make_layer(64, 32, nbits=3)
+    p = random_adapter(base, scaling=1.5)
+    report = merge_report(base, p)
+    delta = (p["lora_B"].double() @ p["lora_A"].double()) * 1.5
+    step = base.meta["scale"].double().abs().median()
+    assert report["step_ratio"] == pytest.approx(float(delta.abs().max() / step), rel=1e-6)
+    assert report["numel"] == 64 * 32
+
+
+def view_as_float_pair(nbits, dtype):
+    """The same weight quantized by HQQ with W_q stored viewed as ``dtype``, and without."""
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(32, 64, generator=gen) / 8, torch.randn(32, generator=gen)
+    layers = []
+    for view_as_float in (True, False):
+        linear = torch.nn.Linear(64, 32)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            linear.bias.copy_(bias)
+        config = BaseQuantizeConfig(nbits=nbits, group_size=16, view_as_float=view_as_float)
+        layers.append(HQQLinear(linear, config, compute_dtype=dtype, device="cpu"))
+    return tuple(layers)
+
+
+@pytest.mark.parametrize("method", ["requantize", "same_grid", "zero_point"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nbits", [1, 3, 4])
+def test_merges_keep_w_q_viewed_as_float(nbits, dtype, method):
+    viewed, plain = view_as_float_pair(nbits, dtype)
+    assert viewed.W_q.dtype == dtype
+    p = group_constant_adapter(plain, scale=3.0)
+    merged = merge(viewed, p, method=method, warn=False)
+    expected = merge(plain, p, method=method, warn=False)
+    assert merged.W_q.dtype == dtype and merged.meta["view_as_float"]
+    assert torch.equal(merged.dequantize(), expected.dequantize())
+    back = unmerge(merged, p, method=method)
+    assert back.W_q.dtype == dtype
+    assert torch.equal(back.dequantize(), unmerge(expected, p, method=method).dequantize())
 
 
 # ---- group-constant adapters ------------------------------------------------------
