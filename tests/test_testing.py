@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
 import pytest
 import torch
 from helpers import make_layer
+from hqq.core.quantize import HQQLinear
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -100,6 +102,12 @@ def test_merge_unmerge_round_trip(data):
     restored = hqqlora.unmerge(merged, params)
     W, W2 = before.double(), dequantize(restored).double()
     assert torch.equal(dequantize(layer), before)  # merge and unmerge leave the base alone
+    # The drift bound alone passes a merge that ignores the adapter; each step must equal
+    # HQQ's own quantization of the dense target, computed here from HQQ's dequantize.
+    delta = (params["lora_B"] @ params["lora_A"]) * params["scaling"]
+    assert torch.equal(dequantize(merged), _hqq_requantize(layer, layer.dequantize() + delta))
+    undone = merged.dequantize() - delta
+    assert torch.equal(dequantize(restored), _hqq_requantize(layer, undone))
     assert (W2 - W).norm() <= ROUND_TRIP_DRIFT[quant_layout(layer).nbits] * W.norm()
     if layer.bias is not None:
         assert torch.equal(restored.bias, layer.bias)
@@ -108,3 +116,12 @@ def test_merge_unmerge_round_trip(data):
 def test_importing_hqqlora_does_not_import_hypothesis():
     code = "import sys, hqqlora; assert 'hypothesis' not in sys.modules; assert 'hqqlora.testing' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _hqq_requantize(layer, weight):
+    """HQQ's own quantization of `weight` with `layer`'s settings, dequantized by HQQ."""
+    config = {**copy.deepcopy(layer.quant_config), "offload_meta": layer.offload_meta}
+    fresh = HQQLinear(None, config, compute_dtype=layer.compute_dtype, device="cpu")
+    config.pop("offload_meta")
+    fresh.quantize(weight.to(layer.compute_dtype), **config)
+    return fresh.dequantize()
