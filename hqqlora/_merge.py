@@ -59,7 +59,7 @@ def merge_dense(
     weight: Tensor, base: HQQLinear, adapters: Sequence[Mapping[str, Tensor]]
 ) -> Tensor:
     """``weight`` with each adapter folded in, in order (see :func:`merged_weight`)."""
-    return _fold(weight, *merge_terms(base, adapters, weight.shape[1]))
+    return fold(weight, *merge_terms(base, adapters, weight.shape[1]))
 
 
 def merge_terms(
@@ -73,7 +73,7 @@ def merge_terms(
     return deltas, factors
 
 
-def _fold(weight: Tensor, deltas: Sequence[Tensor], factors: Sequence[Tensor | None]) -> Tensor:
+def fold(weight: Tensor, deltas: Sequence[Tensor], factors: Sequence[Tensor | None]) -> Tensor:
     for delta, c in zip(deltas, factors, strict=True):
         weight = weight + delta if c is None else c.unsqueeze(-1) * (weight + delta)
     return weight
@@ -104,7 +104,7 @@ def unmerge_dense(
     return _unfold(weight, *unmerge_terms(adapters, norms, weight.shape[1]))
 
 
-def _require_finite_updates(
+def require_finite_updates(
     deltas: Sequence[Tensor], factors: Sequence[Tensor | None], action: str
 ) -> None:
     """Raises unless every ``ΔW`` and DoRA factor ``c`` is finite (``1/c`` too, to unmerge).
@@ -392,7 +392,7 @@ def _merge(base: HQQLinear, adapters, *, safe_merge: bool, method: str, warn: bo
     if method != "requantize":
         adapters = [as_float64(p) for p in adapters]
     deltas, factors = merge_terms(base, adapters, layout.in_features)
-    _require_finite_updates(deltas, factors, "merge")
+    require_finite_updates(deltas, factors, "merge")
     if method == "zero_point":
         merged = _zero_point_merge(base, deltas, factors)
         if safe_merge:
@@ -401,11 +401,11 @@ def _merge(base: HQQLinear, adapters, *, safe_merge: bool, method: str, warn: bo
         return merged
     if method == "requantize":
         W = dequantize(base)
-        weight = _fold(W, deltas, factors)
+        weight = fold(W, deltas, factors)
         merged = quantize_like(weight, base, base.bias)
     else:
         W = dequantize_float64(base)
-        weight = _fold(W, deltas, factors)
+        weight = fold(W, deltas, factors)
         codes, _ = round_to_grid(weight, base)
         _, scale, zero = quant_tensors(base)
         merged = _rebuild(base, W_q=_pack(codes, base), scale=scale, zero=zero)
@@ -497,7 +497,7 @@ def _unmerge(merged: HQQLinear, adapters, norms, *, method: str) -> HQQLinear:
         adapters = [as_float64(p) for p in adapters]
         norms = [None if n is None else n.detach().double() for n in norms]
     deltas, factors = unmerge_terms(adapters, norms, layout.in_features)
-    _require_finite_updates(deltas, factors, "unmerge")
+    require_finite_updates(deltas, factors, "unmerge")
     if method == "requantize":
         weight = _unfold(dequantize(merged), deltas, factors)
         return quantize_like(weight, merged, merged.bias)

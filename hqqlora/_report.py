@@ -8,7 +8,15 @@ import torch
 from torch import Tensor
 
 from hqqlora._base import HQQLinear, check_hqq_layer, dequantize, quant_layout, quant_tensors
-from hqqlora._merge import as_float64, dequantize_float64, merge, merge_dense, round_to_grid
+from hqqlora._merge import (
+    as_float64,
+    dequantize_float64,
+    fold,
+    merge,
+    merge_terms,
+    require_finite_updates,
+    round_to_grid,
+)
 from hqqlora._params import as_adapter_list
 
 __all__ = ["merge_report"]
@@ -52,6 +60,7 @@ def merge_report(
 
     Raises:
         TypeError, ValueError: layers or adapters that do not fit each other.
+        ValueError: an update that is not finite (NaN/inf in ``ΔW`` or DoRA's factor).
 
     Example:
         >>> report = merge_report(base, params)  # doctest: +SKIP
@@ -70,7 +79,10 @@ def merge_report(
         )
     adapters64 = [as_float64(p) for p in adapters]
     W = dequantize(base).double()
-    delta = merge_dense(W, base, adapters64) - W
+    deltas, factors = merge_terms(base, adapters64, layout.in_features)
+    # A report on a broken adapter would be NaNs that read like "nothing captured".
+    require_finite_updates(deltas, factors, "merge")
+    delta = fold(W, deltas, factors) - W
     M = dequantize(merged).double().to(W.device)
     delta_norm = float(torch.linalg.norm(delta))
     if delta_norm > 0:
@@ -80,7 +92,7 @@ def merge_report(
         captured = rel_error = float("nan")
     _, scale, _ = quant_tensors(base)
     step = float(scale.double().abs().median())
-    _, clamped = round_to_grid(merge_dense(dequantize_float64(base), base, adapters64), base)
+    _, clamped = round_to_grid(fold(dequantize_float64(base), deltas, factors), base)
     return {
         "captured": captured,
         "rel_error": rel_error,

@@ -386,3 +386,13 @@ def test_property_merge_never_mutates_its_inputs(nbits, dtype, bias, dora, r, se
     hqqlora.unmerge(merged, p, **kw)
     assert_unchanged(layer, before)
     assert all(torch.equal(p[k], p_before[k]) for k in p)
+
+
+def test_merge_report_refuses_a_non_finite_adapter_with_a_given_merged_layer():
+    layer = make_layer()
+    p = random_adapter(layer)
+    merged = hqqlora.merge(layer, p, warn=False)
+    broken = {**p, "lora_B": p["lora_B"].clone()}
+    broken["lora_B"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        hqqlora.merge_report(layer, broken, merged=merged)
