@@ -19,6 +19,7 @@ from hqqlora import (
     apply_lora,
     bank_weight_norm,
     base_forward,
+    dequantize,
     dora_weight_norm,
     mixed_batch,
     mixed_batch_indexed,
@@ -578,3 +579,67 @@ def test_adapter_terms_match_reference_per_row(form, dtype):
     expected_base = dense_reference(layer, [], x)
     for i in range(len(names)):
         assert_term_close(y[i], y_base[i], expected[i], expected_base[i], dtype)
+
+
+# -- what mutants of _mixed.py showed untested ---------------------------------------------
+
+
+def test_given_weight_norms_are_the_ones_used():
+    # A norm that is not the computed one (as after training moved A and B): c = m / n_given.
+    layer = make_layer()
+    params = _adapters(layer, {"a": 2, "b": 3, "c": 4}, dora=("b",))
+    names = ["b", "a", BASE, "b"]
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    n_given = 1.3 * dora_weight_norm(layer, params["b"])
+    W = dequantize(layer).double()
+    p = params["b"]
+    merged = W + p["scaling"].double() * p["lora_B"].double() @ p["lora_A"].double()
+    c = p["magnitude"].double() / n_given.double()
+    expected_b = c * (x.double() @ merged.T) + layer.bias.double()
+    # "c" is not in the batch: its (valid) norm is accepted and not used.
+    norms = {"b": n_given, "c": torch.ones(48)}
+    params["c"] = {**params["c"], "magnitude": torch.ones(48)}
+    y = mixed_batch(x, params, names, base=layer, weight_norm=norms)
+    assert_close_rel(y[[0, 3]], expected_b[[0, 3]], torch.float32, factor=2)
+    bank = stack_adapters(params, ["a", "b"])
+    y_indexed = mixed_batch_indexed(
+        x, bank, torch.tensor([1, 0, -1, 1]), base=layer, weight_norm={"b": n_given}
+    )
+    assert_close_rel(y_indexed[[0, 3]], expected_b[[0, 3]], torch.float32, factor=2)
+
+
+def test_weight_norm_gets_no_gradient():
+    # n is detached (DESIGN): c = magnitude / n carries gradient to the magnitude only.
+    layer = make_layer()
+    params = _adapters(layer, {"a": 2, "b": 3}, dora=("b",))
+    bank = stack_adapters(params)
+    norms = bank_weight_norm(layer, bank).clone().requires_grad_(True)
+    magnitude = bank.magnitude.clone().requires_grad_(True)
+    bank = bank._replace(magnitude=magnitude)
+    y = mixed_batch_indexed(
+        torch.randn(3, 64), bank, torch.tensor([1, 0, 1]), base=layer, weight_norm=norms
+    )
+    y.sum().backward()
+    assert norms.grad is None
+    assert magnitude.grad is not None and magnitude.grad[1].abs().sum() > 0
+
+
+def test_more_errors():
+    layer = make_layer()
+    params = _adapters(layer, {"a": 2, "b": 3})
+    x = torch.randn(3, 64)
+    bank = stack_adapters(params)
+    with pytest.raises(ValueError, match=r"values in \[-1, 2\), got values in \[-2, 1\]"):
+        mixed_batch_indexed(x, bank, torch.tensor([0, -2, 1]), base=layer)
+    with pytest.raises(ValueError, match=r"Expected distinct names in `names_order`"):
+        stack_adapters(params, ["a", "a"])
+    half_magnitude = {**params["a"], "magnitude": torch.ones(48, dtype=torch.float16)}
+    with pytest.raises(TypeError, match=r"Expected all adapters in one dtype"):
+        stack_adapters({"a": half_magnitude})
+    with pytest.raises(ValueError, match=r"Expected no `weight_norm` for a bank without DoRA"):
+        mixed_batch_indexed(
+            x, bank, torch.tensor([0, 1, 0]), base=layer, weight_norm=torch.ones(2, 48)
+        )
+    # Only "__base__" rows and no base: the zero term comes in the adapters' dtype.
+    term = mixed_batch(x.to(torch.bfloat16), params, [BASE] * 3)
+    assert term.dtype == torch.float32 and term.shape == (3, 48) and not term.any()
