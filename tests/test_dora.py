@@ -210,3 +210,20 @@ def test_weight_norm_on_the_meta_device_is_refused():
     p = _params_of(_peft_dora(layer))
     with pytest.raises(ValueError, match="meta device"):
         apply_lora(layer, p, torch.randn(2, 64), weight_norm=torch.ones(48, device="meta"))
+
+
+def test_weight_norm_sequence_matches_adapters():
+    layer = make_layer()
+    dora = _params_of(_peft_dora(layer))
+    lora = {k: v for k, v in dora.items() if k != "magnitude"}
+    n = dora_weight_norm(layer, dora)
+    x = torch.randn(2, 64)
+    # None for the LoRA adapter; a tensor for the DoRA one.
+    y = apply_lora(layer, [lora, dora], x, weight_norm=[None, n])
+    torch.testing.assert_close(y, apply_lora(layer, [lora, dora], x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"one `weight_norm` entry per adapter \(2\), got 1"):
+        apply_lora(layer, [lora, dora], x, weight_norm=[n])
+    with pytest.raises(TypeError, match=r"`weight_norm\[1\]` to be a tensor or None, got float"):
+        apply_lora(layer, [lora, dora], x, weight_norm=[None, 1.0])
+    with pytest.raises(TypeError, match=r"`weight_norm` to be a tensor, None or a sequence"):
+        apply_lora(layer, dora, x, weight_norm={"a": n})
