@@ -104,6 +104,22 @@ def test_add_in_low_precision(dtype):
     assert_close_rel(_dense(q), _dense(ps[0]) + _dense(ps[1]), dtype, factor=4)
 
 
+def test_adapters_of_different_dtypes_combine_in_the_promoted_dtype():
+    gen = torch.Generator().manual_seed(2)
+    half = {
+        "lora_A": torch.randn(2, 32, generator=gen).to(torch.bfloat16),
+        "lora_B": torch.randn(24, 2, generator=gen).to(torch.bfloat16),
+        "scaling": torch.tensor(0.5),
+    }
+    full = {k: v.float() * 0.5 if k != "scaling" else v for k, v in half.items()}
+    for q in (add(half, full), combine([half, full], [1.0, 1.0], "cat")):
+        assert q["lora_A"].dtype == q["lora_B"].dtype == torch.float32
+        assert_close_rel(_dense(q), _dense(half) + _dense(full), torch.float32)
+    q = combine([half, full], [1.0, -2.0], "svd", rank=2)
+    assert q["lora_A"].dtype == torch.float32
+    assert_close_rel(_dense(q), _dense(half) - 2 * _dense(full), torch.float32, factor=4)
+
+
 @given(
     st.lists(
         adapters(LAYER, dtypes=torch.float64, scalings=(0.5, 1.0, 2.0)), min_size=1, max_size=4
@@ -519,6 +535,14 @@ def test_errors_leave_inputs_alone_and_say_what_was_expected():
         add(p, {"q": p})
     with pytest.raises(TypeError, match=r"Expected `w` to be a number or a 0-d tensor, got str"):
         scale(p, "2")
+    with pytest.raises(TypeError, match=r"Expected `w` to be a number or a 0-d tensor, got bool"):
+        scale(p, True)
+    with pytest.raises(ValueError, match=r"Expected `w` to be a number or a 0-d tensor, got shape"):
+        scale(p, torch.ones(2))
+    with pytest.raises(
+        ValueError, match=r"`weights\[1\]` to be a number or a 0-d tensor, got shape"
+    ):
+        combine([p, p], [1.0, torch.ones(2)])
     assert torch.equal(p["lora_A"], LAYER_ADAPTER["lora_A"])
 
 
