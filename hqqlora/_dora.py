@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hqqlora._base import HQQLinear, check_hqq_layer, dequantize, quant_layout
-from hqqlora._params import as_adapter_list, expand_groups, pool_groups
+from hqqlora._params import as_adapter_list, check_norm_values, expand_groups, pool_groups
 
 __all__ = ["as_norm_list", "dora_factor", "dora_weight_norm"]
 
@@ -57,8 +57,13 @@ def as_norm_list(
 ) -> list[Tensor | None]:
     """Matches ``weight_norm`` (a tensor, ``None``, or one entry per adapter) to ``adapters``.
 
+    Each norm must be positive and finite (:func:`~hqqlora._params.check_norm_values`):
+    its values are read in eager mode, with one host sync for a norm on an
+    accelerator, and not while ``torch.compile`` traces.
+
     Raises:
-        ValueError: wrong length, a norm given for a LoRA adapter, or a wrong shape.
+        ValueError: wrong length, a norm given for a LoRA adapter, a wrong shape or
+            device, or a zero, negative or non-finite entry.
         TypeError: an entry that is not a tensor or ``None``.
     """
     if weight_norm is None:
@@ -91,6 +96,12 @@ def as_norm_list(
             raise ValueError(
                 f"Expected `weight_norm[{i}]` of shape ({out_features},), got {tuple(n.shape)}."
             )
+        if n.device != base.W_q.device and n.device.type != "meta":
+            raise ValueError(
+                f"Expected `weight_norm[{i}]` on the base layer's device {base.W_q.device}, "
+                f"got {n.device}."
+            )
+        check_norm_values(n, f"weight_norm[{i}]")
     return norms
 
 

@@ -15,14 +15,21 @@ from hqqlora._params import as_adapter_list, pool_groups
 __all__ = ["apply_lora", "check_input", "lora_dropout"]
 
 
-def check_input(x: object, in_features: int) -> Tensor:
-    """Checks that ``x`` is a floating tensor of shape ``(..., in_features)``."""
+def check_input(x: object, in_features: int, device: torch.device | None = None) -> Tensor:
+    """Checks that ``x`` is a floating tensor of shape ``(..., in_features)``.
+
+    It must hold data (not on the meta device) and, if ``device`` is given, live there.
+    """
     if not isinstance(x, Tensor):
         raise TypeError(f"Expected `x` to be a torch.Tensor, got {type(x).__name__}.")
     if not x.is_floating_point():
         raise TypeError(f"Expected `x` to be floating point, got {x.dtype}.")
     if x.ndim == 0 or x.shape[-1] != in_features:
         raise ValueError(f"Expected `x` of shape (..., {in_features}), got {tuple(x.shape)}.")
+    if x.device.type == "meta":
+        raise ValueError("Expected `x` to hold data, got a tensor on the meta device.")
+    if device is not None and x.device != device:
+        raise ValueError(f"Expected `x` on the base layer's device {device}, got {x.device}.")
     return x
 
 
@@ -111,7 +118,7 @@ def apply_lora(
     check_hqq_layer(base)
     layout = quant_layout(base)
     adapters = as_adapter_list(params, base, layout=layout)
-    check_input(x, layout.in_features)
+    check_input(x, layout.in_features, base.W_q.device)
     norms = as_norm_list(weight_norm, adapters, base)
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"Expected `dropout` in [0, 1), got {dropout!r}.")

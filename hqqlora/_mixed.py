@@ -10,6 +10,10 @@ every row's term at once::
 so the number of kernels does not depend on the number of adapters. Rows with
 index ``-1`` (``"__base__"``) get no adapter term. A DoRA row with
 ``c = magnitude[k] / n[k]`` gets ``c ⊙ (base(x[i]) - bias + term[i]) + bias``.
+
+Rows never read another row's adapter: a ``"__base__"`` row selects zeros, not the
+tensors of some other adapter multiplied by 0 (``0 · NaN`` is NaN), so a NaN or inf in
+one adapter stays in the rows that use it, in the forward and in gradients.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch import Tensor
 
 from hqqlora._base import HQQLinear, base_forward, check_hqq_layer, quant_layout
 from hqqlora._dora import dora_weight_norm
-from hqqlora._params import check_params
+from hqqlora._params import check_norm_values, check_params
 
 __all__ = [
     "BASE",
@@ -89,7 +93,7 @@ def stack_adapters(
 
     Raises:
         ValueError: no adapters, an unknown or reserved name, shapes that differ,
-            or a rank above ``max_rank``.
+            adapters on different devices, or a rank above ``max_rank``.
         TypeError: adapters of different dtypes, or a malformed adapter.
 
     Example:
@@ -123,6 +127,11 @@ def stack_adapters(
         if p["lora_A"].dtype != dtype or p.get("magnitude", p["lora_A"]).dtype != dtype:
             raise TypeError(
                 f"Expected all adapters in one dtype ({dtype}), got {p['lora_A'].dtype} for {name!r}."
+            )
+        if p["lora_A"].device != first["lora_A"].device:
+            raise ValueError(
+                f"Expected all adapters on one device ({first['lora_A'].device}), "
+                f"got {p['lora_A'].device} for {name!r}."
             )
     ranks = [p["lora_A"].shape[0] for p in adapters]
     r_max = max(ranks)
@@ -165,6 +174,44 @@ def _check_base_fits(base: HQQLinear, bank: AdapterBank) -> None:
         raise ValueError(
             f"Expected adapters of (out, in) = {shape} to fit `base`, got {bank_shape}."
         )
+    if base.W_q.device != bank.lora_A.device:
+        raise ValueError(
+            f"Expected the adapters on the base layer's device {base.W_q.device}, "
+            f"got {bank.lora_A.device}."
+        )
+
+
+def _check_norm_dict(
+    weight_norm: object,
+    params_by_name: Mapping[str, object],
+    is_dora: Mapping[str, bool],
+    out_features: int | None,
+    device: torch.device | None,
+) -> Mapping[str, Tensor]:
+    """Checks a dict adapter name → DoRA row norms ``(out,)``: names, shapes, devices, values."""
+    if not isinstance(weight_norm, Mapping):
+        raise TypeError(
+            f"Expected `weight_norm` to be a dict of tensors, got {type(weight_norm).__name__}."
+        )
+    for name, n in weight_norm.items():
+        if name not in params_by_name:
+            raise _unknown_name(name, list(params_by_name))
+        if not is_dora[name]:
+            raise ValueError(
+                f"Expected `weight_norm` only for DoRA adapters, got one for LoRA adapter {name!r}."
+            )
+        shape = (out_features,) if out_features is not None else None
+        if not isinstance(n, Tensor) or n.ndim != 1 or (shape is not None and n.shape != shape):
+            got = tuple(n.shape) if isinstance(n, Tensor) else type(n).__name__
+            raise ValueError(
+                f"Expected `weight_norm[{name!r}]` of shape ({out_features or 'out'},), got {got}."
+            )
+        if device is not None and n.device != device and n.device.type != "meta":
+            raise ValueError(
+                f"Expected `weight_norm[{name!r}]` on the adapters' device {device}, got {n.device}."
+            )
+        check_norm_values(n, f"weight_norm[{name!r}]")
+    return weight_norm
 
 
 def bank_weight_norm(
@@ -180,7 +227,9 @@ def bank_weight_norm(
     serving loop never dequantizes the base.
 
     Raises:
-        ValueError: a norm for an unknown or LoRA entry, or of the wrong shape.
+        ValueError: a norm for an unknown or LoRA entry, of the wrong shape or device,
+            or with a zero, negative or non-finite entry (values are read in eager
+            mode, with one host sync per norm on an accelerator).
     """
     _check_bank(bank)
     _check_base_fits(base, bank)
@@ -189,19 +238,14 @@ def bank_weight_norm(
         raise TypeError(
             f"Expected `weight_norm` to be a dict of tensors or None, got {type(weight_norm).__name__}."
         )
-    out_features = bank.magnitude.shape[1]
-    for name, n in weight_norm.items():
-        if name not in bank.names:
-            raise _unknown_name(name, bank.names)
-        if not bank.dora[bank.names.index(name)]:
-            raise ValueError(
-                f"Expected `weight_norm` only for DoRA adapters, got one for LoRA adapter {name!r}."
-            )
-        if not isinstance(n, Tensor) or n.shape != (out_features,):
-            got = tuple(n.shape) if isinstance(n, Tensor) else type(n).__name__
-            raise ValueError(
-                f"Expected `weight_norm[{name!r}]` of shape ({out_features},), got {got}."
-            )
+    names = dict.fromkeys(bank.names)
+    _check_norm_dict(
+        weight_norm,
+        names,
+        dict(zip(bank.names, bank.dora, strict=True)),
+        bank.magnitude.shape[1],
+        bank.lora_A.device,
+    )
     ones = torch.ones_like(bank.magnitude[0])
     norms = []
     for k, name in enumerate(bank.names):
@@ -216,14 +260,19 @@ def bank_weight_norm(
     return torch.stack(norms)
 
 
-def _check_index(index: object, rows: int, size: int) -> Tensor:
-    if not isinstance(index, Tensor) or index.dtype.is_floating_point or index.dtype == torch.bool:
+def _check_index(index: object, rows: int, size: int, device: torch.device) -> Tensor:
+    # int32/int64 only: uint8 cannot hold -1 (and indexes as a mask), int8/int16 do not index.
+    if not isinstance(index, Tensor) or index.dtype not in (torch.int32, torch.int64):
         got = index.dtype if isinstance(index, Tensor) else type(index).__name__
-        raise TypeError(f"Expected `index` to be an integer tensor, got {got}.")
+        raise TypeError(
+            f"Expected `index` to be an integer tensor of dtype torch.int32 or torch.int64, got {got}."
+        )
     if index.shape != (rows,):
         raise ValueError(
             f"Expected `index` of shape ({rows},), one entry per row of x, got {tuple(index.shape)}."
         )
+    if index.device != device:
+        raise ValueError(f"Expected `index` on the adapters' device {device}, got {index.device}.")
     # Checking values needs the data on the host: only when that costs no device sync.
     if index.device.type == "cpu" and not torch.compiler.is_compiling() and rows:
         low, high = int(index.min()), int(index.max())
@@ -232,6 +281,26 @@ def _check_index(index: object, rows: int, size: int) -> Tensor:
                 f"Expected `index` values in [-1, {size}), got values in [{low}, {high}]."
             )
     return index
+
+
+def _check_x(x: object, in_features: int | None, device: torch.device | None) -> Tensor:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"Expected `x` to be a floating-point tensor, got {got}.")
+    if x.ndim < 2 or (in_features is not None and x.shape[-1] != in_features):
+        raise ValueError(
+            f"Expected `x` of shape (batch, ..., {in_features or 'in'}), got {tuple(x.shape)}."
+        )
+    if x.device.type == "meta":
+        raise ValueError("Expected `x` to hold data, got a tensor on the meta device.")
+    if device is not None and x.device != device:
+        raise ValueError(f"Expected `x` on the adapters' device {device}, got {x.device}.")
+    return x
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``(batch, ..., d)`` as ``(batch, L, d)``, without ``-1`` (which a 0-row batch cannot infer)."""
+    return t.unsqueeze(1) if t.ndim == 2 else t.flatten(1, -2)
 
 
 def mixed_batch_indexed(
@@ -251,9 +320,15 @@ def mixed_batch_indexed(
         y[i] = base(x[i]) + term[i]                                  (LoRA, or k = -1)
         y[i] = c ⊙ (base(x[i]) - bias + term[i]) + bias,  c = magnitude[k] / n[k]   (DoRA)
 
-    and without ``base`` only ``term`` (LoRA banks only). Nothing here syncs with the
-    host when ``weight_norm`` is given (or the bank has no DoRA entry) and ``index``
-    is on an accelerator, so the call compiles into a serving loop.
+    and without ``base`` only ``term`` (LoRA banks only). A row with index ``-1``
+    selects zeros instead of reading any adapter, so a broken (NaN, inf) adapter only
+    affects its own rows.
+
+    Under ``torch.compile`` nothing here syncs with the host when ``weight_norm`` is
+    given (or the bank has no DoRA entry), so the call compiles into a serving loop
+    (``fullgraph=True``). Eager calls check the values they can: ``index`` values on
+    the CPU, and ``weight_norm``'s DoRA rows (positive, finite) also on an
+    accelerator, at the cost of one host sync; to skip it in a hot loop, compile.
 
     Dtypes follow :func:`apply_lora`: the term is computed in the bank's dtype, the
     layer output comes back in the base output's dtype.
@@ -261,7 +336,9 @@ def mixed_batch_indexed(
     Args:
         x: input of shape ``(batch, ..., in)``.
         bank: from :func:`stack_adapters`.
-        index: integer tensor of shape ``(batch,)``, values in ``[-1, n)``.
+        index: ``torch.int32`` or ``torch.int64`` tensor of shape ``(batch,)`` on the
+            bank's device, values in ``[-1, n)`` (``-1``: no adapter). Narrower
+            integer dtypes are refused: ``uint8`` cannot hold ``-1``.
         base: the quantized layer.
         weight_norm: DoRA's ``n`` as a ``(n, out)`` tensor (from
             :func:`bank_weight_norm`; LoRA rows are ignored) or a dict name → ``(out,)``;
@@ -273,20 +350,18 @@ def mixed_batch_indexed(
 
     Raises:
         ValueError: shapes that do not fit, index values out of range (checked for
-            CPU indices), or DoRA entries without ``base``.
+            CPU indices), DoRA entries without ``base``, tensors on different devices
+            or on the meta device, or a ``weight_norm`` whose DoRA rows are not
+            positive and finite (checked in eager mode).
+        TypeError: ``x`` not floating point, ``index`` not int32/int64.
     """
     _check_bank(bank)
     n_adapters, _, in_features = bank.lora_A.shape
     out_features = bank.lora_B.shape[1]
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
-        raise TypeError(f"Expected `x` to be a floating-point tensor, got {got}.")
-    if x.ndim < 2 or x.shape[-1] != in_features:
-        raise ValueError(
-            f"Expected `x` of shape (batch, ..., {in_features}), got {tuple(x.shape)}."
-        )
+    device = bank.lora_A.device
+    _check_x(x, in_features, device)
     rows = x.shape[0]
-    _check_index(index, rows, n_adapters)
+    _check_index(index, rows, n_adapters, device)
     if base is None and any(bank.dora):
         dora_names = [n for n, d in zip(bank.names, bank.dora, strict=True) if d]
         raise ValueError(
@@ -306,19 +381,30 @@ def mixed_batch_indexed(
             raise ValueError(
                 f"Expected `weight_norm` of shape {tuple(bank.magnitude.shape)} or a dict, got {got}."
             )
+        elif weight_norm.device != device and weight_norm.device.type != "meta":
+            raise ValueError(
+                f"Expected `weight_norm` on the adapters' device {device}, got {weight_norm.device}."
+            )
+        else:
+            dora_rows = [k for k, d in enumerate(bank.dora) if d]
+            check_norm_values(weight_norm[dora_rows], "weight_norm (its DoRA rows)")
     elif weight_norm is not None:
         raise ValueError("Expected no `weight_norm` for a bank without DoRA adapters, got one.")
 
     autocast = torch.is_autocast_enabled(x.device.type)
     x_a = x if autocast else x.to(bank.lora_A.dtype)
-    x3 = x_a.reshape(rows, -1, in_features)
+    x3 = _rows(x_a)  # (batch, L, in)
     valid = index >= 0
     safe = torch.where(valid, index, torch.zeros_like(index))
-    A = bank.lora_A[safe]  # (batch, r_max, in)
-    B = bank.lora_B[safe]  # (batch, out, r_max)
+    # "__base__" rows gather slot 0 (any valid slot) and then select zeros: selection, not
+    # a multiplication by 0, since 0 · NaN = NaN would let slot 0's adapter into their
+    # output and, through B, into their gradient w.r.t. x.
+    row = valid[:, None, None]
+    A = torch.where(row, bank.lora_A[safe], 0)  # (batch, r_max, in)
+    B = torch.where(row, bank.lora_B[safe], 0)  # (batch, out, r_max)
+    row_scaling = torch.where(valid, bank.scaling[safe], 0)
     h = torch.bmm(x3, A.transpose(1, 2))
-    # Row scalings zero out the "__base__" rows; multiply then cast back, as a 0-d scaling does.
-    row_scaling = bank.scaling[safe] * valid
+    # Multiply then cast back, as a 0-d scaling does.
     h = (h * row_scaling[:, None, None]).to(h.dtype)
     term = torch.bmm(h, B.transpose(1, 2))  # (batch, L, out)
     out_shape = (*x.shape[:-1], out_features)
@@ -327,11 +413,15 @@ def mixed_batch_indexed(
 
     result = base_forward(base, x)
     out_dtype = result.dtype
-    result3 = result.reshape(rows, -1, out_features)
+    result3 = _rows(result)
     lora_out = (result3 + term).to(out_dtype)
     if not any(bank.dora):
         return lora_out.reshape(out_shape)
-    c = (bank.magnitude / weight_norm.detach())[safe][:, None, :]  # (batch, 1, out)
+    use_dora = bank.is_dora[safe] & valid  # (batch,)
+    # c = 1 on LoRA and "__base__" rows, selected (not computed from another slot), so
+    # that their gradients never see another adapter's magnitude or norm either.
+    c = bank.magnitude[safe] / weight_norm.detach()[safe]
+    c = torch.where(use_dora[:, None], c, 1)[:, None, :]  # (batch, 1, out)
     base_term = result3.to(term.dtype)
     bias = base.bias
     if bias is None:
@@ -339,8 +429,7 @@ def mixed_batch_indexed(
     else:
         bias = bias.to(term.dtype)
         dora_out = torch.addcmul(bias, base_term - bias + term, c)
-    use_dora = (bank.is_dora[safe] & valid)[:, None, None]
-    return torch.where(use_dora, dora_out.to(out_dtype), lora_out).reshape(out_shape)
+    return torch.where(use_dora[:, None, None], dora_out.to(out_dtype), lora_out).reshape(out_shape)
 
 
 def mixed_batch(
@@ -378,8 +467,9 @@ def mixed_batch(
 
     Raises:
         ValueError: an unknown name (the message lists the known ones),
-            ``len(names) != x.shape[0]``, a DoRA adapter without ``base``, or
-            adapters whose shapes do not fit.
+            ``len(names) != x.shape[0]``, a DoRA adapter without ``base``,
+            adapters whose shapes or devices do not fit, or a ``weight_norm`` entry
+            that is not positive and finite.
 
     Example:
         >>> y = mixed_batch(x, {"a": p_a, "b": p_b}, ["a", "__base__", "b"], base=layer)  # doctest: +SKIP
@@ -392,9 +482,9 @@ def mixed_batch(
         raise TypeError(
             f"Expected `names` to be a list of adapter names, got {type(names).__name__}."
         )
-    if not isinstance(x, Tensor) or x.ndim < 2:
-        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"Expected `x` of shape (batch, ..., in), got {got}.")
+    shape = quant_layout(check_hqq_layer(base)).shape if base is not None else (None, None)
+    device = base.W_q.device if base is not None else None
+    _check_x(x, shape[1], device)
     if len(names) != x.shape[0]:
         raise ValueError(
             f"Expected one adapter name per row of x ({x.shape[0]}), got {len(names)} names."
@@ -405,23 +495,18 @@ def mixed_batch(
     for name in names:
         if name != BASE and name not in params_by_name:
             raise _unknown_name(name, known)
-    shape = quant_layout(check_hqq_layer(base)).shape if base is not None else (None, None)
     for name, p in params_by_name.items():
         check_params(
             p, in_features=shape[1], out_features=shape[0], name=f"params_by_name[{name!r}]"
         )
-    if weight_norm is not None:
-        if not isinstance(weight_norm, Mapping):
-            raise TypeError(
-                f"Expected `weight_norm` to be a dict of tensors, got {type(weight_norm).__name__}."
+        if device is not None and p["lora_A"].device != device:
+            raise ValueError(
+                f"Expected `params_by_name[{name!r}]` on the base layer's device {device}, "
+                f"got {p['lora_A'].device}."
             )
-        for name in weight_norm:
-            if name not in params_by_name:
-                raise _unknown_name(name, known)
-            if "magnitude" not in params_by_name[name]:
-                raise ValueError(
-                    f"Expected `weight_norm` only for DoRA adapters, got one for LoRA adapter {name!r}."
-                )
+    if weight_norm is not None:
+        is_dora = {name: "magnitude" in p for name, p in params_by_name.items()}
+        _check_norm_dict(weight_norm, params_by_name, is_dora, shape[0], device)
     used = list(dict.fromkeys(n for n in names if n != BASE))
     if not used:
         # Only "__base__" rows: no adapter term.

@@ -31,8 +31,10 @@ from torch import Tensor
 from hqqlora._base import HQQLinear, QuantLayout, check_hqq_layer, quant_layout
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "REQUIRED_KEYS",
     "as_adapter_list",
+    "check_norm_values",
     "check_params",
     "delta_weight",
     "expand_group_constant",
@@ -46,6 +48,9 @@ __all__ = [
 
 REQUIRED_KEYS = ("lora_A", "lora_B", "scaling")
 OPTIONAL_KEYS = ("magnitude",)
+# The dtypes the forward computes in. float8 tensors are floating point too, but matmuls
+# and elementwise maths refuse them (or need scaled kernels): refuse them at the boundary.
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -72,9 +77,12 @@ def check_params(
         name: how to call ``params`` in error messages.
 
     Raises:
-        TypeError: not a mapping, a leaf that is not a floating-point tensor, or
-            ``lora_A``/``lora_B`` of different dtypes.
-        ValueError: missing or unknown keys, or shapes that do not fit.
+        TypeError: not a mapping, a leaf that is not a tensor in one of
+            :data:`COMPUTE_DTYPES` (float8 adapters are refused: the forward cannot
+            compute in them), or ``lora_A``/``lora_B`` of different dtypes.
+        ValueError: missing or unknown keys, shapes that do not fit, rank 0 (``lora_A``
+            without rows), a leaf on the meta device (no data), or ``lora_A``,
+            ``lora_B`` and ``magnitude`` on different devices.
     """
     if not isinstance(params, Mapping):
         raise TypeError(f"Expected `{name}` to be a dict of tensors, got {type(params).__name__}.")
@@ -96,6 +104,15 @@ def check_params(
             )
         if not leaf.is_floating_point():
             raise TypeError(f"Expected `{name}[{key!r}]` to be floating point, got {leaf.dtype}.")
+        if leaf.dtype not in COMPUTE_DTYPES:
+            raise TypeError(
+                f"Expected `{name}[{key!r}]` in a dtype the forward computes in "
+                f"({', '.join(str(d) for d in COMPUTE_DTYPES)}), got {leaf.dtype}."
+            )
+        if leaf.device.type == "meta":
+            raise ValueError(
+                f"Expected `{name}[{key!r}]` to hold data, got a tensor on the meta device."
+            )
     A, B, scaling = params["lora_A"], params["lora_B"], params["scaling"]
     if A.ndim != 2 or B.ndim != 2:
         raise ValueError(
@@ -106,6 +123,21 @@ def check_params(
         raise ValueError(
             f"Expected `{name}` lora_A (r, in) and lora_B (out, r) to share r, "
             f"got lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}."
+        )
+    if A.shape[0] == 0:
+        raise ValueError(
+            f"Expected `{name}` of rank r >= 1, got lora_A of shape {tuple(A.shape)} (rank 0)."
+        )
+    devices = {
+        key: params[key].device for key in ("lora_A", "lora_B", "magnitude") if key in params
+    }
+    if len(set(devices.values())) > 1:
+        got = ", ".join(f"{key} on {device}" for key, device in devices.items())
+        raise ValueError(f"Expected the tensors of `{name}` on one device, got {got}.")
+    if scaling.device not in (A.device, torch.device("cpu")):
+        # A 0-d CPU tensor mixes with tensors of any device; another accelerator does not.
+        raise ValueError(
+            f"Expected `{name}['scaling']` on {A.device} (or the CPU), got {scaling.device}."
         )
     if A.dtype != B.dtype:
         raise TypeError(
@@ -140,7 +172,10 @@ def check_params(
 def as_adapter_list(
     params: object, base: HQQLinear | None = None, *, layout: QuantLayout | None = None
 ) -> list[Mapping[str, Tensor]]:
-    """One adapter dict or a sequence of them, checked (against ``base`` if given), as a list."""
+    """One adapter dict or a sequence of them, checked (against ``base`` if given), as a list.
+
+    With ``base``, the adapters must fit its shape and live on its device.
+    """
     if isinstance(params, Mapping):
         items = [params]
     elif isinstance(params, Sequence) and not isinstance(params, str):
@@ -157,16 +192,50 @@ def as_adapter_list(
         shape = layout.shape
         if layout.axis == 1 and layout.in_features % layout.group_size == 0:
             group_size = layout.group_size
-    return [
+    adapters = []
+    for i, p in enumerate(items):
+        name = "params" if len(items) == 1 else f"params[{i}]"
         check_params(
-            p,
-            in_features=shape[1],
-            out_features=shape[0],
-            group_size=group_size,
-            name="params" if len(items) == 1 else f"params[{i}]",
+            p, in_features=shape[1], out_features=shape[0], group_size=group_size, name=name
         )
-        for i, p in enumerate(items)
-    ]
+        if base is not None and p["lora_A"].device != base.W_q.device:
+            raise ValueError(
+                f"Expected `{name}` on the base layer's device {base.W_q.device}, "
+                f"got {p['lora_A'].device}."
+            )
+        adapters.append(p)
+    return adapters
+
+
+def check_norm_values(norm: Tensor, name: str = "weight_norm") -> Tensor:
+    """Checks that DoRA row norms ``n = ‖W + ΔW‖`` are positive and finite; returns ``norm``.
+
+    A zero gives ``c = magnitude / 0 = inf``, a negative entry flips the sign of its
+    row's output and a NaN spreads through the row: each a silent wrong answer.
+
+    The check reads the values. It runs in eager mode even when ``norm`` lives on an
+    accelerator, at the cost of one host sync (correctness over a sync), and inside
+    ``torch.func`` transforms (on the whole batch under ``vmap``); it is skipped while
+    ``torch.compile`` traces, where a value cannot decide control flow.
+
+    Raises:
+        ValueError: a zero, negative or non-finite entry, or a tensor on the meta device.
+    """
+    if norm.device.type == "meta":
+        raise ValueError(f"Expected `{name}` to hold data, got a tensor on the meta device.")
+    if torch.compiler.is_compiling():
+        return norm
+    values = norm
+    while torch._C._functorch.is_functorch_wrapped_tensor(values):
+        values = torch._C._functorch.get_unwrapped(values)
+    values = values.detach()
+    if not bool(torch.all(torch.isfinite(values) & (values > 0))):
+        bad = values[~(torch.isfinite(values) & (values > 0))]
+        raise ValueError(
+            f"Expected `{name}` with positive finite entries (row norms of W + ΔW), "
+            f"got {bad.numel()} entries such as {bad[0].item()}."
+        )
+    return norm
 
 
 def _pooled_width(in_features: int | None, group_size: int | None) -> int | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import pytest
 import torch
 from helpers import assert_close_rel, make_layer
@@ -99,6 +102,22 @@ def test_add_in_low_precision(dtype):
     q = add(*ps)
     assert q["lora_A"].dtype == q["lora_B"].dtype == dtype
     assert_close_rel(_dense(q), _dense(ps[0]) + _dense(ps[1]), dtype, factor=4)
+
+
+def test_adapters_of_different_dtypes_combine_in_the_promoted_dtype():
+    gen = torch.Generator().manual_seed(2)
+    half = {
+        "lora_A": torch.randn(2, 32, generator=gen).to(torch.bfloat16),
+        "lora_B": torch.randn(24, 2, generator=gen).to(torch.bfloat16),
+        "scaling": torch.tensor(0.5),
+    }
+    full = {k: v.float() * 0.5 if k != "scaling" else v for k, v in half.items()}
+    for q in (add(half, full), combine([half, full], [1.0, 1.0], "cat")):
+        assert q["lora_A"].dtype == q["lora_B"].dtype == torch.float32
+        assert_close_rel(_dense(q), _dense(half) + _dense(full), torch.float32)
+    q = combine([half, full], [1.0, -2.0], "svd", rank=2)
+    assert q["lora_A"].dtype == torch.float32
+    assert_close_rel(_dense(q), _dense(half) - 2 * _dense(full), torch.float32, factor=4)
 
 
 @given(
@@ -251,12 +270,17 @@ def test_linear_has_the_documented_cross_terms():
     p1 = _adapter([[1.0, 2.0]], [[1.0], [0.0]], scaling=2.0)
     p2 = _adapter([[0.0, 1.0]], [[3.0], [1.0]], scaling=1.0)
     # w·s = [-2·2, 1·1]: a = [-2, 1], b = [2, 1]
-    q = combine([p1, p2], [-2.0, 1.0], "linear")
+    q, info = combine([p1, p2], [-2.0, 1.0], "linear", return_info=True)
     A1, B1, A2, B2 = (p[k] for p in (p1, p2) for k in ("lora_A", "lora_B"))
     expected = (2 * B1 + B2) @ (-2 * A1 + A2)
     torch.testing.assert_close(_dense(q), expected)
-    cross = expected - (-4 * B1 @ A1 + B2 @ A2)
+    target = -4 * B1 @ A1 + B2 @ A2
+    cross = expected - target
     assert cross.abs().max() > 0
+    # The info measures the cross terms against the dense weighted sum.
+    assert info.error.item() == pytest.approx(cross.norm().item(), rel=1e-6)
+    assert info.rel_error.item() == pytest.approx((cross.norm() / target.norm()).item(), rel=1e-6)
+    assert info.truncation_error.item() == 0
 
 
 def test_dare_linear_svd_keeps_rescaled_entries_or_zeros():
@@ -292,12 +316,12 @@ def test_dare_is_driven_by_the_generator(method):
     )
 
 
-def test_dare_ties_at_density_one_is_ties():
+@pytest.mark.parametrize("method", ["dare_ties", "ties"])
+def test_ties_at_density_one_is_peft_ties_without_pruning(method):
     ps = [LAYER_ADAPTER, scale(LAYER_ADAPTER, -0.5)]
-    _assert_same(
-        combine(ps, [1.0, 0.7], "dare_ties", density=1.0),
-        combine(ps, [1.0, 0.7], "ties", density=1.0),
-    )
+    q = combine(ps, [1.0, 0.7], method, density=1.0)
+    expected = _independent(ps, [1.0, 0.7], "ties", density=1.0)
+    torch.testing.assert_close(_dense(q), expected, rtol=1e-5, atol=1e-5)
 
 
 # --- agreement with PEFT's merge_utils -------------------------------------------------------
@@ -313,6 +337,38 @@ def _peft_merge(method, tensors, weights, density, sign="total"):
     if method == "dare_linear":
         return merge_utils.dare_linear(tensors, weights, density)
     return merge_utils.dare_ties(tensors, weights, density, sign)
+
+
+def _independent(ps, ws, method, *, density=None, rank=None, sign="total", seed=0):
+    """The dense ΔW of PEFT's ``add_weighted_adapter`` definitions, from ``merge_utils``.
+
+    Computed in float32 (float64 for float64 adapters) as ``combine`` documents, on the same
+    tensors, with the global generator seeded to ``seed`` (PEFT's DARE draws from it: A's masks
+    first, then B's); the SVD truncation is a plain float64 SVD. Returns float64.
+    """
+    dtype = functools.reduce(torch.promote_types, [p["lora_A"].dtype for p in ps])
+    compute = torch.promote_types(dtype, torch.float32)
+    if method == "cat":
+        return _weighted_sum(ps, ws)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns that density 1 prunes nothing
+        if not method.endswith("svd"):
+            ws_s = [w * p["scaling"].item() for w, p in zip(ws, ps, strict=True)]
+            wA = torch.tensor([abs(w) ** 0.5 * (1 if w >= 0 else -1) for w in ws_s], dtype=compute)
+            wB = torch.tensor([abs(w) ** 0.5 for w in ws_s], dtype=compute)
+            A = _peft_merge(method, [p["lora_A"].to(compute) for p in ps], wA, density, sign)
+            B = _peft_merge(method, [p["lora_B"].to(compute) for p in ps], wB, density, sign)
+            return B.double() @ A.double()
+        deltas = [
+            (p["lora_B"].to(compute) @ p["lora_A"].to(compute)) * p["scaling"].to(compute)
+            for p in ps
+        ]
+        dense_method = "linear" if method == "svd" else method.removesuffix("_svd")
+        D = _peft_merge(dense_method, deltas, torch.tensor(ws, dtype=compute), density, sign)
+    U, S, Vh = torch.linalg.svd(D.double(), full_matrices=False)
+    k = rank if rank is not None else min(max(p["lora_A"].shape[0] for p in ps), *D.shape)
+    return U[:, :k] @ torch.diag(S[:k]) @ Vh[:k]
 
 
 @pytest.mark.parametrize("method", ["linear", *PRUNING])
@@ -340,7 +396,9 @@ def test_matches_peft_on_A_and_B(method):
     torch.testing.assert_close(q["lora_B"], expected_B)
 
 
-@pytest.mark.parametrize("method", ["svd", "ties_svd", "magnitude_prune_svd", "dare_linear_svd"])
+@pytest.mark.parametrize(
+    "method", ["svd", "ties_svd", "magnitude_prune_svd", "dare_linear_svd", "dare_ties_svd"]
+)
 def test_svd_methods_match_peft(method):
     gen = torch.Generator().manual_seed(1)
     ps = [
@@ -370,28 +428,27 @@ def test_svd_methods_match_peft(method):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "method", ["cat", "linear", "svd", "ties", "ties_svd", "magnitude_prune_svd"]
-)
-def test_dtype_round_trip(method, dtype):
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_in_every_dtype_matches_peft(method, dtype):
+    gen = torch.Generator().manual_seed(7)
     ps = [
-        {k: (v.to(dtype) if k != "scaling" else v) for k, v in p.items()}
-        for p in (LAYER_ADAPTER, scale(LAYER_ADAPTER, 0.3))
+        {
+            "lora_A": torch.randn(4, 32, generator=gen).to(dtype),
+            "lora_B": torch.randn(24, 4, generator=gen).to(dtype),
+            "scaling": torch.tensor(s),
+        }
+        for s in (2.0, 0.5)
     ]
-    q = combine(
-        ps, [1.0, -0.5], method, rank=8 if method.endswith("svd") else None, **_options(method, 0.7)
-    )
+    ws = [1.0, -0.7]
+    rank = 6 if method.endswith("svd") else None
+    density = 0.6 if method.removesuffix("_svd") in PRUNING else None
+    torch.manual_seed(0)
+    q = combine(ps, ws, method, rank=rank, density=density)
     assert q["lora_A"].dtype == q["lora_B"].dtype == dtype
-    # Same computation on the float64 copies of the inputs (the cast is the only difference).
-    ps64 = [{k: v.double() for k, v in p.items()} for p in ps]
-    q64 = combine(
-        ps64,
-        [1.0, -0.5],
-        method,
-        rank=8 if method.endswith("svd") else None,
-        **_options(method, 0.7),
-    )
-    assert_close_rel(_dense(q), _dense(q64), dtype, factor=4)
+    expected = _independent(ps, ws, method, density=density, rank=rank)
+    # The result's A and B are rounded to `dtype`: each entry of B@A sums r products of
+    # entries off by u each.
+    assert_close_rel(_dense(q), expected, dtype, factor=2 * (q["lora_A"].shape[0] ** 0.5))
 
 
 # --- model-level dicts -------------------------------------------------------------------------
@@ -406,12 +463,18 @@ def test_model_level_operations_map_per_module():
         _dense(s["q"]), torch.zeros(24, 32, dtype=torch.float64), atol=1e-5, rtol=0
     )
     _assert_same(s["k"], b["k"])
-    _assert_same(scale(a, 3.0)["v"], scale(a["v"], 3.0))
-    _assert_same(negate(b)["k"], negate(b["k"]))
+    assert_close_rel(_dense(scale(a, 3.0)["v"]), 6 * _dense(LAYER_ADAPTER), torch.float32)
+    assert_close_rel(_dense(negate(b)["k"]), -0.5 * _dense(LAYER_ADAPTER), torch.float32)
     c, info = combine([a, b], [1.0, 2.0], "svd", rank=4, return_info=True)
-    _assert_same(c["q"], combine([a["q"], b["q"]], [1.0, 2.0], "svd", rank=4))
-    _assert_same(c["v"], combine([a["v"]], [1.0], "svd", rank=4))
-    assert set(info) == {"q", "v", "k"}
+    # Each path combines the adapters that have it, with their weights.
+    expected = {
+        "q": _independent([a["q"], b["q"]], [1.0, 2.0], "svd", rank=4),
+        "v": _independent([a["v"]], [1.0], "svd", rank=4),
+        "k": _independent([b["k"]], [2.0], "svd", rank=4),
+    }
+    assert list(c) == ["q", "v", "k"] and set(info) == {"q", "v", "k"}
+    for path, dense in expected.items():
+        assert_close_rel(_dense(c[path]), dense, torch.float32, factor=4)
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -472,6 +535,14 @@ def test_errors_leave_inputs_alone_and_say_what_was_expected():
         add(p, {"q": p})
     with pytest.raises(TypeError, match=r"Expected `w` to be a number or a 0-d tensor, got str"):
         scale(p, "2")
+    with pytest.raises(TypeError, match=r"Expected `w` to be a number or a 0-d tensor, got bool"):
+        scale(p, True)
+    with pytest.raises(ValueError, match=r"Expected `w` to be a number or a 0-d tensor, got shape"):
+        scale(p, torch.ones(2))
+    with pytest.raises(
+        ValueError, match=r"`weights\[1\]` to be a number or a 0-d tensor, got shape"
+    ):
+        combine([p, p], [1.0, torch.ones(2)])
     assert torch.equal(p["lora_A"], LAYER_ADAPTER["lora_A"])
 
 

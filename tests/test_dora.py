@@ -7,8 +7,17 @@ import torch
 from helpers import BITS, DTYPES, assert_close_rel, dense_reference, make_layer
 from peft import LoraConfig
 from peft.tuners.lora.hqq import HqqLoraLinear as PeftHqq
+from test_lora import assert_term_close
 
-from hqqlora import apply_lora, dequantize, dora_weight_norm, init_lora, merge, unmerge
+from hqqlora import (
+    apply_lora,
+    base_forward,
+    dequantize,
+    dora_weight_norm,
+    init_lora,
+    merge,
+    unmerge,
+)
 
 
 def _peft_dora(layer, r=4, lora_alpha=8, dropout=0.0):
@@ -142,3 +151,79 @@ def test_training_dropout_recomputes_base_term_as_peft():
         x.double() @ W.T + layer.bias.double() + (c - 1) * (xd @ W.T) + c * s * (xd @ A.T @ B.T)
     )
     assert_close_rel(y, expected, torch.float32, factor=5)
+
+
+@pytest.mark.parametrize("nbits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_away_from_init_matches_peft_and_reference(nbits, dtype, bias):
+    # PEFT's init sets magnitude = n (c = 1), where every (c - 1) term vanishes. Move it to
+    # m = n·(1 + 0.3·u), u ~ U(-1, 1), and compare the adapter term itself (output minus
+    # base output): PEFT's random B makes it about as large as the base output.
+    layer = make_layer(nbits=nbits, dtype=dtype, bias=bias)
+    peft = _peft_dora(layer)
+    with torch.no_grad():
+        m = peft.lora_magnitude_vector["a"].weight
+        u = 2 * torch.rand(m.shape, generator=torch.Generator().manual_seed(5)) - 1
+        m.mul_(1 + 0.3 * u)
+    params = _params_of(peft)
+    n = dora_weight_norm(layer, params)
+    assert ((params["magnitude"] / n - 1).abs().max()) > 0.2
+    x = torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(6)).to(dtype)
+    with torch.no_grad():
+        expected_peft = peft(x)
+    y, y_base = apply_lora(layer, params, x), base_forward(layer, x)
+    expected, expected_base = dense_reference(layer, params, x), dense_reference(layer, [], x)
+    assert_term_close(y, y_base, expected, expected_base, dtype)
+    # PEFT rounds on its own path: twice the tolerance of one computation.
+    assert_term_close(y, y_base, expected_peft, y_base, dtype, factor=2)
+    assert_term_close(expected_peft, y_base, expected, expected_base, dtype, factor=2)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_weight_norm_must_be_positive_and_finite(bad):
+    # n = ‖W + ΔW‖ row-wise: a zero gives c = inf, a negative entry flips the row's DoRA term.
+    layer = make_layer()
+    p = _params_of(_peft_dora(layer))
+    n = dora_weight_norm(layer, p).clone()
+    n[3] = bad
+    before = n.clone()
+    x = torch.randn(2, 64)
+    merged = merge(layer, p)
+    match = r"Expected `weight_norm\[0\]` with positive finite entries"
+    with pytest.raises(ValueError, match=match):
+        apply_lora(layer, p, x, weight_norm=n)
+    with pytest.raises(ValueError, match=match):
+        apply_lora(layer, [p], x, weight_norm=[n])
+    with pytest.raises(ValueError, match=match):
+        unmerge(merged, p, weight_norm=n)
+    # Under vmap the whole batch of norms is checked.
+    good = dora_weight_norm(layer, p)
+    with pytest.raises(ValueError, match=match):
+        torch.func.vmap(lambda nn: apply_lora(layer, p, x, weight_norm=nn))(torch.stack([good, n]))
+    torch.testing.assert_close(n, before, rtol=0, atol=0, equal_nan=True)
+    torch.func.vmap(lambda nn: apply_lora(layer, p, x, weight_norm=nn))(torch.stack([good, good]))
+
+
+def test_weight_norm_on_the_meta_device_is_refused():
+    layer = make_layer()
+    p = _params_of(_peft_dora(layer))
+    with pytest.raises(ValueError, match="meta device"):
+        apply_lora(layer, p, torch.randn(2, 64), weight_norm=torch.ones(48, device="meta"))
+
+
+def test_weight_norm_sequence_matches_adapters():
+    layer = make_layer()
+    dora = _params_of(_peft_dora(layer))
+    lora = {k: v for k, v in dora.items() if k != "magnitude"}
+    n = dora_weight_norm(layer, dora)
+    x = torch.randn(2, 64)
+    # None for the LoRA adapter; a tensor for the DoRA one.
+    y = apply_lora(layer, [lora, dora], x, weight_norm=[None, n])
+    torch.testing.assert_close(y, apply_lora(layer, [lora, dora], x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"one `weight_norm` entry per adapter \(2\), got 1"):
+        apply_lora(layer, [lora, dora], x, weight_norm=[n])
+    with pytest.raises(TypeError, match=r"`weight_norm\[1\]` to be a tensor or None, got float"):
+        apply_lora(layer, [lora, dora], x, weight_norm=[None, 1.0])
+    with pytest.raises(TypeError, match=r"`weight_norm` to be a tensor, None or a sequence"):
+        apply_lora(layer, dora, x, weight_norm={"a": n})

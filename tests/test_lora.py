@@ -1,10 +1,84 @@
 import pytest
 import torch
-from helpers import BITS, DTYPES, assert_close_rel, dense_reference, make_layer, random_adapter
+from helpers import (
+    BITS,
+    DTYPES,
+    RTOL,
+    assert_close_rel,
+    dense_reference,
+    make_layer,
+    random_adapter,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
 import hqqlora
+
+
+def assert_term_close(y, y_base, expected, expected_base, dtype, factor=1.0):
+    """The adapter term ``y - y_base`` against the reference's ``expected - expected_base``.
+
+    ``y_base`` is the implementation's own base output, the bits inside ``y``, so the base's
+    rounding cancels and only the term's roundings and those of the sum remain. Each is bounded
+    as RTOL is, by the scale it happens at: ``RTOL·max|term|`` for the term (``x Aᵀ``, ``s·h``,
+    ``h Bᵀ``, DoRA's ``c``) and ``RTOL·max|y|`` for the sums at the output's scale. RTOL alone
+    is relative to the whole output: with ``|y| ≈ 10·|term|`` it lets a term 20% off through in
+    bf16; here, with ``|term| ≈ |y|`` (use adapters whose term is as large as the base output:
+    :func:`strong_adapter`), a term 12% off fails in every dtype.
+    """
+    term = y.double() - y_base.double()
+    expected_term = expected.double() - expected_base.double()
+    scale = expected_term.abs().max().item() + expected.abs().max().item()
+    err = (term - expected_term).abs().max().item()
+    tol = RTOL[dtype] * factor * scale
+    assert err <= tol, f"adapter term off by {err:.3e} > tolerance {tol:.3e} ({dtype})"
+
+
+def strong_adapter(layer, r=4, *, dora=False, seed=1, dtype=torch.float32):
+    """A random adapter whose term is about as large as the base output (scaling 16).
+
+    DoRA: magnitude = n·(1 + 0.3·u), u ~ U(-1, 1), away from PEFT's init (m = n, c = 1),
+    so that every (c - 1) term shows.
+    """
+    p = random_adapter(layer, r, scaling=16.0, seed=seed, dtype=dtype)
+    if dora:
+        n = hqqlora.dora_weight_norm(layer, p).double()
+        u = 2 * torch.rand(n.shape, generator=torch.Generator().manual_seed(seed)) - 1
+        p["magnitude"] = (n * (1 + 0.3 * u)).to(dtype)
+    return p
+
+
+def _term_reference(layer, p, x):
+    return dense_reference(layer, p, x), dense_reference(layer, [], x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nbits", [2, 4, 8])
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("x_shape", [(64,), (5, 64), (2, 3, 64)])
+def test_adapter_term_matches_reference(x_shape, dora, nbits, dtype):
+    layer = make_layer(nbits=nbits, dtype=dtype)
+    p = strong_adapter(layer, dora=dora, dtype=dtype)
+    x = torch.randn(x_shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y, y_base = hqqlora.apply_lora(layer, p, x), hqqlora.base_forward(layer, x)
+    expected, expected_base = _term_reference(layer, p, x)
+    assert y.shape == (*x_shape[:-1], 48) and y.dtype == dtype
+    assert_term_close(y, y_base, expected, expected_base, dtype)
+    # The tolerance is tight enough to see a term 12% off.
+    with pytest.raises(AssertionError, match="adapter term off"):
+        assert_term_close(y_base + 1.12 * (y - y_base), y_base, expected, expected_base, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_on_1d_x_matches_reference(dtype):
+    # A 1-D x takes its own path in the LoRA term (no fused addmm).
+    layer = make_layer(dtype=dtype)
+    p = strong_adapter(layer)
+    x = torch.randn(64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    y = hqqlora.apply_lora(layer, p, x)
+    assert y.shape == (48,)
+    expected, expected_base = _term_reference(layer, p, x)
+    assert_term_close(y, hqqlora.base_forward(layer, x), expected, expected_base, dtype)
 
 
 @pytest.mark.parametrize("bias", [True, False])

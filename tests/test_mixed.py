@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from peft import LoraConfig
 from peft.tuners.lora.hqq import HqqLoraLinear as PeftHqq
+from test_lora import assert_term_close, strong_adapter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hqqlora import (
@@ -18,6 +19,7 @@ from hqqlora import (
     apply_lora,
     bank_weight_norm,
     base_forward,
+    dequantize,
     dora_weight_norm,
     mixed_batch,
     mixed_batch_indexed,
@@ -354,11 +356,290 @@ def test_indexed_form_compiles_without_graph_breaks():
     norms = bank_weight_norm(layer, bank)
 
     @torch.compile(fullgraph=True, dynamic=False)
-    def serve(x, index):
+    def serve(x, index, norms):
         return mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norms)
 
     x = torch.randn(4, 64)
     for index in ([0, 1, -1, 2], [2, 2, 1, -1]):
         index = torch.tensor(index)
         eager = mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norms)
-        assert_close_rel(serve(x, index), eager, torch.float32)
+        assert_close_rel(serve(x, index, norms), eager, torch.float32)
+    # Compiled, the norm's values are not checked (no host sync): a NaN in DoRA adapter b's
+    # norm stays in b's rows. Same graph, no recompilation.
+    broken = norms.clone()
+    broken[1, 7] = float("nan")
+    index = torch.tensor([1, 0, -1, 2])
+    y, y_broken = serve(x, index, norms), serve(x, index, broken)
+    assert not torch.isfinite(y_broken[0]).all()
+    assert torch.equal(y_broken[1:], y[1:])
+
+
+# -- a broken adapter stays in its rows ------------------------------------------------
+
+
+def _broken(p, key, bad):
+    p = {k: v.clone() for k, v in p.items()}
+    if key == "scaling":
+        p[key] = torch.tensor(bad)
+    else:
+        p[key].view(-1)[3] = bad  # one entry: NaN/inf then spreads through the row
+    return p
+
+
+def _run(form, x, params, names, base):
+    if form == "names":
+        return mixed_batch(x, params, names, base=base)
+    bank = stack_adapters(params)
+    index = torch.tensor([bank.names.index(n) if n != BASE else -1 for n in names])
+    return mixed_batch_indexed(x, bank, index, base=base)
+
+
+@pytest.mark.parametrize("form", ["names", "indexed"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize(
+    ("a_is_dora", "key", "with_base"),
+    [
+        (False, "lora_A", True),
+        (False, "lora_B", True),
+        (False, "scaling", True),
+        (True, "lora_A", True),
+        (True, "lora_B", True),
+        (True, "scaling", True),
+        (True, "magnitude", True),
+        (False, "lora_A", False),
+        (False, "lora_B", False),
+        (False, "scaling", False),
+    ],
+)
+def test_broken_adapter_stays_in_its_rows(a_is_dora, key, with_base, bad, form):
+    # "a" is stacked first: slot 0, the one "__base__" rows used to gather and multiply by 0.
+    layer = make_layer()
+    base = layer if with_base else None
+    clean = _adapters(layer, {"a": 3, "b": 2, "d": 4}, dora=("a", "d") if a_is_dora else ("d",))
+    if not with_base:
+        del clean["d"]  # DoRA needs the base
+    params = {**clean, "a": _broken(clean["a"], key, bad)}
+    names = ["a", BASE, "b", "d", "a", BASE] if with_base else ["a", BASE, "b", "a", BASE, "b"]
+    others = [i for i, n in enumerate(names) if n != "a"]
+    x = torch.randn(len(names), 2, 64, generator=torch.Generator().manual_seed(0))
+    x.requires_grad_(True)
+    leaves = {
+        n: {k: v.requires_grad_(k != "scaling") for k, v in p.items()} for n, p in params.items()
+    }
+    y = _run(form, x, leaves, names, base)
+    assert not torch.isfinite(y[names.index("a")]).all()  # the break is real
+    assert torch.isfinite(y[others]).all()
+    if with_base:
+        expected = _per_row(layer, clean, names, x.detach())
+    else:
+        expected = _per_row(layer, clean, names, x.detach()) - base_forward(layer, x.detach())
+    assert_close_rel(y[others], expected[others], torch.float32, factor=2)
+    # Gradients: the other rows' x and the other adapters never see "a" either.
+    grads = torch.autograd.grad(y[others].sum(), [x, *(leaves[n]["lora_B"] for n in leaves)])
+    assert torch.isfinite(grads[0][others]).all()
+    assert all(torch.isfinite(g).all() for n, g in zip(leaves, grads[1:], strict=True) if n != "a")
+    x_clean = x.detach().clone().requires_grad_(True)
+    clean_leaves = {
+        n: {k: v.clone().requires_grad_(k != "scaling") for k, v in p.items()}
+        for n, p in clean.items()
+    }
+    y_clean = _run(form, x_clean, clean_leaves, names, base)
+    clean_grads = torch.autograd.grad(
+        y_clean[others].sum(), [x_clean, *(clean_leaves[n]["lora_B"] for n in clean_leaves)]
+    )
+    assert torch.equal(y[others], y_clean[others])
+    assert torch.equal(grads[0][others], clean_grads[0][others])
+    for n, g, g_clean in zip(leaves, grads[1:], clean_grads[1:], strict=True):
+        if n != "a":
+            assert torch.equal(g, g_clean), n
+
+
+# -- edge cases: 0 rows, index dtypes, weight_norm values, devices ------------------------
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("shape", [(0, 64), (0, 3, 64)])
+def test_zero_rows_give_an_empty_result(shape, dora):
+    layer = make_layer()
+    params = _adapters(layer, {"a": 2, "b": 3}, dora=("b",) if dora else ())
+    bank = stack_adapters(params)
+    x = torch.randn(shape)
+    out_shape = (*shape[:-1], 48)
+    for index_dtype in (torch.int64, torch.int32):
+        y = mixed_batch_indexed(x, bank, torch.zeros(0, dtype=index_dtype), base=layer)
+        assert y.shape == out_shape and y.dtype == torch.float32
+    assert mixed_batch(x, params, [], base=layer).shape == out_shape
+    if not dora:
+        assert mixed_batch_indexed(x, bank, torch.zeros(0, dtype=torch.int64)).shape == out_shape
+
+
+def test_index_dtypes():
+    # int32 and int64 index; narrower ones are refused: uint8 cannot hold -1 (and torch reads
+    # a uint8 index as a mask), int8/int16 do not index at all.
+    layer = make_layer()
+    params = _adapters(layer, {"a": 2, "b": 3}, dora=("b",))
+    bank = stack_adapters(params)
+    x = torch.randn(4, 64)
+    names = ["b", BASE, "a", "b"]
+    index = torch.tensor([1, -1, 0, 1])
+    y32 = mixed_batch_indexed(x, bank, index.int(), base=layer)
+    assert_close_rel(y32, _per_row(layer, params, names, x), torch.float32, factor=2)
+    assert torch.equal(y32, mixed_batch_indexed(x, bank, index, base=layer))
+    for dtype in (torch.uint8, torch.int8, torch.int16):
+        with pytest.raises(
+            TypeError,
+            match=rf"`index` to be an integer tensor of dtype torch.int32 or torch.int64, got {dtype}",
+        ):
+            mixed_batch_indexed(x, bank, index.clamp(min=0).to(dtype), base=layer)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_weight_norm_must_be_positive_and_finite(bad):
+    layer = make_layer()
+    params = _adapters(layer, {"a": 2, "b": 3}, dora=("b",))
+    bank = stack_adapters(params)
+    norm = dora_weight_norm(layer, params["b"]).clone()
+    norm[5] = bad
+    x = torch.randn(3, 64)
+    names, index = ["a", "b", BASE], torch.tensor([0, 1, -1])
+    with pytest.raises(ValueError, match=r"`weight_norm\['b'\]` with positive finite entries"):
+        mixed_batch(x, params, names, base=layer, weight_norm={"b": norm})
+    with pytest.raises(ValueError, match=r"`weight_norm\['b'\]` with positive finite entries"):
+        bank_weight_norm(layer, bank, {"b": norm})
+    with pytest.raises(ValueError, match=r"`weight_norm\['b'\]` with positive finite entries"):
+        mixed_batch_indexed(x, bank, index, base=layer, weight_norm={"b": norm})
+    norms = torch.stack([torch.ones(48), norm])
+    with pytest.raises(ValueError, match=r"`weight_norm \(its DoRA rows\)` with positive finite"):
+        mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norms)
+    # A bad norm is refused even for an adapter that no row uses.
+    with pytest.raises(ValueError, match=r"`weight_norm\['b'\]` with positive finite entries"):
+        mixed_batch(x, params, ["a", "a", BASE], base=layer, weight_norm={"b": norm})
+    # The LoRA rows of a stacked norm are not read (LoRA has c = 1).
+    good = bank_weight_norm(layer, bank)
+    y = mixed_batch_indexed(x, bank, index, base=layer, weight_norm=good)
+    lora_row_bad = torch.stack([torch.full((48,), bad), good[1]])
+    assert torch.equal(mixed_batch_indexed(x, bank, index, base=layer, weight_norm=lora_row_bad), y)
+
+
+def test_meta_x_is_refused():
+    layer = make_layer()
+    params = _adapters(layer, {"a": 2})
+    x = torch.randn(2, 64, device="meta")
+    with pytest.raises(ValueError, match="`x` to hold data, got a tensor on the meta device"):
+        mixed_batch(x, params, ["a", BASE], base=layer)
+    with pytest.raises(ValueError, match="`x` to hold data, got a tensor on the meta device"):
+        mixed_batch_indexed(x, stack_adapters(params), torch.tensor([0, -1]), base=layer)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_devices_that_do_not_fit_are_refused():
+    layer = make_layer()  # on the CPU
+    params = _adapters(layer, {"a": 2, "b": 3}, dora=("b",))
+    on_cuda = {n: {k: v.cuda() for k, v in p.items()} for n, p in params.items()}
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match=r"`params_by_name\['a'\]` on the base layer's device cpu"):
+        mixed_batch(x, on_cuda, ["a", "b"], base=layer)
+    with pytest.raises(ValueError, match=r"Expected `x` on the base layer's device cpu"):
+        mixed_batch(x.cuda(), params, ["a", "b"], base=layer)
+    with pytest.raises(ValueError, match=r"Expected all adapters on one device"):
+        stack_adapters({"a": params["a"], "b": on_cuda["b"]})
+    bank = stack_adapters(params)
+    index = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"Expected `x` on the adapters' device cpu"):
+        mixed_batch_indexed(x.cuda(), bank, index, base=layer)
+    with pytest.raises(ValueError, match=r"Expected `index` on the adapters' device cpu"):
+        mixed_batch_indexed(x, bank, index.cuda(), base=layer)
+    with pytest.raises(ValueError, match=r"adapters on the base layer's device cpu"):
+        mixed_batch_indexed(x.cuda(), stack_adapters(on_cuda), index.cuda(), base=layer)
+    with pytest.raises(ValueError, match=r"`weight_norm` on the adapters' device cpu"):
+        mixed_batch_indexed(
+            x, bank, index, base=layer, weight_norm=bank_weight_norm(layer, bank).cuda()
+        )
+
+
+# -- the adapter term, against the float64 reference --------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ["names", "indexed"])
+def test_adapter_terms_match_reference_per_row(form, dtype):
+    # Adapters whose term is as large as the base output, DoRA magnitudes away from init:
+    # a term a few % off shows (the whole-output tolerance would hide it).
+    layer = make_layer(dtype=dtype)
+    params = {
+        "a": strong_adapter(layer, 2, seed=1, dtype=dtype),
+        "b": strong_adapter(layer, 5, dora=True, seed=2, dtype=dtype),
+        "c": strong_adapter(layer, 3, dora=True, seed=3, dtype=dtype),
+    }
+    names = ["b", "a", BASE, "c", "a", "b"]
+    x = torch.randn(len(names), 3, 64, generator=torch.Generator().manual_seed(4)).to(dtype)
+    y = _run(form, x, params, names, layer)
+    y_base = base_forward(layer, x)
+    expected = _per_row_dense(layer, params, names, x)
+    expected_base = dense_reference(layer, [], x)
+    for i in range(len(names)):
+        assert_term_close(y[i], y_base[i], expected[i], expected_base[i], dtype)
+
+
+# -- what mutants of _mixed.py showed untested ---------------------------------------------
+
+
+def test_given_weight_norms_are_the_ones_used():
+    # A norm that is not the computed one (as after training moved A and B): c = m / n_given.
+    layer = make_layer()
+    params = _adapters(layer, {"a": 2, "b": 3, "c": 4}, dora=("b",))
+    names = ["b", "a", BASE, "b"]
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    n_given = 1.3 * dora_weight_norm(layer, params["b"])
+    W = dequantize(layer).double()
+    p = params["b"]
+    merged = W + p["scaling"].double() * p["lora_B"].double() @ p["lora_A"].double()
+    c = p["magnitude"].double() / n_given.double()
+    expected_b = c * (x.double() @ merged.T) + layer.bias.double()
+    # "c" is not in the batch: its (valid) norm is accepted and not used.
+    norms = {"b": n_given, "c": torch.ones(48)}
+    params["c"] = {**params["c"], "magnitude": torch.ones(48)}
+    y = mixed_batch(x, params, names, base=layer, weight_norm=norms)
+    assert_close_rel(y[[0, 3]], expected_b[[0, 3]], torch.float32, factor=2)
+    bank = stack_adapters(params, ["a", "b"])
+    y_indexed = mixed_batch_indexed(
+        x, bank, torch.tensor([1, 0, -1, 1]), base=layer, weight_norm={"b": n_given}
+    )
+    assert_close_rel(y_indexed[[0, 3]], expected_b[[0, 3]], torch.float32, factor=2)
+
+
+def test_weight_norm_gets_no_gradient():
+    # n is detached (DESIGN): c = magnitude / n carries gradient to the magnitude only.
+    layer = make_layer()
+    params = _adapters(layer, {"a": 2, "b": 3}, dora=("b",))
+    bank = stack_adapters(params)
+    norms = bank_weight_norm(layer, bank).clone().requires_grad_(True)
+    magnitude = bank.magnitude.clone().requires_grad_(True)
+    bank = bank._replace(magnitude=magnitude)
+    y = mixed_batch_indexed(
+        torch.randn(3, 64), bank, torch.tensor([1, 0, 1]), base=layer, weight_norm=norms
+    )
+    y.sum().backward()
+    assert norms.grad is None
+    assert magnitude.grad is not None and magnitude.grad[1].abs().sum() > 0
+
+
+def test_more_errors():
+    layer = make_layer()
+    params = _adapters(layer, {"a": 2, "b": 3})
+    x = torch.randn(3, 64)
+    bank = stack_adapters(params)
+    with pytest.raises(ValueError, match=r"values in \[-1, 2\), got values in \[-2, 1\]"):
+        mixed_batch_indexed(x, bank, torch.tensor([0, -2, 1]), base=layer)
+    with pytest.raises(ValueError, match=r"Expected distinct names in `names_order`"):
+        stack_adapters(params, ["a", "a"])
+    half_magnitude = {**params["a"], "magnitude": torch.ones(48, dtype=torch.float16)}
+    with pytest.raises(TypeError, match=r"Expected all adapters in one dtype"):
+        stack_adapters({"a": half_magnitude})
+    with pytest.raises(ValueError, match=r"Expected no `weight_norm` for a bank without DoRA"):
+        mixed_batch_indexed(
+            x, bank, torch.tensor([0, 1, 0]), base=layer, weight_norm=torch.ones(2, 48)
+        )
+    # Only "__base__" rows and no base: the zero term comes in the adapters' dtype.
+    term = mixed_batch(x.to(torch.bfloat16), params, [BASE] * 3)
+    assert term.dtype == torch.float32 and term.shape == (3, 48) and not term.any()

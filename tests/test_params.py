@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from helpers import make_layer, random_adapter
+from helpers import assert_close_rel, dense_reference, make_layer, random_adapter
 
 import hqqlora
 
@@ -137,3 +137,77 @@ def test_params_must_be_a_dict(layer):
         hqqlora.apply_lora(layer, 3, torch.randn(1, 128))
     with pytest.raises(ValueError, match="at least one adapter"):
         hqqlora.apply_lora(layer, [], torch.randn(1, 128))
+
+
+FLOAT8 = [
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+]
+
+
+@pytest.mark.parametrize("dtype", FLOAT8)
+@pytest.mark.parametrize("key", ["lora_A", "magnitude", "scaling"])
+def test_float8_leaves_are_refused_before_the_forward(layer, dtype, key):
+    # float8 is floating point, but the forward cannot compute in it.
+    p = random_adapter(layer, dora=True)
+    p = {**p, key: p[key].to(dtype)}
+    if key == "lora_A":
+        p["lora_B"] = p["lora_B"].to(dtype)
+    match = rf"Expected `params\['{key}'\]` in a dtype the forward computes in .* got {dtype}"
+    with pytest.raises(TypeError, match=match):
+        hqqlora.check_params(p)
+    with pytest.raises(TypeError, match=match):
+        hqqlora.apply_lora(layer, p, torch.randn(2, 128))
+
+
+def test_float64_adapters_compute_in_float64(layer):
+    p = {k: v.double() for k, v in random_adapter(layer, dora=True).items()}
+    x = torch.randn(3, 128)
+    y = hqqlora.apply_lora(layer, p, x)
+    assert y.dtype == torch.float32  # the base output's dtype
+    assert_close_rel(y, dense_reference(layer, p, x), torch.float32)
+
+
+@pytest.mark.parametrize("key", ["lora_A", "lora_B", "scaling", "magnitude"])
+def test_meta_tensors_are_refused(layer, key):
+    p = random_adapter(layer, dora=True)
+    p[key] = p[key].to("meta")
+    with pytest.raises(
+        ValueError, match=rf"`params\['{key}'\]` to hold data, got a tensor on the meta"
+    ):
+        hqqlora.check_params(p)
+    with pytest.raises(ValueError, match="meta device"):
+        hqqlora.apply_lora(layer, p, torch.randn(2, 128))
+    with pytest.raises(ValueError, match="`x` to hold data, got a tensor on the meta device"):
+        hqqlora.apply_lora(layer, random_adapter(layer), torch.randn(2, 128, device="meta"))
+
+
+def test_rank_zero_is_refused(layer):
+    p = {"lora_A": torch.zeros(0, 128), "lora_B": torch.zeros(64, 0), "scaling": torch.tensor(1.0)}
+    match = r"Expected `params` of rank r >= 1, got lora_A of shape \(0, 128\)"
+    for call in (
+        lambda: hqqlora.check_params(p),
+        lambda: hqqlora.apply_lora(layer, p, torch.randn(2, 128)),
+        lambda: hqqlora.merge(layer, p),
+    ):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_devices_that_do_not_fit_are_refused(layer):
+    # `layer` is on the CPU.
+    p = random_adapter(layer, dora=True)
+    on_cuda = {k: v.cuda() for k, v in p.items()}
+    x = torch.randn(2, 128)
+    with pytest.raises(ValueError, match=r"Expected `params` on the base layer's device cpu"):
+        hqqlora.apply_lora(layer, on_cuda, x)
+    with pytest.raises(ValueError, match=r"Expected the tensors of `params` on one device"):
+        hqqlora.check_params({**p, "lora_B": p["lora_B"].cuda()})
+    with pytest.raises(ValueError, match=r"Expected `x` on the base layer's device cpu"):
+        hqqlora.apply_lora(layer, p, x.cuda())
+    with pytest.raises(ValueError, match=r"`weight_norm\[0\]` on the base layer's device cpu"):
+        hqqlora.apply_lora(layer, p, x, weight_norm=hqqlora.dora_weight_norm(layer, p).cuda())
+    # A 0-d CPU scaling works with adapters on any device, as in torch.
+    hqqlora.check_params({**on_cuda, "scaling": p["scaling"]})
