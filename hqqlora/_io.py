@@ -223,11 +223,6 @@ def save_adapter(
         if not isinstance(name, str) or not name:
             raise ValueError(f"Expected module paths to be non-empty strings, got {name!r}.")
         check_params(params, name=f"adapters[{name!r}]")
-        if params["lora_A"].shape[0] == 0:
-            raise ValueError(
-                f"Expected `adapters[{name!r}]['lora_A']` of rank >= 1, got shape "
-                f"{tuple(params['lora_A'].shape)} (PEFT cannot load rank 0)."
-            )
         scaling = float(params["scaling"])
         if not math.isfinite(scaling) or scaling <= 0:
             raise ValueError(
