@@ -219,6 +219,10 @@ def test_add_set_disable_adapter_names_and_delete_match_peft(kind):
         base = output(ours, inputs)
     assert not torch.equal(output(ours, inputs), base)  # enabled again
     same(adapter_names=["default", "b", BASE, "b"])
+    for names, flag in (("b", True), (["default", "b"], False), ("default", True)):
+        native.set_requires_grad(names, requires_grad=flag)
+        ours.set_requires_grad(names, requires_grad=flag)
+        assert grad_flags(ours) == grad_flags(native)
     assert ours.get_model_status() == native.get_model_status()
     native.delete_adapter("b")
     ours.delete_adapter("b")

@@ -321,16 +321,24 @@ def test_delete_adapter_matches_peft(dora):
 
 def test_deleting_the_only_active_adapter_picks_the_next_as_peft_does():
     native, ours = pair()
+    config_c = LoraConfig(r=2, lora_alpha=4, target_modules=["2"], init_lora_weights=False)
+    native.add_adapter("c", config_c)
+    inject_adapter(ours, "c", target_modules=["2"], r=2, lora_alpha=4)
     native.base_model.set_adapter("b")
     set_adapter(ours, "b")
-    with pytest.warns(UserWarning, match="Setting active adapter to default"):
-        native.delete_adapter("b")
-    with pytest.warns(UserWarning, match="Setting active adapter to default"):
-        delete_adapter(ours, "b")
+    for delete in (native.delete_adapter, lambda name: delete_adapter(ours, name)):
+        with pytest.warns(UserWarning) as record:
+            delete("b")
+        # layer 2 keeps "c" and "default": the first by name; layer 0 only "default"
+        assert {str(w.message) for w in record} == {
+            "Adapter b was active which is now deleted. Setting active adapter to c.",
+            "Adapter b was active which is now deleted. Setting active adapter to default.",
+        }
     for path in PATHS:
         assert ours.get_submodule(path).active_adapters == (
             native_layer(native, path).active_adapters
         )
+    assert ours.get_submodule("2").active_adapters == ["c"]
     assert grad_flags(ours) == grad_flags(native, PEFT_PREFIX)
 
 
@@ -366,6 +374,7 @@ def test_merge_and_unload_matches_peft_and_keeps_the_bias(nbits, names):
     for path in PATHS:
         layer, ref = merged.get_submodule(path), reference.get_submodule(path)
         assert type(layer) is type(originals[path]) and isinstance(layer, HQQLinear)
+        assert not layer.training  # as the shim it replaces (eval)
         assert codes_agree(dequantize(layer), dequantize(ref), nbits)
         assert torch.equal(layer.bias, originals[path].bias)  # kept
     # PEFT drops the bias of every layer it merged ("default" on 0 and 2; "b" on 2 and 4).
@@ -379,7 +388,8 @@ def test_merge_and_unload_matches_peft_and_keeps_the_bias(nbits, names):
 
 
 @pytest.mark.parametrize("dora", [False, True])
-def test_merge_and_unload_requantizes_each_layer_once(monkeypatch, dora):
+@pytest.mark.parametrize("names", [None, ["b"]])
+def test_merge_and_unload_requantizes_each_layer_once(monkeypatch, dora, names):
     _, ours = pair(dora, nbits=4)
     set_adapter(ours, ["default", "b"])
     ours.get_submodule("2").merge(adapter_names=["default"])  # an earlier merge is redone
@@ -388,13 +398,20 @@ def test_merge_and_unload_requantizes_each_layer_once(monkeypatch, dora):
     monkeypatch.setattr(
         hqqlora._merge, "quantize_like", lambda *a, **k: calls.append(1) or quantize_like(*a, **k)
     )
-    merged = merge_and_unload(ours)
-    assert len(calls) == len(PATHS)  # layer 2 holds two adapters: still one requantization
-    for path in PATHS:
+    merged = merge_and_unload(ours, adapter_names=names)
+    # layer 2 holds "default" (merged) and "b": one requantization; with names=["b"],
+    # layer 0 ("default" only, unmerged) is unloaded without any
+    expected_names = {
+        "0": ["default"] if names is None else [],
+        "2": ["default", "b"],
+        "4": ["b"],
+    }
+    assert len(calls) == sum(bool(n) for n in expected_names.values())
+    for path, adapter_names in expected_names.items():
         shim = ours.get_submodule(path)
-        names = [n for n in ("default", "b") if n in shim.lora_A]
-        weight = merged_dense(shim._unmerged_base(), [shim.adapter_params(n) for n in names])
-        expected = hqq_requantized(shim._unmerged_base(), weight)
+        params = [shim.adapter_params(n) for n in adapter_names]
+        weight = merged_dense(shim._unmerged_base(), params)
+        expected = hqq_requantized(shim._unmerged_base(), weight) if params else shim.base_layer
         assert codes_agree(dequantize(merged.get_submodule(path)), dequantize(expected), 4)
 
 
@@ -531,6 +548,26 @@ def test_merge_and_unload_errors_change_nothing():
     foreign[0] = PeftHqq(foreign[0], "x", config=LoraConfig(r=2, lora_alpha=4), r=2)
     with pytest.raises(ValueError, match=r"another library's shims at \['0'\]"):
         merge_and_unload(foreign, {"2": random_adapter(foreign[2])})
+
+
+def test_a_layer_under_two_paths_is_replaced_under_both():
+    layer = quantized_chain()[0]
+    shim = HqqLoraLinear(layer, "a", r=4, lora_alpha=8, init_lora_weights=False)
+    model = nn.Module()
+    model.first, model.second = shim, shim
+    for inplace in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a 4-bit merge keeps little of the update
+            merged = merge_and_unload(model, inplace=inplace)
+        assert isinstance(merged.first, HQQLinear) and merged.first is merged.second
+    assert merged is model
+    plain = nn.Module()  # a plain layer under two paths, named under both: merged once
+    plain.first = plain.second = layer
+    p = random_adapter(layer, 4)
+    merged = merge_and_unload(plain, {"first": p, "second": p})
+    expected = hqq_requantized(layer, merged_dense(layer, [p]))
+    assert merged.first is merged.second
+    assert codes_agree(dequantize(merged.first), dequantize(expected), 4)
 
 
 def test_merge_and_unload_of_a_shim_itself():
