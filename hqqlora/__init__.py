@@ -23,8 +23,10 @@ from hqqlora._params import (
     init_lora,
     trainable_params,
 )
+from hqqlora._peft import use_in_peft
 from hqqlora._report import merge_report
 from hqqlora._route import prepare_model
+from hqqlora._verbs import delete_adapter, disable_adapter, merge_and_unload, set_adapter
 from hqqlora.distributed import all_reduce_mean, rank_generator
 
 __version__ = "0.1.0"
@@ -41,8 +43,10 @@ __all__ = [
     "base_forward",
     "check_params",
     "combine",
+    "delete_adapter",
     "delta_weight",
     "dequantize",
+    "disable_adapter",
     "dispatch_hqq",
     "dora_weight_norm",
     "expand_group_constant",
@@ -53,6 +57,7 @@ __all__ = [
     "load_adapter",
     "loftq",
     "merge",
+    "merge_and_unload",
     "merge_report",
     "merged_weight",
     "mixed_batch",
@@ -65,8 +70,10 @@ __all__ = [
     "rank_generator",
     "save_adapter",
     "scale",
+    "set_adapter",
     "stack_adapters",
     "trainable_params",
     "unmerge",
     "unmerged_weight",
+    "use_in_peft",
 ]

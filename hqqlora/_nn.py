@@ -10,6 +10,7 @@ maths is the core's: :func:`apply_lora`, :func:`mixed_batch`, :func:`merge`,
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -121,7 +122,11 @@ class HqqLoraLinear(nn.Module):
     ``forward(x, adapter_names=[...])`` gives each row of ``x`` its own adapter
     (:func:`mixed_batch`, DoRA included). ``merge`` folds adapters into a new
     quantized base with one requantization and keeps the original, so ``unmerge``
-    restores it exactly.
+    restores it exactly; while adapters are disabled, ``forward`` is the base output
+    of that kept original, and a merged layer stays merged (PEFT's layer unmerges).
+
+    With :func:`hqqlora.use_in_peft`, PEFT builds a subclass of this layer that is
+    also PEFT's ``LoraLayer``, so PEFT's model-level API drives it.
 
     Args:
         base_layer: the quantized layer; read, never written.
@@ -141,7 +146,17 @@ class HqqLoraLinear(nn.Module):
         ValueError: ``lora_bias=True`` or ``r <= 0``.
     """
 
+    # PEFT's names for the per-adapter containers (its ``BaseTunerLayer`` protocol).
     adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    other_param_names = (
+        "r",
+        "lora_alpha",
+        "scaling",
+        "lora_dropout",
+        "use_dora",
+        "use_rslora",
+        "lora_bias",
+    )
 
     def __init__(
         self,
@@ -184,6 +199,7 @@ class HqqLoraLinear(nn.Module):
         self.lora_dropout: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
         self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
         self.lora_variant: dict[str, str] = {}
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
@@ -273,6 +289,7 @@ class HqqLoraLinear(nn.Module):
         self.lora_dropout[adapter_name] = float(lora_dropout)
         self.use_rslora[adapter_name] = use_rslora
         self.use_dora[adapter_name] = use_dora
+        self.lora_bias[adapter_name] = False
         self.set_adapter(self.active_adapters, inference_mode=options["inference_mode"])
 
     def _check_adapter(self, adapter_name: str) -> None:
@@ -342,7 +359,54 @@ class HqqLoraLinear(nn.Module):
                 getattr(self, layer_name).requires_grad_(False)
             self._disable_adapters = True
 
+    def set_requires_grad(
+        self, adapter_names: str | Sequence[str], requires_grad: bool = True
+    ) -> None:
+        """Turns gradients of the named adapters' Parameters on or off (PEFT's method)."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for layer_name in self.adapter_layer_names:
+            for key, module in getattr(self, layer_name).items():
+                if key in names:
+                    module.requires_grad_(requires_grad)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Removes adapter ``adapter_name`` and all its settings, as PEFT's layers do.
+
+        A name this layer does not hold is ignored (PEFT's rule, so that one call can
+        serve a model whose adapters target different layers). If the adapter was
+        active, the other active ones stay active; if none is left, the first
+        remaining adapter by name becomes active, with a warning (PEFT's rule).
+
+        Raises:
+            ValueError: the adapter is merged into the base layer (unmerge first);
+                nothing changes.
+        """
+        if adapter_name in self.merged_adapters:
+            raise ValueError(
+                f"Expected an unmerged adapter to delete, got {adapter_name!r}, which is merged: "
+                "call unmerge() first."
+            )
+        for attr in (*self.adapter_layer_names, *self.other_param_names, "lora_variant"):
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+        if adapter_name not in self._active_adapter:
+            return
+        active = [n for n in self._active_adapter if n != adapter_name]
+        if not active and self.lora_A:
+            active = sorted(self.lora_A)[:1]
+            warnings.warn(
+                f"Adapter {adapter_name} was active which is now deleted. Setting active adapter "
+                f"to {active[0]}.",
+                stacklevel=2,
+            )
+        self.set_adapter(active)
+
     # -- merging --------------------------------------------------------------------
+
+    def _unmerged_base(self) -> HQQLinear:
+        """The quantized layer without merged adapters (the one kept by :meth:`merge`)."""
+        return self._kept_base[0] if self._kept_base else self.base_layer
 
     @property
     def merged(self) -> bool:
@@ -368,7 +432,7 @@ class HqqLoraLinear(nn.Module):
         names = [n for n in names if n in self.lora_A and n not in self.merged_adapters]
         if not names:
             return
-        original = self._kept_base[0] if self._kept_base else self.base_layer
+        original = self._unmerged_base()
         merged_names = [*self.merged_adapters, *names]
         with torch.no_grad():
             params = [
@@ -412,14 +476,13 @@ class HqqLoraLinear(nn.Module):
             )
         routed = routed_params(self)
         if routed is not None:  # functional_call names this shim: its adapter, not ours
-            unmerged = self._kept_base[0] if self._kept_base else self.base_layer
-            return apply_lora(unmerged, routed, x)
+            return apply_lora(self._unmerged_base(), routed, x)
         if adapter_names is None:
             adapter_names = adapter_names_in_use()  # model(..., adapter_names=[...])
         if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return base_forward(self.base_layer, x)
+            # The kept pre-merge layer: exact, and no state change inside forward
+            # (PEFT unmerges here, so a merged model comes out of disable_adapter unmerged).
+            return base_forward(self._unmerged_base(), x)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, adapter_names)
         if self.merged:
@@ -466,13 +529,22 @@ def dispatch_hqq(target: nn.Module, adapter_name: str, **kwargs) -> HqqLoraLinea
 
     ``target`` may be an ``HQQLinear`` or a layer with ``get_base_layer()`` (a shim,
     PEFT's or ours). A PEFT ``config=LoraConfig(...)`` in ``kwargs`` supplies the
-    options as in :class:`HqqLoraLinear`, and ``r``/``lora_alpha`` when not given.
+    options as in :class:`HqqLoraLinear`, and ``r``/``lora_alpha`` when not given;
+    with one, the layer is the subclass PEFT recognises as its own ``LoraLayer``
+    (what :func:`hqqlora.use_in_peft` registers), so that registering this function
+    as PEFT's custom module works too.
     """
     base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
     if not isinstance(base, HQQLinear):
         return None
     config = kwargs.get("config")
+    layer_class = HqqLoraLinear
     if config is not None:
         kwargs.setdefault("r", getattr(config, "r", 0))
         kwargs.setdefault("lora_alpha", getattr(config, "lora_alpha", 1))
-    return HqqLoraLinear(base, adapter_name, **kwargs)
+        peft = sys.modules.get("peft")  # a LoraConfig means PEFT is imported already
+        if peft is not None and isinstance(config, peft.LoraConfig):
+            from hqqlora._peft_layer import PeftHqqLoraLinear
+
+            layer_class = PeftHqqLoraLinear
+    return layer_class(base, adapter_name, **kwargs)
