@@ -73,10 +73,11 @@ TARGETS = (
 # Data: English sentences from the standard library's docstrings
 
 
-def stdlib_sentences() -> list[str]:
-    """Unique prose sentences (40–300 characters) from stdlib docstrings, sorted."""
+def stdlib_sentences(modules=STDLIB_MODULES) -> list[str]:
+    """Unique prose sentences (40–300 characters) from the docstrings of ``modules``
+    (names of standard-library modules; those that fail to import are skipped), sorted."""
     sentences = set()
-    for name in STDLIB_MODULES:
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ImportError:
