@@ -200,7 +200,7 @@ def _carry_over(old: Path, new: Path, carry: Callable[[str], bool]) -> None:
             _link_or_copy(entry.path, target)
 
 
-def _link_or_copy(source: str, target: str | os.PathLike) -> None:
+def _link_or_copy(source: str, target: str | os.PathLike[str]) -> None:
     try:
         os.link(source, target)
     except OSError:
