@@ -44,7 +44,7 @@ from pathlib import Path
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # a module or None: typeshed has no Optional module type
 
 __all__ = ["replace_folder"]
 
