@@ -44,7 +44,7 @@ from pathlib import Path
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # a module or None: typeshed has no Optional module type
 
 __all__ = ["replace_folder"]
 
@@ -200,7 +200,7 @@ def _carry_over(old: Path, new: Path, carry: Callable[[str], bool]) -> None:
             _link_or_copy(entry.path, target)
 
 
-def _link_or_copy(source: str, target: str | os.PathLike) -> None:
+def _link_or_copy(source: str, target: str | os.PathLike[str]) -> None:
     try:
         os.link(source, target)
     except OSError:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
-from hqq.core.quantize import HQQLinear
+from hqq.core.quantize import HQQLinear as HQQLinear  # re-exported for hqqlora's modules
 from torch import Tensor
 
 from hqqlora import _triton
@@ -85,7 +86,7 @@ class QuantLayout:
     @property
     def packing_bits(self) -> tuple[int, int]:
         """``(bits per code, codes per packed element)`` of the packing."""
-        return _PACKINGS[self.packing]
+        return _PACKINGS[cast(str, self.packing)]  # only packed layouts ask
 
 
 def check_hqq_layer(base: object, name: str = "base") -> HQQLinear:
@@ -113,7 +114,7 @@ def check_hqq_layer(base: object, name: str = "base") -> HQQLinear:
 def quant_layout(base: HQQLinear) -> QuantLayout:
     """The static :class:`QuantLayout` of an ``HQQLinear``."""
     meta = base.meta
-    shape = tuple(int(s) for s in meta["shape"])
+    shape = cast("tuple[int, int]", tuple(int(s) for s in meta["shape"]))
     return QuantLayout(
         shape=shape,
         nbits=meta["nbits"],
@@ -276,17 +277,17 @@ def call_unrouted(base: HQQLinear, x: Tensor) -> Tensor:
     hooks ran), else as ``base(x)`` so that its hooks run, as PEFT's shim calls it.
     """
     if getattr(type(base), "_hqqlora_unrouted", None) is None:
-        return base(x)
+        return cast(Tensor, base(x))
     if STATE.running is base:
-        return unrouted_class(base).forward(base, x)
+        return cast(Tensor, unrouted_class(base).forward(base, x))
     previous, STATE.bypass = STATE.bypass, base
     try:
-        return base(x)
+        return cast(Tensor, base(x))
     finally:
         STATE.bypass = previous
 
 
-def unrouted_class(module: object) -> type:
+def unrouted_class(module: object) -> type[Any]:
     """The class ``module`` had before :func:`~hqqlora.prepare_model` (its own class if never)."""
     return getattr(type(module), "_hqqlora_unrouted", None) or type(module)
 
@@ -305,7 +306,7 @@ def pure_forward(base: HQQLinear, x: Tensor, layout: QuantLayout | None = None) 
     return out
 
 
-def quant_config_of(base: HQQLinear) -> dict:
+def quant_config_of(base: HQQLinear) -> dict[str, Any]:
     """A deep copy of the layer's full quant config, ``offload_meta`` included."""
     return {**copy.deepcopy(base.quant_config), "offload_meta": bool(base.offload_meta)}
 

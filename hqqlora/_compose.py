@@ -23,7 +23,7 @@ so sums and scalings of DoRA adapters have no meaning that keeps the magnitudes.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, cast, get_args, overload
 
 import optree
 import torch
@@ -96,12 +96,12 @@ def _kind(tree: object, name: str) -> str:
 
 def _check_lora(params: object, name: str) -> Mapping[str, Tensor]:
     check_params(params, name=name)
-    if "magnitude" in params:
+    if "magnitude" in cast(Mapping[str, Tensor], params):
         raise ValueError(
             f"Expected LoRA adapters (no 'magnitude'), got a DoRA adapter for `{name}`: DoRA is not "
             "linear in ΔW, so its adapters cannot be scaled, added or combined."
         )
-    return params
+    return cast(Mapping[str, Tensor], params)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -132,7 +132,7 @@ def _scale_one(params: Mapping[str, Tensor], w: float | Tensor, name: str) -> di
     return {"lora_A": params["lora_A"], "lora_B": scaled, "scaling": params["scaling"]}
 
 
-def scale(params: Mapping, w: float | Tensor, /) -> dict:
+def scale(params: Mapping[str, Any], w: float | Tensor, /) -> dict[str, Any]:
     """The adapter(s) with delta ``w · ΔW``: ``lora_B ← w · lora_B``.
 
     ``w`` goes into ``lora_B`` rather than into ``scaling`` so that ``scaling`` keeps
@@ -160,14 +160,17 @@ def scale(params: Mapping, w: float | Tensor, /) -> dict:
     kind = _kind(params, "params")
     if kind == "adapter":
         return _scale_one(params, w, "params")
-    return optree.tree_map_with_path(
-        lambda path, p: _scale_one(p, w, f"params[{path[0]!r}]"),
-        dict(params),
-        is_leaf=_is_adapter,
+    return cast(
+        dict[str, Any],
+        optree.tree_map_with_path(
+            lambda path, p: _scale_one(p, w, f"params[{path[0]!r}]"),
+            cast(Any, dict(params)),
+            is_leaf=_is_adapter,
+        ),
     )
 
 
-def negate(params: Mapping, /) -> dict:
+def negate(params: Mapping[str, Any], /) -> dict[str, Any]:
     """The adapter(s) with delta ``-ΔW`` (``lora_B ← -lora_B``, exact in every dtype).
 
     Args:
@@ -221,14 +224,16 @@ def _check_same_shape(adapters: Sequence[Mapping[str, Tensor]], names: Sequence[
             )
 
 
-def _add_one(p1: Mapping[str, Tensor], p2: Mapping[str, Tensor], names: tuple[str, str]) -> dict:
+def _add_one(
+    p1: Mapping[str, Tensor], p2: Mapping[str, Tensor], names: tuple[str, str]
+) -> dict[str, Tensor]:
     _check_lora(p1, names[0])
     _check_lora(p2, names[1])
     _check_same_shape([p1, p2], names)
     return _cat([p1, p2], [1, 1])
 
 
-def add(p1: Mapping, p2: Mapping, /) -> dict:
+def add(p1: Mapping[str, Any], p2: Mapping[str, Any], /) -> dict[str, Any]:
     """The adapter(s) whose delta is exactly ``ΔW(p1) + ΔW(p2)``, by concatenating ranks.
 
     With ``s₁ = s₂ = s``: ``A = [A₁; A₂]`` ``(r₁+r₂, in)``, ``B = [B₁, B₂]``
@@ -271,7 +276,7 @@ def add(p1: Mapping, p2: Mapping, /) -> dict:
 
 def _weighted_sum(tensors: Tensor, weights: Tensor) -> Tensor:
     """``Σᵢ wᵢ·tᵢ`` for ``tensors`` of shape ``(n, ...)`` and ``weights`` ``(n,)``."""
-    return torch.tensordot(weights, tensors, dims=1)
+    return cast(Tensor, torch.tensordot(weights, tensors, dims=1))
 
 
 def _magnitude_prune(tensor: Tensor, density: float) -> Tensor:
@@ -317,9 +322,9 @@ def _merge_tensors(
 ) -> Tensor:
     """PEFT's ``task_arithmetic`` / ``ties`` / ``dare_*`` / ``magnitude_prune`` on ``tensors``."""
     if method in ("ties", "magnitude_prune"):
-        tensors = [_magnitude_prune(t, density) for t in tensors]
+        tensors = [_magnitude_prune(t, cast(float, density)) for t in tensors]
     elif method in ("dare_linear", "dare_ties"):
-        tensors = [_random_prune(t, density, generator) for t in tensors]
+        tensors = [_random_prune(t, cast(float, density), generator) for t in tensors]
     stacked = torch.stack(tensors)
     if method in ("ties", "dare_ties"):
         mask = _majority_sign_mask(stacked, sign_method)
@@ -375,7 +380,9 @@ def _check_options(
     return weights
 
 
-def _as_float_weights(weights: list[float | Tensor], compute: torch.dtype, device) -> Tensor:
+def _as_float_weights(
+    weights: list[float | Tensor], compute: torch.dtype, device: torch.device
+) -> Tensor:
     return torch.stack([torch.as_tensor(w, dtype=compute, device=device) for w in weights])
 
 
@@ -451,8 +458,47 @@ def _dense_delta(params: Mapping[str, Tensor], dtype: torch.dtype) -> Tensor:
     return (params["lora_B"].to(dtype) @ params["lora_A"].to(dtype)) * params["scaling"].to(dtype)
 
 
+@overload
 def combine(
-    adapters: Sequence[Mapping],
+    adapters: Sequence[Mapping[str, Any]],
+    weights: Sequence[float | Tensor] | Tensor,
+    /,
+    method: Method = ...,
+    rank: int | None = ...,
+    density: float | None = ...,
+    *,
+    majority_sign_method: Literal["total", "frequency"] = ...,
+    generator: torch.Generator | None = ...,
+    return_info: Literal[False] = ...,
+) -> dict[str, Any]: ...
+@overload
+def combine(
+    adapters: Sequence[Mapping[str, Any]],
+    weights: Sequence[float | Tensor] | Tensor,
+    /,
+    method: Method = ...,
+    rank: int | None = ...,
+    density: float | None = ...,
+    *,
+    majority_sign_method: Literal["total", "frequency"] = ...,
+    generator: torch.Generator | None = ...,
+    return_info: Literal[True],
+) -> tuple[dict[str, Any], CombineInfo | dict[str, CombineInfo]]: ...
+@overload
+def combine(
+    adapters: Sequence[Mapping[str, Any]],
+    weights: Sequence[float | Tensor] | Tensor,
+    /,
+    method: Method = ...,
+    rank: int | None = ...,
+    density: float | None = ...,
+    *,
+    majority_sign_method: Literal["total", "frequency"] = ...,
+    generator: torch.Generator | None = ...,
+    return_info: bool = ...,
+) -> dict[str, Any] | tuple[dict[str, Any], CombineInfo | dict[str, CombineInfo]]: ...
+def combine(
+    adapters: Sequence[Mapping[str, Any]],
     weights: Sequence[float | Tensor] | Tensor,
     /,
     method: Method = "cat",
@@ -462,7 +508,7 @@ def combine(
     majority_sign_method: Literal["total", "frequency"] = "total",
     generator: torch.Generator | None = None,
     return_info: bool = False,
-) -> dict | tuple[dict, CombineInfo | dict[str, CombineInfo]]:
+) -> dict[str, Any] | tuple[dict[str, Any], CombineInfo | dict[str, CombineInfo]]:
     """One adapter approximating ``Σᵢ wᵢ·ΔWᵢ``, as PEFT's ``add_weighted_adapter``.
 
     With ``ΔWᵢ = sᵢ·Bᵢ@Aᵢ`` (``Aᵢ`` ``(rᵢ, in)``, ``Bᵢ`` ``(out, rᵢ)``):
@@ -539,9 +585,10 @@ def combine(
     if kinds == {"adapter"}:
         names = [f"adapters[{i}]" for i in range(len(adapters))]
         result, info = _combine_one(adapters, weights, names, *options)
-        return (result, info) if return_info else result
+        return (result, cast(CombineInfo, info)) if return_info else result
     paths = list(dict.fromkeys(path for a in adapters for path in a))
-    results, infos = {}, {}
+    results: dict[str, dict[str, Tensor]] = {}
+    infos: dict[str, CombineInfo | None] = {}  # all set when return_info
     for path in paths:
         present = [i for i, a in enumerate(adapters) if path in a]
         results[path], infos[path] = _combine_one(
@@ -550,4 +597,4 @@ def combine(
             [f"adapters[{i}][{path!r}]" for i in present],
             *options,
         )
-    return (results, infos) if return_info else results
+    return (results, cast(dict[str, CombineInfo], infos)) if return_info else results

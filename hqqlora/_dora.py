@@ -43,7 +43,7 @@ def dora_weight_norm(base: HQQLinear, params: Mapping[str, Tensor], /) -> Tensor
     A, B = params["lora_A"].detach(), params["lora_B"].detach()
     weight = dequantize(base).to(A.dtype)
     delta = expand_groups(params["scaling"].detach() * (B @ A), weight.shape[1])
-    norm = torch.linalg.norm(weight + delta, dim=1)
+    norm: Tensor = torch.linalg.norm(weight + delta, dim=1)
     return norm.to(weight.dtype).detach()
 
 
@@ -68,6 +68,7 @@ def as_norm_list(
     """
     if weight_norm is None:
         return [None] * len(adapters)
+    norms: list[Tensor | None]
     if isinstance(weight_norm, Tensor):
         norms = [weight_norm]
     elif isinstance(weight_norm, Sequence):

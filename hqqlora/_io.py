@@ -27,7 +27,7 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -110,11 +110,11 @@ _KNOWN = {
 }
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_real(value: object) -> bool:
+def _is_real(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -151,7 +151,7 @@ def _check_bool(value: object, field: str, where: str = "") -> bool:
 
 
 def save_adapter(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     adapters: Mapping[str, Mapping[str, Tensor]],
     *,
     r: int,
@@ -444,7 +444,7 @@ def _check_fits(adapters: Mapping[str, Mapping[str, Tensor]], model: nn.Module) 
 
 
 def load_adapter(
-    path: str | os.PathLike, *, model: nn.Module | None = None
+    path: str | os.PathLike[str], *, model: nn.Module | None = None
 ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
     """Reads a PEFT-format LoRA/DoRA adapter folder (PEFT's ``save_pretrained`` output too).
 

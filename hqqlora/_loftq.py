@@ -6,6 +6,7 @@ import copy
 import math
 from collections.abc import Mapping
 from numbers import Real
+from typing import Any
 
 import torch
 from hqq.core.quantize import HQQLinear
@@ -18,7 +19,7 @@ __all__ = ["loftq"]
 
 
 def _quantize(
-    weight: Tensor, quant_config: Mapping, compute_dtype: torch.dtype, device: str
+    weight: Tensor, quant_config: Mapping[str, Any], compute_dtype: torch.dtype, device: str
 ) -> HQQLinear:
     # from_weights handles group_size=None as HQQ does; the bias is carried separately.
     return HQQLinear.from_weights(
@@ -33,7 +34,7 @@ def _quantize(
 def loftq(
     weight: Tensor,
     /,
-    quant_config: Mapping,
+    quant_config: Mapping[str, Any],
     r: int,
     lora_alpha: float = 8,
     *,

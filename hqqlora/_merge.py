@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 from hqq.core.quantize import Quantizer
@@ -85,7 +86,7 @@ def unmerge_terms(
     """Each adapter's ``ΔW`` and DoRA factor ``c = m / n`` from the given norms ``n``."""
     deltas = [delta_weight(p, in_features=in_features) for p in adapters]
     factors = [
-        dora_factor(p, n) if "magnitude" in p else None
+        dora_factor(p, cast(Tensor, n)) if "magnitude" in p else None  # DoRA has its norm
         for p, n in zip(adapters, norms, strict=True)
     ]
     return deltas, factors
@@ -144,7 +145,9 @@ def merged_weight(base: HQQLinear, params: Adapters, /) -> Tensor:
     return merge_dense(dequantize(base), base, adapters)
 
 
-def _checked_norms(merged: HQQLinear, adapters, weight_norm: WeightNorm) -> list[Tensor | None]:
+def _checked_norms(
+    merged: HQQLinear, adapters: Sequence[Mapping[str, Tensor]], weight_norm: WeightNorm
+) -> list[Tensor | None]:
     norms = as_norm_list(weight_norm, adapters, merged)
     for i, (p, n) in enumerate(zip(adapters, norms, strict=True)):
         if "magnitude" in p and n is None:
@@ -196,7 +199,7 @@ def as_float64(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def max_code(layout: QuantLayout) -> int:
     """The largest code, ``round(2^nbits - 1)``, as HQQ's quantizer uses it."""
-    return round(2**layout.nbits - 1)
+    return cast(int, round(2**layout.nbits - 1))
 
 
 def grid(base: HQQLinear) -> tuple[Tensor, Tensor, Tensor]:
@@ -237,7 +240,7 @@ def _pack(codes: Tensor, base: HQQLinear) -> Tensor:
     layout = quant_layout(base)
     if layout.packing is None:
         return codes.to(base.W_q.dtype)
-    W_q = Quantizer.pack[layout.packing](codes.to(torch.uint8))
+    W_q: Tensor = Quantizer.pack[layout.packing](codes.to(torch.uint8))
     if layout.view_as_float:
         W_q = W_q.view(layout.compute_dtype)
     return W_q
@@ -301,7 +304,9 @@ def _row_to_groups(factor: Tensor, layout: QuantLayout) -> Tensor:
     return factor.repeat_interleave(layout.in_features // layout.group_size).unsqueeze(-1)
 
 
-def _zero_point_merge(base: HQQLinear, deltas, factors) -> HQQLinear:
+def _zero_point_merge(
+    base: HQQLinear, deltas: Sequence[Tensor], factors: Sequence[Tensor | None]
+) -> HQQLinear:
     layout = quant_layout(base)
     W_q, scale, zero = quant_tensors(base)
     s, z = scale.double(), zero.double()
@@ -313,7 +318,9 @@ def _zero_point_merge(base: HQQLinear, deltas, factors) -> HQQLinear:
     return _rebuild(base, W_q=W_q.detach().clone(), scale=s, zero=z)
 
 
-def _zero_point_unmerge(merged: HQQLinear, deltas, factors) -> HQQLinear:
+def _zero_point_unmerge(
+    merged: HQQLinear, deltas: Sequence[Tensor], factors: Sequence[Tensor | None]
+) -> HQQLinear:
     layout = quant_layout(merged)
     W_q, scale, zero = quant_tensors(merged)
     s, z = scale.double(), zero.double()
@@ -385,7 +392,14 @@ def merge(
         return _merge(base, adapters, safe_merge=safe_merge, method=method, warn=warn)
 
 
-def _merge(base: HQQLinear, adapters, *, safe_merge: bool, method: str, warn: bool) -> HQQLinear:
+def _merge(
+    base: HQQLinear,
+    adapters: Sequence[Mapping[str, Tensor]],
+    *,
+    safe_merge: bool,
+    method: str,
+    warn: bool,
+) -> HQQLinear:
     layout = quant_layout(base)
     if method == "zero_point":
         _check_zero_point_layout(layout)
@@ -489,7 +503,13 @@ def unmerge(
         return _unmerge(merged, adapters, norms, method=method)
 
 
-def _unmerge(merged: HQQLinear, adapters, norms, *, method: str) -> HQQLinear:
+def _unmerge(
+    merged: HQQLinear,
+    adapters: Sequence[Mapping[str, Tensor]],
+    norms: Sequence[Tensor | None],
+    *,
+    method: str,
+) -> HQQLinear:
     layout = quant_layout(merged)
     if method == "zero_point":
         _check_zero_point_layout(layout)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -420,7 +420,7 @@ def mixed_batch_indexed(
     use_dora = bank.is_dora[safe] & valid  # (batch,)
     # c = 1 on LoRA and "__base__" rows, selected (not computed from another slot), so
     # that their gradients never see another adapter's magnitude or norm either.
-    c = bank.magnitude[safe] / weight_norm.detach()[safe]
+    c = bank.magnitude[safe] / cast(Tensor, weight_norm).detach()[safe]  # set above for DoRA
     c = torch.where(use_dora[:, None], c, 1)[:, None, :]  # (batch, 1, out)
     base_term = result3.to(term.dtype)
     bias = base.bias

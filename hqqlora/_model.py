@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -177,7 +177,7 @@ def functional_call(
         args = (args,)
     kwargs = {} if kwargs is None else dict(kwargs)
     if model in table:  # the model itself is the quantized layer (or a shim)
-        base = model if isinstance(model, HQQLinear) else model.get_base_layer()
+        base = model if isinstance(model, HQQLinear) else cast(Any, model).get_base_layer()
         return apply_lora(base, table[model], *args, **kwargs)
     from hqqlora._nn import HqqLoraLinear
 

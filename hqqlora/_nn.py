@@ -13,7 +13,7 @@ import dataclasses
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -171,7 +171,7 @@ class HqqLoraLinear(nn.Module):
         lora_bias: bool | None = None,
         *,
         config: Any = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         options = resolve_options(
             config,
@@ -214,7 +214,7 @@ class HqqLoraLinear(nn.Module):
         """The quantized layer in use (the merged one while merged)."""
         return self.base_layer
 
-    def resolve_lora_variant(self, *, use_dora: bool = False, **kwargs) -> str | None:
+    def resolve_lora_variant(self, *, use_dora: bool = False, **kwargs: Any) -> str | None:
         """``"dora"`` for a DoRA adapter, ``None`` for plain LoRA."""
         return DORA if use_dora else None
 
@@ -230,7 +230,7 @@ class HqqLoraLinear(nn.Module):
         lora_bias: bool | None = None,
         *,
         config: Any = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         """Adds (or replaces) adapter ``adapter_name``, initialized by :func:`init_lora`.
 
@@ -307,14 +307,14 @@ class HqqLoraLinear(nn.Module):
             ValueError: an unknown adapter name (the message lists the known ones).
         """
         self._check_adapter(adapter_name)
-        A = self.lora_A[adapter_name].weight
+        A = cast(Tensor, self.lora_A[adapter_name].weight)
         params = {
             "lora_A": A,
-            "lora_B": self.lora_B[adapter_name].weight,
+            "lora_B": cast(Tensor, self.lora_B[adapter_name].weight),
             "scaling": torch.tensor(self.scaling[adapter_name], device=A.device),
         }
         if adapter_name in self.lora_magnitude_vector:
-            params["magnitude"] = self.lora_magnitude_vector[adapter_name].weight
+            params["magnitude"] = cast(Tensor, self.lora_magnitude_vector[adapter_name].weight)
         return params
 
     def get_delta_weight(self, adapter: str) -> Tensor:
@@ -455,7 +455,7 @@ class HqqLoraLinear(nn.Module):
     # -- forward --------------------------------------------------------------------
 
     def forward(
-        self, x: Tensor, *args, adapter_names: Sequence[str] | None = None, **kwargs
+        self, x: Tensor, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
     ) -> Tensor:
         """The layer output; ``adapter_names`` gives row ``i`` adapter ``adapter_names[i]``.
 
@@ -524,7 +524,7 @@ class HqqLoraLinear(nn.Module):
         return "lora." + super().__repr__()
 
 
-def dispatch_hqq(target: nn.Module, adapter_name: str, **kwargs) -> HqqLoraLinear | None:
+def dispatch_hqq(target: nn.Module, adapter_name: str, **kwargs: Any) -> HqqLoraLinear | None:
     """An :class:`HqqLoraLinear` around ``target`` if it is (or wraps) an ``HQQLinear``, else ``None``.
 
     ``target`` may be an ``HQQLinear`` or a layer with ``get_base_layer()`` (a shim,
@@ -534,7 +534,7 @@ def dispatch_hqq(target: nn.Module, adapter_name: str, **kwargs) -> HqqLoraLinea
     (what :func:`hqqlora.use_in_peft` registers), so that registering this function
     as PEFT's custom module works too.
     """
-    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+    base = cast(Any, target).get_base_layer() if hasattr(target, "get_base_layer") else target
     if not isinstance(base, HQQLinear):
         return None
     config = kwargs.get("config")

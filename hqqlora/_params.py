@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -186,7 +187,8 @@ def as_adapter_list(
         raise TypeError(
             f"Expected `params` to be an adapter dict or a sequence of them, got {type(params).__name__}."
         )
-    shape, group_size = (None, None), None
+    shape: tuple[int, int] | tuple[None, None] = (None, None)
+    group_size: int | None = None
     if base is not None:
         layout = quant_layout(base) if layout is None else layout
         shape = layout.shape
@@ -278,7 +280,7 @@ def pool_groups(x: Tensor, width: int) -> Tensor:
     """
     if x.shape[-1] == width:
         return x
-    return x.unflatten(-1, (width, x.shape[-1] // width)).sum(-1)
+    return x.unflatten(-1, (width, x.shape[-1] // width)).sum(-1)  # type: ignore[no-untyped-call,no-any-return]  # torch's Tensor.unflatten is unannotated
 
 
 def expand_groups(t: Tensor, in_features: int) -> Tensor:
@@ -328,7 +330,13 @@ def delta_weight(params: Mapping[str, Tensor], *, in_features: int | None = None
     return expand_groups(delta, in_features)
 
 
-def trainable_params(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+@overload
+def trainable_params(params: Mapping[str, Tensor]) -> dict[str, Tensor]: ...
+@overload
+def trainable_params(
+    params: Mapping[str, Mapping[str, Tensor]],
+) -> dict[str, dict[str, Tensor]]: ...
+def trainable_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """The trainable leaves of an adapter: every key but ``scaling``.
 
     Works on one adapter dict and on a model-level dict (module path → adapter).
@@ -397,6 +405,7 @@ def init_lora(
         raise TypeError(f"Expected a floating-point `dtype`, got {dtype}.")
     layout = quant_layout(base)
     out_features, in_features = layout.shape
+    width: int | None
     width = in_features
     if group_constant:
         width = None

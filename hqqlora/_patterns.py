@@ -24,15 +24,16 @@ a ``ValueError`` naming the key, as are keys ``re`` itself cannot compile.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeAlias, cast
 
-try:  # Python >= 3.11
+if sys.version_info >= (3, 11):
     from re import _constants as _c
     from re import _parser
-except ImportError:  # pragma: no cover - Python 3.10
-    import sre_constants as _c  # type: ignore[no-redef]
-    import sre_parse as _parser  # type: ignore[no-redef]
+else:  # pragma: no cover - Python 3.10
+    import sre_constants as _c
+    import sre_parse as _parser
 
 __all__ = ["MAX_STATES", "compile_pattern", "pattern_value"]
 
@@ -50,6 +51,12 @@ _CATEGORIES: dict[Any, Callable[[str], bool]] = {
     _c.CATEGORY_WORD: lambda ch: ch.isalnum() or ch == "_",
     _c.CATEGORY_NOT_WORD: lambda ch: not (ch.isalnum() or ch == "_"),
 }
+
+
+# NFA instructions: (_CHAR, test), (_SPLIT, a, b), (_JMP, to), (_ASSERT, at), (_MATCH,);
+# None marks a hole that _emit fills once its target is known.
+_Program: TypeAlias = list[Any]
+_CharTest: TypeAlias = Callable[[str], bool]
 
 
 class _Refused(Exception):
@@ -90,7 +97,7 @@ def compile_pattern(key: str, *, field: str = "pattern") -> Callable[[str], bool
         size = _size(parsed)
         if size > MAX_STATES:
             raise _Refused(f"an expansion of {size} states (at most {MAX_STATES})")
-        program: list[tuple] = []
+        program: _Program = []
         _emit(parsed, program)
         program.append((_MATCH,))
     except _Refused as e:
@@ -114,7 +121,7 @@ def pattern_value(
     return matchers[path][1] if path in matchers else default
 
 
-def _is_plain(items) -> bool:
+def _is_plain(items: Any) -> bool:
     """Only single characters and anchors, possibly in flagless groups: nothing to backtrack."""
     for op, av in items:
         if op is _c.SUBPATTERN:
@@ -125,7 +132,7 @@ def _is_plain(items) -> bool:
     return True
 
 
-def _size(items) -> int:
+def _size(items: Any) -> int:
     total = 0
     for op, av in items:
         if op is _c.BRANCH:
@@ -143,7 +150,7 @@ def _size(items) -> int:
     return total
 
 
-def _char_test(op, av) -> Callable[[str], bool]:
+def _char_test(op: Any, av: Any) -> Callable[[str], bool]:
     if op is _c.LITERAL:
         char = chr(av)
         return lambda ch: ch == char
@@ -152,14 +159,15 @@ def _char_test(op, av) -> Callable[[str], bool]:
         return lambda ch: ch != char
     if op is _c.ANY:
         return lambda ch: ch != "\n"  # no DOTALL
-    negate, tests = False, []
+    negate = False
+    tests: list[Callable[[str], bool]] = []
     for item, value in av:  # op is IN: a character class
         if item is _c.NEGATE:
             negate = True
         elif item is _c.LITERAL:
-            tests.append(lambda ch, code=value: ord(ch) == code)
+            tests.append(cast(_CharTest, lambda ch, code=value: ord(ch) == code))
         elif item is _c.RANGE:
-            tests.append(lambda ch, lo=value[0], hi=value[1]: lo <= ord(ch) <= hi)
+            tests.append(cast(_CharTest, lambda ch, lo=value[0], hi=value[1]: lo <= ord(ch) <= hi))
         elif item is _c.CATEGORY and value in _CATEGORIES:
             tests.append(_CATEGORIES[value])
         else:
@@ -167,7 +175,7 @@ def _char_test(op, av) -> Callable[[str], bool]:
     return lambda ch: any(t(ch) for t in tests) != negate
 
 
-def _emit(items, program: list) -> None:
+def _emit(items: Any, program: _Program) -> None:
     """Appends the NFA of ``items``; holes are filled once their targets are known."""
     for op, av in items:
         if op in (_c.LITERAL, _c.NOT_LITERAL, _c.ANY, _c.IN):
@@ -217,7 +225,7 @@ def _is_word(path: str, i: int) -> bool:
     return 0 <= i < len(path) and (path[i].isalnum() or path[i] == "_")
 
 
-def _holds(at, path: str, i: int) -> bool:
+def _holds(at: Any, path: str, i: int) -> bool:
     n = len(path)
     if at in (_c.AT_BEGINNING, _c.AT_BEGINNING_STRING):
         return i == 0
@@ -232,9 +240,11 @@ def _holds(at, path: str, i: int) -> bool:
     raise _Refused(str(at).lower())  # pragma: no cover - the parser makes no others
 
 
-def _closure(program: list, starts: list[int], path: str, i: int) -> tuple[list[int], bool]:
+def _closure(program: _Program, starts: list[int], path: str, i: int) -> tuple[list[int], bool]:
     """The character-reading states reachable from ``starts`` at position ``i``, and whether MATCH is."""
-    seen, stack, reading, matched = set(), list(reversed(starts)), [], False
+    seen: set[int] = set()
+    reading: list[int] = []
+    stack, matched = list(reversed(starts)), False
     while stack:
         pc = stack.pop()
         if pc in seen:
@@ -255,7 +265,7 @@ def _closure(program: list, starts: list[int], path: str, i: int) -> tuple[list[
     return reading, matched
 
 
-def _run(program: list, path: str) -> bool:
+def _run(program: _Program, path: str) -> bool:
     """Pike's simulation: does some prefix of ``path`` match (``re.match``'s question)?"""
     states, matched = _closure(program, [0], path, 0)
     for i, ch in enumerate(path):

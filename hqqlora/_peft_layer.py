@@ -33,7 +33,7 @@ from hqqlora._nn import HqqLoraLinear
 __all__ = ["PeftHqqLoraLinear"]
 
 
-class PeftHqqLoraLinear(HqqLoraLinear, LoraLayer):
+class PeftHqqLoraLinear(HqqLoraLinear, LoraLayer):  # type: ignore[misc]  # PEFT's LoraLayer annotates its attributes and hooks differently; HqqLoraLinear's win by MRO
     """:class:`~hqqlora.HqqLoraLinear` that PEFT recognises as one of its ``LoraLayer``\\ s.
 
     Built by PEFT's dispatch (``PeftHqqLoraLinear(target, adapter_name, config=...,

@@ -31,7 +31,7 @@ import copy
 import copyreg
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -82,7 +82,7 @@ def adapter_names_in_use() -> Sequence[str] | None:
 def _routed_hqq_forward(self: HQQLinear, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     table = STATE.adapters
     if table is None or STATE.bypass is self:
-        return unrouted_class(self).forward(self, x, *args, **kwargs)
+        return cast(Tensor, unrouted_class(self).forward(self, x, *args, **kwargs))
     params = table.get(self)
     previous, STATE.running = STATE.running, self
     try:
@@ -100,7 +100,7 @@ def _routed_hqq_forward(self: HQQLinear, x: Tensor, *args: Any, **kwargs: Any) -
 def _routed_shim_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     params = routed_params(self)
     if params is None:
-        return unrouted_class(self).forward(self, x, *args, **kwargs)
+        return cast(Tensor, unrouted_class(self).forward(self, x, *args, **kwargs))
     if getattr(self, "merged", False):
         raise ValueError(
             f"Expected an unmerged {type(self).__name__} in functional_call, got one with merged "
@@ -108,10 +108,10 @@ def _routed_shim_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) 
         )
     from hqqlora._lora import apply_lora
 
-    return apply_lora(self.get_base_layer(), params, x)
+    return apply_lora(cast(Any, self).get_base_layer(), params, x)  # a PEFT-style shim
 
 
-def _set_backend_on_original(cls: type, backend: Any) -> None:
+def _set_backend_on_original(cls: type[Any], backend: Any) -> None:
     # HQQLinear.__init__ and users call set_backend, which assigns cls.forward: on a
     # prepared class that would erase the routing for every prepared layer.
     unrouted = cls._hqqlora_unrouted
@@ -144,10 +144,10 @@ def _reduce_as_unrouted(self: nn.Module, protocol: int) -> Any:
     # torch.load(weights_only=True) needs copyreg._reconstructor allowed too.)
     getstate = getattr(self, "__getstate__", None)  # object.__getstate__ is 3.11+
     state = getstate() if getstate is not None else self.__dict__
-    return copyreg._reconstructor, (unrouted_class(self), object, None), state
+    return copyreg._reconstructor, (unrouted_class(self), object, None), state  # type: ignore[attr-defined]  # private, not in typeshed
 
 
-def _deepcopy_prepared(self: nn.Module, memo: dict) -> nn.Module:
+def _deepcopy_prepared(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
     # A copy made in this process stays prepared (the default would go through
     # __reduce_ex__ and give back the original class).
     new = type(self).__new__(type(self))
@@ -275,7 +275,9 @@ def _check_adapter_names(model: nn.Module, names: object) -> list[str]:
     return names
 
 
-def _pop_adapter_names(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+def _pop_adapter_names(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
     # Push first (the always-called post hook pops), also when the names turn out to
     # be invalid, so that the stack stays balanced whatever raises afterwards.
     STATE.names_stack.append((module, STATE.adapter_names))
@@ -287,7 +289,7 @@ def _pop_adapter_names(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tu
     return args, kwargs
 
 
-def _restore_adapter_names(module: nn.Module, args: tuple, output: Any) -> None:
+def _restore_adapter_names(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
     # Pop only this module's own frame: if a hook that runs before ours raised, our
     # pre-hook never pushed.
     stack = STATE.names_stack

@@ -10,8 +10,13 @@ intermediates round correctly for bf16/fp16 operands), so the result is identica
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from hqqlora._base import QuantLayout
 
 __all__ = ["available", "dequantize_cuda"]
 
@@ -24,8 +29,8 @@ except ImportError:  # pragma: no cover - depends on the install
 
 if triton is not None:
 
-    @triton.jit
-    def _dequant_kernel(
+    @triton.jit  # type: ignore[untyped-decorator]  # Triton ships no types for its JIT
+    def _dequant_kernel(  # type: ignore[no-untyped-def]  # Triton reads kernel annotations itself
         packed_ptr,
         scale_ptr,
         zero_ptr,
@@ -61,7 +66,7 @@ def available(W_q: Tensor) -> bool:
     return triton is not None and W_q.is_cuda
 
 
-def dequantize_cuda(W_q: Tensor, scale: Tensor, zero: Tensor, layout) -> Tensor:
+def dequantize_cuda(W_q: Tensor, scale: Tensor, zero: Tensor, layout: QuantLayout) -> Tensor:
     """``reshape((unpack(W_q) - zero) * scale, shape)`` in one kernel (CUDA only).
 
     Args:
@@ -100,8 +105,8 @@ def dequantize_cuda(W_q: Tensor, scale: Tensor, zero: Tensor, layout) -> Tensor:
 
 if triton is not None:
 
-    @triton.jit
-    def _gemv_kernel(
+    @triton.jit  # type: ignore[untyped-decorator]  # Triton ships no types for its JIT
+    def _gemv_kernel(  # type: ignore[no-untyped-def]  # Triton reads kernel annotations itself
         x_ptr,
         packed_ptr,
         scale_ptr,
@@ -163,7 +168,7 @@ if triton is not None:
         )
 
 
-def decode_supported(W_q: Tensor, layout, tokens: int) -> bool:
+def decode_supported(W_q: Tensor, layout: QuantLayout, tokens: int) -> bool:
     """Whether :func:`dequant_matmul` handles this layer and this many tokens."""
     if triton is None or not W_q.is_cuda or layout.axis != 1 or tokens > 16:
         return False
@@ -210,11 +215,13 @@ if triton is not None:
         return _dequant_matmul_impl(x, W_q, scale, zero, meta)
 
     @_dequant_matmul_op.register_fake
-    def _(x, W_q, scale, zero, meta):
+    def _(x: Tensor, W_q: Tensor, scale: Tensor, zero: Tensor, meta: list[int]) -> Tensor:
         return x.new_empty(x.shape[0], meta[3], dtype=scale.dtype)
 
 
-def dequant_matmul(x: Tensor, W_q: Tensor, scale: Tensor, zero: Tensor, layout) -> Tensor:
+def dequant_matmul(
+    x: Tensor, W_q: Tensor, scale: Tensor, zero: Tensor, layout: QuantLayout
+) -> Tensor:
     """``x @ dequantize(W)ᵀ`` for a few tokens, reading the packed weight once (CUDA).
 
     One Triton kernel unpacks, dequantizes (with HQQ's roundings) and multiplies, so
@@ -232,5 +239,7 @@ def dequant_matmul(x: Tensor, W_q: Tensor, scale: Tensor, zero: Tensor, layout) 
     out_features, in_features = layout.shape
     flat = x.reshape(-1, in_features).contiguous()
     meta = [bits, per, layout.group_size, out_features, in_features]
-    out = _dequant_matmul_op(flat, W_q.contiguous(), scale.contiguous(), zero.contiguous(), meta)
+    out: Tensor = _dequant_matmul_op(
+        flat, W_q.contiguous(), scale.contiguous(), zero.contiguous(), meta
+    )
     return out.view(*x.shape[:-1], out_features)

@@ -18,7 +18,7 @@ import copy
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -265,8 +265,10 @@ def _jobs(
         wanted = shim.active_adapters if names is None else names
         merged = [*shim.merged_adapters]
         merged += [n for n in wanted if n in shim.lora_A and n not in merged]
-        params = [{k: v.detach() for k, v in shim.adapter_params(n).items()} for n in merged]
-        jobs[id(shim)] = _Job(shim, path, shim._unmerged_base(), params)
+        detached: list[Mapping[str, Tensor]] = [
+            {k: v.detach() for k, v in shim.adapter_params(n).items()} for n in merged
+        ]
+        jobs[id(shim)] = _Job(shim, path, shim._unmerged_base(), detached)
     return jobs, paths
 
 
@@ -374,7 +376,7 @@ def merge_and_unload(
     if inplace:
         result = model
         for key, job in jobs.items():
-            replacement = merged[key] if merged[key] is not None else job.original
+            replacement = cast(HQQLinear, merged[key]) if merged[key] is not None else job.original
             if job.module is model:
                 result = replacement
                 continue

@@ -28,7 +28,7 @@ import hashlib
 import math
 import sys
 import time
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import optree
 import torch
@@ -68,7 +68,7 @@ def _timeout_seconds(timeout: object) -> float | None:
     return seconds
 
 
-def _check_leaf(path: tuple, leaf: object) -> Tensor:
+def _check_leaf(path: tuple[Any, ...], leaf: object) -> Tensor:
     where = "the root" if not path else "/".join(map(str, path))
     if not isinstance(leaf, Tensor):
         raise TypeError(f"Expected a pytree of tensors, got {type(leaf).__name__} at {where}.")
@@ -198,7 +198,7 @@ def all_reduce_mean(
     if bucket_bytes <= 0:
         raise ValueError(f"Expected bucket_bytes > 0, got {bucket_bytes}.")
     seconds = _timeout_seconds(timeout)
-    paths, leaves, treespec = optree.tree_flatten_with_path(tree)
+    paths, leaves, treespec = optree.tree_flatten_with_path(cast(Any, tree))
     leaves = [_check_leaf(path, leaf) for path, leaf in zip(paths, leaves, strict=True)]
 
     world = dist.get_world_size(group)
@@ -220,10 +220,10 @@ def all_reduce_mean(
         _wait(work, deadline, seconds, k, len(launched), group)
         if not average:
             flat.div_(world)
-        pieces = flat.split([leaves[i].numel() for i in bucket])
+        pieces = flat.split([leaves[i].numel() for i in bucket])  # type: ignore[no-untyped-call]  # torch's Tensor.split is unannotated
         for i, piece in zip(bucket, pieces, strict=True):
             means[i] = piece.view(leaves[i].shape)
-    return optree.tree_unflatten(treespec, means)
+    return cast(T, optree.tree_unflatten(treespec, means))
 
 
 def _wait(

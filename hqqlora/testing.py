@@ -26,6 +26,7 @@ Example (a complete property test of a merge/unmerge round trip)::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from hypothesis import assume
@@ -43,7 +44,7 @@ BASE = "__base__"
 _SEEDS = st.integers(min_value=0, max_value=2**31 - 1)
 
 
-def _strategy(values: object, name: str) -> SearchStrategy:
+def _strategy(values: object, name: str) -> SearchStrategy[Any]:
     """A strategy from a strategy, a sequence to sample from, or a single value."""
     if isinstance(values, SearchStrategy):
         return values
@@ -65,7 +66,7 @@ def quantized_layers(
     axes: object = (0, 1),
     dtypes: object = (torch.float32, torch.bfloat16, torch.float16),
     bias: object = (True, False),
-) -> HQQLinear:
+) -> SearchStrategy[HQQLinear]:
     """Small ``HQQLinear`` layers on the CPU, freshly quantized from a seeded weight.
 
     The weight is ``N(0, 1/in)``, the bias ``N(0, 0.01)``. Only combinations whose
@@ -104,7 +105,15 @@ def quantized_layers(
 
 @st.composite
 def _quantized_layers(
-    draw, *, in_features, out_features, nbits, group_sizes, axes, dtypes, bias
+    draw: st.DrawFn,
+    *,
+    in_features: SearchStrategy[int],
+    out_features: SearchStrategy[int],
+    nbits: SearchStrategy[int],
+    group_sizes: SearchStrategy[int],
+    axes: SearchStrategy[int],
+    dtypes: SearchStrategy[torch.dtype],
+    bias: SearchStrategy[bool],
 ) -> HQQLinear:
     from hqq.core.quantize import BaseQuantizeConfig
 
@@ -133,7 +142,7 @@ def adapters(
     dora: object = False,
     dtypes: object = None,
     scalings: object = (0.5, 1.0, 2.0),
-) -> dict[str, torch.Tensor]:
+) -> SearchStrategy[dict[str, torch.Tensor]]:
     """Adapter dicts that fit ``layer``, with random ``lora_A`` and ``lora_B`` (never a no-op).
 
     ``lora_A ~ N(0, 1/in)`` of shape ``(r, in)``, ``lora_B ~ N(0, 0.01)`` of shape
@@ -168,7 +177,16 @@ def adapters(
 
 
 @st.composite
-def _adapters(draw, layer, shape, *, ranks, dora, dtypes, scalings) -> dict[str, torch.Tensor]:
+def _adapters(
+    draw: st.DrawFn,
+    layer: HQQLinear,
+    shape: tuple[int, int],
+    *,
+    ranks: SearchStrategy[int],
+    dora: SearchStrategy[bool],
+    dtypes: SearchStrategy[torch.dtype],
+    scalings: SearchStrategy[float],
+) -> dict[str, torch.Tensor]:
     n_out, n_in = shape
     r = draw(ranks)
     dtype = draw(dtypes)
@@ -192,7 +210,7 @@ def adapter_banks(
     min_size: int = 1,
     max_size: int = 4,
     **adapter_options: object,
-) -> dict[str, dict[str, torch.Tensor]]:
+) -> SearchStrategy[dict[str, dict[str, torch.Tensor]]]:
     """Dicts ``name -> adapter`` for ``layer``, named ``"adapter_0"``, ``"adapter_1"``, ...
 
     Args:
@@ -217,8 +235,8 @@ def adapter_banks(
 
 
 def adapter_names(
-    bank: Mapping[str, object], batch_size: int | SearchStrategy, *, base: bool = True
-) -> SearchStrategy:
+    bank: Mapping[str, object], batch_size: int | SearchStrategy[int], *, base: bool = True
+) -> SearchStrategy[list[str]]:
     """Lists of ``batch_size`` names from ``bank`` (and ``"__base__"``), one per batch row.
 
     Args:
