@@ -45,17 +45,12 @@ __all__ = [
     "is_foreign_shim",
     "prepare_model",
     "routed_params",
-    "routing",
+    "set_routing",
 ]
 
 
 _PREPARE_LOCK = threading.Lock()
 _ROUTED_CLASSES: dict[type, type] = {}
-
-
-def routing() -> Mapping[nn.Module, Any] | None:
-    """The running ``functional_call``'s table (module → adapter), or ``None``."""
-    return STATE.adapters
 
 
 def set_routing(table: Mapping[nn.Module, Any] | None) -> Mapping[nn.Module, Any] | None:
