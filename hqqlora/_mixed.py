@@ -387,7 +387,7 @@ def mixed_batch_indexed(
             )
         else:
             dora_rows = [k for k, d in enumerate(bank.dora) if d]
-            check_norm_values(weight_norm[dora_rows], "weight_norm (its DoRA rows)")
+            check_norm_values(weight_norm, "weight_norm (its DoRA rows)", rows=dora_rows)
     elif weight_norm is not None:
         raise ValueError("Expected no `weight_norm` for a bank without DoRA adapters, got one.")
 

@@ -23,6 +23,7 @@ each column ``group_size`` times (:func:`expand_group_constant`).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, overload
 
@@ -209,16 +210,45 @@ def as_adapter_list(
     return adapters
 
 
-def check_norm_values(norm: Tensor, name: str = "weight_norm") -> Tensor:
+# Norms already found valid: id -> (weak reference, version counter, rows). Only ever
+# skips a check of the same tensor object, unchanged since (its version counter counts
+# in-place writes), so it never changes a result; it spares a held norm the host sync.
+_VALID_NORMS: dict[int, tuple[weakref.ref[Tensor], int, tuple[int, ...] | None]] = {}
+
+
+def _known_valid(norm: Tensor, rows: tuple[int, ...] | None) -> bool:
+    entry = _VALID_NORMS.get(id(norm))
+    return entry is not None and entry[0]() is norm and entry[1:] == (norm._version, rows)
+
+
+def _remember_valid(norm: Tensor, rows: tuple[int, ...] | None) -> None:
+    key = id(norm)
+
+    def forget(_: object, key: int = key) -> None:
+        _VALID_NORMS.pop(key, None)
+
+    _VALID_NORMS[key] = (weakref.ref(norm, forget), norm._version, rows)
+
+
+def check_norm_values(
+    norm: Tensor, name: str = "weight_norm", *, rows: Sequence[int] | None = None
+) -> Tensor:
     """Checks that DoRA row norms ``n = ‖W + ΔW‖`` are positive and finite; returns ``norm``.
 
     A zero gives ``c = magnitude / 0 = inf``, a negative entry flips the sign of its
     row's output and a NaN spreads through the row: each a silent wrong answer.
 
-    The check reads the values. It runs in eager mode even when ``norm`` lives on an
-    accelerator, at the cost of one host sync (correctness over a sync), and inside
-    ``torch.func`` transforms (on the whole batch under ``vmap``); it is skipped while
-    ``torch.compile`` traces, where a value cannot decide control flow.
+    The check reads the values, in eager mode even when ``norm`` lives on an
+    accelerator (one host sync), and inside ``torch.func`` transforms (on the whole
+    batch under ``vmap``); it is skipped while ``torch.compile`` traces, where a value
+    cannot decide control flow. A tensor found valid is remembered (by identity and its
+    version counter, which every in-place write bumps), so a ``weight_norm`` the caller
+    holds costs the sync once, not on every call.
+
+    Args:
+        norm: the norms, ``(out,)`` or ``(n, out)``.
+        name: how to call ``norm`` in the error.
+        rows: only these rows of a 2-d ``norm`` are checked (a bank's DoRA entries).
 
     Raises:
         ValueError: a zero, negative or non-finite entry, or a tensor on the meta device.
@@ -227,16 +257,24 @@ def check_norm_values(norm: Tensor, name: str = "weight_norm") -> Tensor:
         raise ValueError(f"Expected `{name}` to hold data, got a tensor on the meta device.")
     if torch.compiler.is_compiling():
         return norm
+    rows_key = None if rows is None else tuple(rows)
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor(norm)
+    if not wrapped and _known_valid(norm, rows_key):
+        return norm
     values = norm
     while torch._C._functorch.is_functorch_wrapped_tensor(values):
         values = torch._C._functorch.get_unwrapped(values)
     values = values.detach()
+    if rows_key is not None:
+        values = values[list(rows_key)]
     if not bool(torch.all(torch.isfinite(values) & (values > 0))):
         bad = values[~(torch.isfinite(values) & (values > 0))]
         raise ValueError(
             f"Expected `{name}` with positive finite entries (row norms of W + ΔW), "
             f"got {bad.numel()} entries such as {bad[0].item()}."
         )
+    if not wrapped:
+        _remember_valid(norm, rows_key)
     return norm
 
 

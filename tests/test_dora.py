@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BITS, DTYPES, assert_close_rel, dense_reference, make_layer
+from helpers import BITS, DTYPES, assert_close_rel, dense_reference, make_layer, random_adapter
 from peft import LoraConfig
 from peft.tuners.lora.hqq import HqqLoraLinear as PeftHqq
 from test_lora import assert_term_close
 
+import hqqlora
 from hqqlora import (
     apply_lora,
     base_forward,
@@ -227,3 +228,25 @@ def test_weight_norm_sequence_matches_adapters():
         apply_lora(layer, [lora, dora], x, weight_norm=[None, 1.0])
     with pytest.raises(TypeError, match=r"`weight_norm` to be a tensor, None or a sequence"):
         apply_lora(layer, dora, x, weight_norm={"a": n})
+
+
+def test_a_held_weight_norm_changed_in_place_is_checked_again():
+    # Valid norms are remembered by identity and version counter (to spare the host
+    # sync on every call); an in-place write must bring the check back.
+    layer = make_layer()
+    p = random_adapter(layer, dora=True)
+    n = hqqlora.dora_weight_norm(layer, p)
+    x = torch.randn(3, 64)
+    hqqlora.apply_lora(layer, p, x, weight_norm=n)
+    hqqlora.apply_lora(layer, p, x, weight_norm=n)  # remembered: no second check needed
+    n[5] = -1.0
+    with pytest.raises(ValueError, match="positive finite entries"):
+        hqqlora.apply_lora(layer, p, x, weight_norm=n)
+    bank = hqqlora.stack_adapters({"a": p, "b": random_adapter(layer, seed=3)})
+    norms = hqqlora.bank_weight_norm(layer, bank)
+    hqqlora.mixed_batch_indexed(x[:2], bank, torch.tensor([0, 1]), base=layer, weight_norm=norms)
+    norms[0, 2] = float("nan")
+    with pytest.raises(ValueError, match="positive finite entries"):
+        hqqlora.mixed_batch_indexed(
+            x[:2], bank, torch.tensor([0, 1]), base=layer, weight_norm=norms
+        )
