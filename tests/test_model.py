@@ -362,19 +362,20 @@ def test_compile_whole_model_functional_call_fullgraph():
         )
 
 
-def test_functional_call_on_transformers_bert():
+def quantized_bert(num_hidden_layers=1):
+    """A small transformers BertModel (eval mode), quantized to 4 bits but its pooler."""
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
         vocab_size=50,
         hidden_size=32,
-        num_hidden_layers=1,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=16,
     )
     torch.manual_seed(0)
     model = transformers.BertModel(config).eval()
-    quantize_model(
+    return quantize_model(
         model,
         BaseQuantizeConfig(nbits=4, group_size=16),
         compute_dtype=torch.float32,
@@ -382,6 +383,10 @@ def test_functional_call_on_transformers_bert():
         skip="pooler.dense",
         progress=False,
     )
+
+
+def test_functional_call_on_transformers_bert():
+    model = quantized_bert()
     path = "encoder.layer.0.attention.self.query"
     params = random_adapter(model.get_submodule(path), 4)
     ids = torch.randint(0, 50, (2, 7))

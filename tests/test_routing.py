@@ -15,7 +15,7 @@ from torch import nn
 import hqqlora
 from hqqlora import functional_call, inject_adapter, prepare_model, quantize_model
 from tests.helpers import assert_close_rel, dense_reference, random_adapter
-from tests.test_model import assert_unchanged, snapshot
+from tests.test_model import assert_unchanged, quantized_bert, snapshot
 
 BASE = "__base__"
 
@@ -204,25 +204,7 @@ def test_functional_call_refuses_ambiguous_paths():
 
 
 def _bert():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    model = transformers.BertModel(config).eval()
-    quantize_model(
-        model,
-        BaseQuantizeConfig(nbits=4, group_size=16),
-        compute_dtype=torch.float32,
-        device="cpu",
-        skip="pooler.dense",
-        progress=False,
-    )
+    model = quantized_bert(num_hidden_layers=2)
     targets = ["query", "value", "dense"]
     inject_adapter(model, "a", target_modules=targets, r=4, lora_alpha=8, init_lora_weights=False)
     inject_adapter(
