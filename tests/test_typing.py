@@ -21,10 +21,12 @@ def test_package_is_marked_typed():
         assert "py.typed" in config["tool"]["setuptools"]["package-data"]["hqqlora"]
 
 
-def test_mypy_strict_finds_no_errors(request):
+def test_mypy_strict_finds_no_errors(request, tmp_path):
     api = pytest.importorskip("mypy.api")
-    # A persistent cache (inside pytest's own, git-ignored) keeps reruns to a few seconds.
-    cache = request.config.cache.mkdir("mypy")
+    # A persistent cache (inside pytest's own, git-ignored) keeps reruns to a few seconds;
+    # without pytest's cache (-p no:cacheprovider), a fresh one.
+    pytest_cache = getattr(request.config, "cache", None)
+    cache = pytest_cache.mkdir("mypy") if pytest_cache is not None else tmp_path / "mypy"
     stdout, stderr, status = api.run(
         [
             "--config-file",
