@@ -21,9 +21,13 @@ def main() -> None:
     args = parser.parse_args()
     print(environment("cuda"))
     layer = make_hqq_layer(args.size, args.size, device="cuda")
-    params = random_params(layer, args.rank, dtype=torch.bfloat16)
+    params = random_params(layer, args.rank, dtype=torch.float32)
     x = torch.randn(args.tokens, args.size, device="cuda", dtype=torch.bfloat16)
+    from bench_decode import gemlite_of
+
+    gl = gemlite_of(layer)
     variants = {
+        "gemlite base": lambda: gl(x),
         "HQQ base forward": lambda: layer(x),
         "ours eager LoRA": lambda: hqqlora.apply_lora(layer, params, x),
         "ours compiled LoRA": torch.compile(

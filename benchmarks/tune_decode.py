@@ -1,6 +1,8 @@
-"""Tries launch configurations of the fused decode kernel (CUDA) and prints the best.
+"""Tries launch configurations of the decode kernels (CUDA) and prints the best per shape.
 
-python benchmarks/tune_decode.py
+python benchmarks/tune_decode.py            # prints a dict to paste into hqqlora/_decode.py TUNED
+
+Each configuration is checked against the float64 product before it is timed.
 """
 
 from __future__ import annotations
@@ -12,35 +14,73 @@ import triton.testing
 from common import environment, make_hqq_layer
 
 import hqqlora
-from hqqlora import _triton
-from hqqlora._base import quant_tensors
+from hqqlora import _decode
+from hqqlora._base import quant_layout, quant_tensors
+
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+TOKENS = [1, 16, 64]
+
+
+def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True):
+    """Best ``(block_p, gps, split, warps, stages)`` per ``(out, in, per, tokens)``, with LoRA."""
+    best = {}
+    for out_f, in_f in shapes:
+        layer = make_hqq_layer(in_f, out_f, device="cuda")
+        layout = quant_layout(layer)
+        W_q, scale, zero = quant_tensors(layer)
+        W = hqqlora.dequantize(layer).double()
+        A = torch.randn(rank, in_f, device="cuda") / in_f**0.5
+        B = torch.randn(out_f, rank, device="cuda") * 0.01
+        s = torch.ones(1, device="cuda")
+        _, per = layout.packing_bits
+        for tokens in tokens_list:
+            x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
+            ref = x.double() @ W.T + (x.double() @ A.double().T) @ B.double().T
+            key = (out_f, in_f, per, tokens)
+            results = []
+            for config in itertools.product(
+                (8, 16, 32) if tokens > 16 else (16, 32, 64, 128),
+                (1,),
+                (1, 2, 4, 8, 16),
+                (4,),
+                (2, 4),
+            ):
+                _decode.TUNED[key] = config
+
+                def run(x=x):
+                    return _decode.lora_decode(
+                        x, W_q, scale, zero, layout, lora_A=A, lora_B=B, scaling=s
+                    )
+
+                try:
+                    err = ((run().double() - ref).norm() / ref.norm()).item()
+                    if not err < 1e-2:
+                        print(f"{key} {config}: wrong result (rel err {err:.1e})")
+                        continue
+                    # A CUDA graph of the call: kernel time without the host's launch time.
+                    us = 1e3 * triton.testing.do_bench_cudagraph(run, rep=20, return_mode="median")
+                except Exception as exc:  # a configuration that does not compile or fit
+                    print(f"{key} {config}: {type(exc).__name__}: {str(exc)[:80]}")
+                    continue
+                results.append((us, config))
+            del _decode.TUNED[key]
+            if results:
+                results.sort()
+                best[key] = results[0][1]
+                if verbose:
+                    print(
+                        f"{key}: best {results[0][0]:.1f} us {results[0][1]}; next {results[1:3]}"
+                    )
+    return best
 
 
 def main() -> None:
     print(environment("cuda"))
-    layer = make_hqq_layer(4096, 4096, device="cuda")
-    W_q, scale, zero = quant_tensors(layer)
-    results = []
-    for tokens in (1, 16):
-        x = torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16)
-        ref = (x.double() @ hqqlora.dequantize(layer).double().T).float()
-        for config in itertools.product((16, 32, 64), (1, 2, 4), (4, 8, 16), (4,), (3,)):
-            _triton.DECODE_CONFIG = config
-            try:
-                out = _triton._dequant_matmul_impl(x, W_q, scale, zero, [4, 2, 64, 4096, 4096])
-                err = ((out.float() - ref).norm() / ref.norm()).item()
-                us = triton.testing.do_bench(
-                    lambda x=x: _triton._dequant_matmul_impl(x, W_q, scale, zero, [4, 2, 64, 4096, 4096]),
-                    warmup=10, rep=40, return_mode="median",
-                ) * 1e3  # fmt: skip
-            except Exception as exc:  # a config that does not compile
-                print(config, type(exc).__name__)
-                continue
-            results.append((tokens, us, config, err))
-    for tokens in (1, 16):
-        best = sorted(r for r in results if r[0] == tokens)[:5]
-        for r in best:
-            print(f"tokens {r[0]}: {r[1]:.1f} us  config {r[2]}  rel err {r[3]:.1e}")
+    best = tune()
+    print("TUNED = {")
+    for key, config in sorted(best.items()):
+        print(f"    {key}: {config},")
+    print("}")
 
 
 if __name__ == "__main__":

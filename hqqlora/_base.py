@@ -18,7 +18,7 @@ import torch
 from hqq.core.quantize import HQQLinear as HQQLinear  # re-exported for hqqlora's modules
 from torch import Tensor
 
-from hqqlora import _triton
+from hqqlora import _decode, _triton
 from hqqlora._state import STATE
 
 __all__ = [
@@ -220,34 +220,30 @@ def _eager() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is None
 
 
-def _decode_kernel_allowed(W_q: Tensor, x: Tensor, layout: QuantLayout) -> bool:
-    # Under torch.compile a decode step (≤ 16 tokens, inference) on CUDA reads the
-    # packed weight in one fused kernel; inductor's dequantize-then-matmul writes and
-    # rereads a dense copy. Not when x needs a gradient (the op has no backward).
-    if not torch.compiler.is_compiling():
-        return False
-    if torch.is_grad_enabled() and x.requires_grad:
-        return False
-    tokens = x.numel() // max(x.shape[-1], 1)
-    return x.dtype == layout.compute_dtype and _triton.decode_supported(W_q, layout, tokens)
-
-
-def base_forward(base: HQQLinear, x: Tensor, layout: QuantLayout | None = None) -> Tensor:
+def base_forward(
+    base: HQQLinear, x: Tensor, layout: QuantLayout | None = None, *, exact: bool = False
+) -> Tensor:
     """The base layer's output ``x @ dequantize(base)ᵀ + bias``.
 
     ``x`` is cast to the layer's compute dtype, unless autocast is on for its
-    device type. The path depends on the mode, and every path gives HQQ's bits:
-    under ``torch.func`` transforms or ``torch.compile``, the pure :func:`dequantize`
-    (HQQ's forward is an autograd.Function with no vmap/jvp rule that dynamo cannot
-    trace either), except that a compiled decode step (≤ 16 tokens, no gradient
-    w.r.t. ``x``) on CUDA uses one fused dequantize-and-multiply Triton kernel (equal
-    up to the compute dtype's rounding); in eager mode on CUDA with Triton, a
-    one-kernel dequantization (HQQ's takes about ten launches); otherwise the
-    layer's own forward.
+    device type. The path depends on the mode:
+
+    - a decode step on CUDA (at most 16 tokens, bf16/fp16, no gradient wanted
+      through ``x``), eager or compiled, unless ``exact``: one fused Triton kernel
+      reads the packed codes once (no dense weight), accumulates exact products in
+      float32 and applies each group's scale and zero to the partial sums, so it
+      skips HQQ's two roundings of each weight: as close to the float64 product
+      with HQQ's dequantized weight as the compute dtype allows, not HQQ's bits;
+    - otherwise HQQ's bits: under ``torch.func`` transforms or ``torch.compile``,
+      the pure :func:`dequantize` (HQQ's forward is an autograd.Function with no
+      vmap/jvp rule that dynamo cannot trace either); in eager mode on CUDA with
+      Triton, a one-kernel dequantization (HQQ's takes about ten launches) and the
+      same matmul; otherwise the layer's own forward.
 
     Args:
         base: a quantized ``HQQLinear``.
         x: array of shape ``(..., in_features)``.
+        exact: HQQ's bits on every path (a dense weight is materialized).
 
     Returns:
         Tensor of shape ``(..., out_features)``.
@@ -256,11 +252,10 @@ def base_forward(base: HQQLinear, x: Tensor, layout: QuantLayout | None = None) 
     if not torch.is_autocast_enabled(x.device.type) and x.dtype != layout.compute_dtype:
         x = x.to(layout.compute_dtype)
     W_q = base.W_q
+    if not exact and _decode.eligible(x, W_q, layout, 16):
+        _, scale, zero = quant_tensors(base)
+        return _decode.lora_decode(x, W_q, scale, zero, layout, bias=base.bias)
     if not _eager():
-        if _decode_kernel_allowed(W_q, x, layout):
-            _, scale, zero = quant_tensors(base)
-            out = _triton.dequant_matmul(x, W_q, scale, zero, layout)
-            return out if base.bias is None else (out + base.bias).to(out.dtype)
         return pure_forward(base, x, layout)
     if _triton.available(W_q) and layout.packing is not None:
         _, scale, zero = quant_tensors(base)

@@ -8,8 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hqqlora._base import HQQLinear, base_forward, check_hqq_layer, quant_layout
-from hqqlora._dora import add_dora_term, as_norm_list
+from hqqlora import _decode
+from hqqlora._base import (
+    HQQLinear,
+    QuantLayout,
+    base_forward,
+    check_hqq_layer,
+    quant_layout,
+    quant_tensors,
+)
+from hqqlora._dora import add_dora_term, as_norm_list, dora_weight_norm
 from hqqlora._params import as_adapter_list, pool_groups
 
 __all__ = ["apply_lora", "check_input", "lora_dropout"]
@@ -71,6 +79,7 @@ def apply_lora(
     dropout: float = 0.0,
     generator: torch.Generator | None = None,
     weight_norm: Tensor | Sequence[Tensor | None] | None = None,
+    exact: bool = False,
 ) -> Tensor:
     """The output of a quantized layer with LoRA or DoRA adapters.
 
@@ -100,6 +109,17 @@ def apply_lora(
     The base term is a pure function of the layer's tensors under ``torch.func``
     transforms and ``torch.compile``, and HQQ's own forward in eager mode (same bits).
 
+    Decode (at most 16 tokens on CUDA, ``x`` in the layer's bf16/fp16 compute dtype,
+    one adapter, no dropout, no gradient wanted), eager or compiled, unless
+    ``exact``: the whole layer runs in two Triton kernels that read the packed codes,
+    ``x`` and the adapter once each and never build a dense weight. Precision: the
+    base product accumulates exact products in float32 and applies each group's
+    scale and zero to the partial sums (HQQ's two roundings of each weight are
+    skipped), the adapter term is float32 from the adapters' own values, and the
+    sum is rounded once to the output dtype; so the result is at least as close to
+    the float64 reference as the dense path, but not its bits. ``exact=True`` gives
+    the dense path (HQQ's bits for the base term) everywhere.
+
     Args:
         base: a quantized ``HQQLinear`` with weight of shape ``(out, in)``.
         params: an adapter dict, or a sequence of them.
@@ -108,6 +128,7 @@ def apply_lora(
         generator: drives dropout; the same state gives the same mask.
         weight_norm: DoRA's ``n`` from :func:`dora_weight_norm`, to skip
             recomputing it (one entry per adapter for a sequence, ``None`` for LoRA).
+        exact: compute the base term with HQQ's bits (dense weight) on every path.
 
     Returns:
         Tensor of shape ``(..., out)`` in the base output's dtype.
@@ -122,8 +143,12 @@ def apply_lora(
     norms = as_norm_list(weight_norm, adapters, base)
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"Expected `dropout` in [0, 1), got {dropout!r}.")
-    result = base_forward(base, x, layout)
     autocast = torch.is_autocast_enabled(x.device.type)
+    if not exact and dropout == 0 and len(adapters) == 1:
+        fused = _decode_layer(base, adapters[0], x, norms[0], layout)
+        if fused is not None:
+            return fused
+    result = base_forward(base, x, layout, exact=exact)
     out_dtype = result.dtype
     for p, n in zip(adapters, norms, strict=True):
         x_a = x if autocast else x.to(p["lora_A"].dtype)
@@ -135,3 +160,32 @@ def apply_lora(
         if not autocast:
             result = result.to(out_dtype)
     return result
+
+
+def _decode_layer(
+    base: HQQLinear,
+    params: Mapping[str, Tensor],
+    x: Tensor,
+    weight_norm: Tensor | None,
+    layout: QuantLayout,
+) -> Tensor | None:
+    """The whole adapted layer through the decode kernels, or ``None`` if they don't apply."""
+    A = params["lora_A"]
+    if A.shape[1] != layout.in_features:  # group-constant adapters take the dense path
+        return None
+    if not _decode.eligible(x, base.W_q, layout, 16, *params.values(), weight_norm):
+        return None
+    W_q, scale, zero = quant_tensors(base)
+    scaling = params["scaling"].reshape(1).to(x.device)
+    if "magnitude" not in params:
+        return _decode.lora_decode(
+            x, W_q, scale, zero, layout,
+            lora_A=A, lora_B=params["lora_B"], scaling=scaling, bias=base.bias,
+        )  # fmt: skip
+    if weight_norm is None:
+        weight_norm = dora_weight_norm(base, params)
+    return _decode.lora_decode(
+        x, W_q, scale, zero, layout,
+        lora_A=A, lora_B=params["lora_B"], scaling=scaling,
+        magnitude=params["magnitude"], weight_norm=weight_norm, bias=base.bias,
+    )  # fmt: skip

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hqqlora._base import HQQLinear, base_forward, check_hqq_layer, quant_layout
+from hqqlora import _decode
+from hqqlora._base import HQQLinear, base_forward, check_hqq_layer, quant_layout, quant_tensors
 from hqqlora._dora import dora_weight_norm
 from hqqlora._params import check_norm_values, check_params
 
@@ -311,6 +312,7 @@ def mixed_batch_indexed(
     *,
     base: HQQLinear | None = None,
     weight_norm: Tensor | Mapping[str, Tensor] | None = None,
+    exact: bool = False,
 ) -> Tensor:
     """Row ``i`` of ``x`` through adapter ``index[i]`` of ``bank`` (``-1``: none).
 
@@ -333,6 +335,12 @@ def mixed_batch_indexed(
     Dtypes follow :func:`apply_lora`: the term is computed in the bank's dtype, the
     layer output comes back in the base output's dtype.
 
+    Decode with ``base`` (at most 64 tokens in all on CUDA, ``x`` in the layer's
+    bf16/fp16 compute dtype, no gradient wanted), eager or compiled, unless
+    ``exact``: two Triton kernels (BGMV-style) read the packed codes once and each
+    distinct adapter of the batch once (rows that share one hit the cache; nothing
+    is gathered per row), with :func:`apply_lora`'s decode precision.
+
     Args:
         x: input of shape ``(batch, ..., in)``.
         bank: from :func:`stack_adapters`.
@@ -343,6 +351,7 @@ def mixed_batch_indexed(
         weight_norm: DoRA's ``n`` as a ``(n, out)`` tensor (from
             :func:`bank_weight_norm`; LoRA rows are ignored) or a dict name → ``(out,)``;
             computed from ``base`` when missing.
+        exact: compute the base term with HQQ's bits (dense weight) on every path.
 
     Returns:
         ``(batch, ..., out)``: the layer output in the base output dtype with
@@ -391,6 +400,10 @@ def mixed_batch_indexed(
     elif weight_norm is not None:
         raise ValueError("Expected no `weight_norm` for a bank without DoRA adapters, got one.")
 
+    if base is not None and not exact:
+        fused = _decode_mixed(x, bank, index, base, weight_norm)
+        if fused is not None:
+            return fused
     autocast = torch.is_autocast_enabled(x.device.type)
     x_a = x if autocast else x.to(bank.lora_A.dtype)
     x3 = _rows(x_a)  # (batch, L, in)
@@ -411,7 +424,7 @@ def mixed_batch_indexed(
     if base is None:
         return term.reshape(out_shape)
 
-    result = base_forward(base, x)
+    result = base_forward(base, x, exact=exact)
     out_dtype = result.dtype
     result3 = _rows(result)
     lora_out = (result3 + term).to(out_dtype)
@@ -430,6 +443,29 @@ def mixed_batch_indexed(
         bias = bias.to(term.dtype)
         dora_out = torch.addcmul(bias, base_term - bias + term, c)
     return torch.where(use_dora[:, None, None], dora_out.to(out_dtype), lora_out).reshape(out_shape)
+
+
+def _decode_mixed(
+    x: Tensor, bank: AdapterBank, index: Tensor, base: HQQLinear, weight_norm: object
+) -> Tensor | None:
+    """The whole layer through the decode kernels, or ``None`` if they don't apply."""
+    layout = quant_layout(base)
+    dora = any(bank.dora)
+    held = (bank.lora_A, bank.lora_B, bank.scaling, bank.magnitude)
+    norm = cast(Tensor, weight_norm) if dora else None  # a tensor once checked
+    if not _decode.eligible(x, base.W_q, layout, _decode.MAX_ROWS, *held, norm):
+        return None
+    per_token = index.to(torch.int32)
+    tokens = x[0].numel() // layout.in_features if x.shape[0] else 1
+    if tokens > 1:
+        per_token = per_token.repeat_interleave(tokens)
+    W_q, scale, zero = quant_tensors(base)
+    return _decode.lora_decode(
+        x, W_q, scale, zero, layout,
+        lora_A=bank.lora_A, lora_B=bank.lora_B, scaling=bank.scaling, index=per_token,
+        magnitude=bank.magnitude if dora else None, weight_norm=norm,
+        is_dora=bank.is_dora if dora else None, bias=base.bias,
+    )  # fmt: skip
 
 
 def mixed_batch(

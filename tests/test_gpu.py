@@ -40,7 +40,7 @@ def test_dequantize_paths_are_bit_identical_on_cuda(nbits, dtype, axis):
         W_q, scale, zero = quant_tensors(layer)
         assert torch.equal(_triton.dequantize_cuda(W_q, scale, zero, quant_layout(layer)), expected)
     x = torch.randn(7, 128, device="cuda", dtype=dtype)
-    assert torch.equal(hqqlora.base_forward(layer, x), layer(x))
+    assert torch.equal(hqqlora.base_forward(layer, x, exact=True), layer(x))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -80,41 +80,3 @@ def test_mixed_batch_on_cuda_equals_per_row(dtype):
     for i, name in enumerate(names):
         row = layer(x[i]) if name == "__base__" else hqqlora.apply_lora(layer, bank[name], x[i])
         assert_close_rel(y[i], row, dtype, factor=2)
-
-
-@pytest.mark.skipif(_triton.triton is None, reason="needs Triton")
-@pytest.mark.parametrize("tokens", [1, 5, 16])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("nbits", [1, 2, 4, 8])
-def test_fused_decode_kernel_matches_dense(nbits, dtype, tokens):
-    layer = cuda_layer(nbits, dtype, size=(256, 512))
-    layout = quant_layout(layer)
-    assert _triton.decode_supported(layer.W_q, layout, tokens)
-    x = torch.randn(tokens, 512, device="cuda", dtype=dtype)
-    W_q, scale, zero = quant_tensors(layer)
-    got = _triton.dequant_matmul(x, W_q, scale, zero, layout)
-    expected = x.double() @ hqqlora.dequantize(layer).double().T
-    # float32 inputs go through tf32 tensor cores in tl.dot
-    assert_close_rel(got, expected, torch.bfloat16 if dtype == torch.float32 else dtype)
-
-
-@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
-def test_compiled_decode_uses_the_fused_kernel_and_matches_eager():
-    layer = cuda_layer(4, torch.bfloat16)
-    p = to_cuda(random_adapter(layer, dtype=torch.bfloat16))
-    x = torch.randn(2, 128, device="cuda", dtype=torch.bfloat16)
-    compiled = torch.compile(lambda xx: hqqlora.apply_lora(layer, p, xx), fullgraph=True)
-    with torch.no_grad():
-        got = compiled(x)
-        eager = hqqlora.apply_lora(layer, p, x)
-    assert_close_rel(got, eager, torch.bfloat16)
-    from torch._dynamo.testing import EagerAndRecordGraphs
-
-    backend = EagerAndRecordGraphs()
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(lambda xx: hqqlora.apply_lora(layer, p, xx), backend=backend, fullgraph=True)(
-            x
-        )
-    ops = [str(n.target) for g in backend.graphs for n in g.graph.nodes if n.op == "call_function"]
-    assert any("dequant_matmul" in o for o in ops)

@@ -1,0 +1,495 @@
+"""Decode kernels: a quantized layer and its adapters at a few tokens, in two launches.
+
+At decode a layer multiplies a few rows of ``x`` by a weight it must read whole, so
+its cost is the bytes it reads. Two Triton kernels read each of them once:
+
+1. ``_shrink_kernel``: ``t[i] = x[i] @ A[k_i]ᵀ`` in float32, split along ``in`` (one
+   partial per split, summed by the reader), ``x`` read in its own dtype and upcast in
+   registers; each row reads its own adapter's ``A`` (rows that share an adapter hit
+   the cache), so a bank is never copied per row. It also zeroes the second kernel's
+   counters, so no memset runs.
+2. ``_main_kernel``: HQQ's packed codes, read in HQQ's own layout (one byte gives the
+   output rows of all its slots), times ``x`` on tensor cores with float32
+   accumulation; per group, the scale and zero are applied to the partial sums,
+   ``s · (Σ x·q − z · Σ x)``, which is the product with the unrounded ``(q − z)·s``.
+   Split along ``in``: each split writes its float32 partial and adds the adapter
+   term ``s_k · t[i] @ B[k_i]ᵀ`` of a share of the rows; the last split of each
+   column tile (a counter) sums the partials in split order and writes
+   ``c ⊙ (base + term) + bias`` in the output dtype (``c`` = DoRA's
+   ``magnitude / weight_norm``, 1 for LoRA rows).
+
+The result does not depend on the launch order (partials are summed in a fixed
+order): the same inputs give the same bits on every call.
+
+Precision: the base product is exact up to float32 accumulation of exact products
+(codes and bf16/fp16 ``x`` are exact in the compute dtype); against HQQ's dense
+``x @ dequantize(W)ᵀ`` it differs by HQQ's two roundings of each weight (the dense
+path rounds ``q − z`` and ``(q − z)·s`` to the compute dtype; this one does not). The
+adapter term is computed in float32 from the adapters' own values (a float32
+adapter is not rounded to bf16). One rounding to the output dtype at the end.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from hqqlora._base import QuantLayout
+
+try:  # Triton is optional: only CUDA decode uses these kernels.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+__all__ = ["MAX_ROWS", "decode_config", "eligible", "lora_decode", "supported"]
+
+MAX_ROWS = 64
+"""Rows (tokens) at most per call: the whole row block is one tile."""
+
+_SUPPORTED_PACKINGS = {"8bit_u8": (8, 1), "4bit_u8": (4, 2), "2bit_u8": (2, 4), "1bit_u8": (1, 8)}
+
+
+if triton is not None:
+
+    @triton.jit  # type: ignore[untyped-decorator]  # Triton ships no types for its JIT
+    def _shrink_kernel(  # type: ignore[no-untyped-def]  # Triton reads kernel annotations itself
+        x_ptr,
+        a_ptr,
+        idx_ptr,
+        t_ptr,
+        count_ptr,
+        n_counts,
+        M,
+        K,
+        R,
+        stride_a_bank,
+        k_per_split,
+        HAS_IDX: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        split = tl.program_id(1)
+        # Zero the main kernel's counters, 1024 per program (the caller sizes the grid).
+        c = (pid_m * tl.num_programs(1) + split) * 1024 + tl.arange(0, 1024)
+        tl.store(count_ptr + c, tl.zeros((1024,), dtype=tl.int32), mask=c < n_counts)
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = m < M
+        r = tl.arange(0, BLOCK_R)
+        r_ok = r < R
+        if HAS_IDX:
+            k_row = tl.load(idx_ptr + m, mask=m_ok, other=-1)
+            valid = m_ok & (k_row >= 0)
+            a_off = tl.where(valid, k_row, 0).to(tl.int64) * stride_a_bank
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        k_start = split * k_per_split
+        for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            xs = tl.load(
+                x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0
+            ).to(tl.float32)
+            if HAS_IDX:
+                a = tl.load(
+                    a_ptr + a_off[:, None, None] + r[None, :, None] * K + k[None, None, :],
+                    mask=valid[:, None, None] & r_ok[None, :, None] & k_ok[None, None, :],
+                    other=0,
+                ).to(tl.float32)
+                acc += tl.sum(xs[:, None, :] * a, axis=2)
+            else:
+                a = tl.load(
+                    a_ptr + r[:, None] * K + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0
+                ).to(tl.float32)
+                acc += tl.sum(xs[:, None, :] * a[None, :, :], axis=2)
+        tl.store(t_ptr + (split * M + m[:, None]) * BLOCK_R + r[None, :], acc, mask=m_ok[:, None])
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _main_kernel(  # type: ignore[no-untyped-def]
+        x_ptr,
+        packed_ptr,
+        scale_ptr,
+        zero_ptr,
+        t_ptr,
+        b_ptr,
+        idx_ptr,
+        scaling_ptr,
+        mag_ptr,
+        norm_ptr,
+        is_dora_ptr,
+        bias_ptr,
+        ws_ptr,
+        count_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        rows_per_slot,
+        R,
+        t_splits,
+        steps_per_split,
+        stride_b_bank,
+        stride_dora_bank,
+        BITS: tl.constexpr,
+        PER: tl.constexpr,
+        GROUP: tl.constexpr,
+        GPS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        ROWS_PER_SPLIT: tl.constexpr,
+        T_SPLITS: tl.constexpr,
+        HAS_LORA: tl.constexpr,
+        HAS_IDX: tl.constexpr,
+        HAS_DORA: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+    ):
+        NB: tl.constexpr = PER * BLOCK_P
+        BLOCK_K: tl.constexpr = GPS * GROUP
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        p = pid_n * BLOCK_P + tl.arange(0, BLOCK_P)
+        slot = tl.arange(0, PER)
+        # Output row of (slot, packed row): slot · rows_per_slot + packed row.
+        n = tl.reshape(slot[:, None] * rows_per_slot + p[None, :], (NB,))
+        p_ok = p < rows_per_slot
+        n_ok = tl.reshape(tl.broadcast_to(p_ok[None, :], (PER, BLOCK_P)), (NB,))
+        shifts = BITS * (PER - 1 - slot)
+        m = tl.arange(0, BLOCK_M)
+        m_ok = m < M
+        groups_per_row = K // GROUP
+        acc = tl.zeros((BLOCK_M, NB), dtype=tl.float32)
+        first = split * steps_per_split
+        for step in range(first, first + steps_per_split):
+            k = step * BLOCK_K + tl.arange(0, BLOCK_K)
+            packed = tl.load(
+                packed_ptr + p[:, None] * K + k[None, :],
+                mask=p_ok[:, None],
+                other=0,
+                eviction_policy="evict_first",
+            ).to(tl.int32)
+            codes = (packed[None, :, :] >> shifts[:, None, None]) & ((1 << BITS) - 1)
+            xs = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None], other=0)
+            codes = tl.reshape(codes, (NB, BLOCK_K)).to(xs.dtype)
+            if GPS == 1:
+                d = tl.dot(xs, tl.trans(codes))  # (BLOCK_M, NB), float32
+                x_sum = tl.sum(xs.to(tl.float32), axis=1)
+                meta = n * groups_per_row + step
+                z = tl.load(zero_ptr + meta, mask=n_ok, other=0).to(tl.float32)
+                s = tl.load(scale_ptr + meta, mask=n_ok, other=0).to(tl.float32)
+                acc += (d - x_sum[:, None] * z[None, :]) * s[None, :]
+            else:
+                x3 = tl.permute(tl.reshape(xs, (BLOCK_M, GPS, GROUP)), (1, 0, 2))
+                c3 = tl.permute(tl.reshape(codes, (NB, GPS, GROUP)), (1, 2, 0))
+                d3 = tl.dot(x3, c3)  # (GPS, BLOCK_M, NB)
+                x_sum = tl.sum(x3.to(tl.float32), axis=2)  # (GPS, BLOCK_M)
+                g = step * GPS + tl.arange(0, GPS)
+                meta = n[None, :] * groups_per_row + g[:, None]  # (GPS, NB)
+                z = tl.load(zero_ptr + meta, mask=n_ok[None, :], other=0).to(tl.float32)
+                s = tl.load(scale_ptr + meta, mask=n_ok[None, :], other=0).to(tl.float32)
+                acc += tl.sum((d3 - x_sum[:, :, None] * z[:, None, :]) * s[:, None, :], axis=0)
+
+        r = tl.arange(0, BLOCK_R)
+        r_ok = r < R
+        if HAS_IDX:  # noqa: SIM108 - Triton wants a plain branch on a constexpr
+            k_rows = tl.load(idx_ptr + m, mask=m_ok, other=-1)
+        else:
+            k_rows = tl.where(m_ok, 0, -1)
+        if HAS_LORA:
+            # This split's share of the rows: their adapter terms, each row reading the
+            # column tile of its own B.
+            for i in tl.static_range(ROWS_PER_SPLIT):
+                row = split * ROWS_PER_SPLIT + i
+                k_row = tl.sum(tl.where(m == row, k_rows, 0))
+                if (row < M) & (k_row >= 0):
+                    ts = tl.arange(0, T_SPLITS)
+                    t_part = tl.load(
+                        t_ptr + (ts[:, None] * M + row) * BLOCK_R + r[None, :],
+                        mask=(ts[:, None] < t_splits) & r_ok[None, :],
+                        other=0,
+                    )
+                    t_row = tl.sum(t_part, axis=0) * tl.load(scaling_ptr + k_row).to(tl.float32)
+                    b = tl.load(
+                        b_ptr + k_row.to(tl.int64) * stride_b_bank + n[:, None] * R + r[None, :],
+                        mask=n_ok[:, None] & r_ok[None, :],
+                        other=0,
+                    ).to(tl.float32)
+                    term = tl.sum(b * t_row[None, :], axis=1)  # (NB,)
+                    acc += tl.where(m[:, None] == row, term[None, :], 0.0)
+
+        if SPLIT_K > 1:
+            ws = ws_ptr + (split * BLOCK_M + m[:, None]) * N + n[None, :]
+            tl.store(ws, acc, mask=m_ok[:, None] & n_ok[None, :])
+            done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+            last = done == SPLIT_K - 1
+        else:
+            last = True
+        if last:
+            if SPLIT_K > 1:
+                total = tl.zeros((BLOCK_M, NB), dtype=tl.float32)
+                for s_i in tl.static_range(SPLIT_K):
+                    total += tl.load(
+                        ws_ptr + (s_i * BLOCK_M + m[:, None]) * N + n[None, :],
+                        mask=m_ok[:, None] & n_ok[None, :],
+                        other=0,
+                        cache_modifier=".cg",
+                    )
+            else:
+                total = acc
+            if HAS_DORA:
+                valid = k_rows >= 0
+                k_safe = tl.where(valid, k_rows, 0).to(tl.int64)
+                if HAS_IDX:
+                    dora_row = valid & (tl.load(is_dora_ptr + k_safe, mask=m_ok, other=0) != 0)
+                else:
+                    dora_row = valid
+                where = k_safe[:, None] * stride_dora_bank + n[None, :]
+                ok = dora_row[:, None] & n_ok[None, :]
+                mag = tl.load(mag_ptr + where, mask=ok, other=1).to(tl.float32)
+                nrm = tl.load(norm_ptr + where, mask=ok, other=1).to(tl.float32)
+                total = total * (mag / nrm)
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + n, mask=n_ok, other=0).to(tl.float32)[None, :]
+            tl.store(
+                out_ptr + m[:, None] * N + n[None, :],
+                total.to(out_ptr.dtype.element_ty),
+                mask=m_ok[:, None] & n_ok[None, :],
+            )
+
+
+def supported(W_q: Tensor, layout: QuantLayout, rows: int) -> bool:
+    """Whether the decode kernels handle this layer (and this many rows)."""
+    if triton is None or not W_q.is_cuda or rows > MAX_ROWS or rows < 1:
+        return False
+    if layout.axis != 1 or layout.view_as_float or layout.packing not in _SUPPORTED_PACKINGS:
+        return False
+    if layout.compute_dtype not in (torch.float16, torch.bfloat16):
+        return False
+    _, per = _SUPPORTED_PACKINGS[layout.packing]
+    out_features, in_features = layout.shape
+    group = layout.group_size
+    power_of_two = group >= 16 and group & (group - 1) == 0
+    return out_features % per == 0 and in_features % group == 0 and power_of_two
+
+
+def eligible(
+    x: Tensor, W_q: Tensor, layout: QuantLayout, max_rows: int, *held: Tensor | None
+) -> bool:
+    """Whether a call may take the decode kernels: CUDA, a supported layer, at most
+    ``max_rows`` rows of ``x`` in the compute dtype, no autocast, no ``torch.func``
+    transform, and no gradient wanted through ``x`` or ``held`` (the kernels have no
+    backward)."""
+    if triton is None or not x.is_cuda or x.dtype != layout.compute_dtype:
+        return False
+    if (
+        not torch.compiler.is_compiling()
+        and torch._C._functorch.peek_interpreter_stack() is not None
+    ):
+        return False
+    if torch.is_autocast_enabled("cuda"):
+        return False
+    if torch.is_grad_enabled() and (
+        x.requires_grad or any(t is not None and t.requires_grad for t in held)
+    ):
+        return False
+    rows = x.numel() // max(layout.in_features, 1)
+    return rows <= max_rows and supported(W_q, layout, rows)
+
+
+# (packed rows per tile, groups per K step, K splits, warps, stages) by (out, in, codes
+# per byte, rows): the best of benchmarks/tune_decode.py on an H100 (CUDA-graph timing,
+# LoRA r=16); other shapes take decode_config's rule.
+TUNED: dict[tuple[int, int, int, int], tuple[int, int, int, int, int]] = {
+    (1024, 4096, 2, 1): (32, 1, 16, 4, 4),
+    (1024, 4096, 2, 16): (32, 1, 8, 4, 4),
+    (1024, 4096, 2, 64): (16, 1, 4, 4, 4),
+    (4096, 4096, 2, 1): (64, 1, 8, 4, 2),
+    (4096, 4096, 2, 16): (32, 1, 8, 4, 4),
+    (4096, 4096, 2, 64): (16, 1, 2, 4, 4),
+    (14336, 4096, 2, 1): (64, 1, 8, 4, 4),
+    (14336, 4096, 2, 16): (128, 1, 4, 4, 2),
+    (14336, 4096, 2, 64): (32, 1, 1, 4, 4),
+    (4096, 14336, 2, 1): (64, 1, 16, 4, 4),
+}
+
+
+def decode_config(n_out: int, k_in: int, per: int, group: int, rows: int) -> tuple[int, ...]:
+    """Launch configuration for a layer of ``n_out × k_in`` at ``rows`` rows."""
+    key = (n_out, k_in, per, rows)
+    if key in TUNED:
+        return TUNED[key]
+    block_p = max(1, 64 // per) if rows <= 16 else max(1, 32 // per)
+    gps = 1
+    steps = k_in // group
+    tiles = -(-(n_out // per) // block_p)
+    split = 1
+    while tiles * split < 264 and steps % (split * 2) == 0 and split < 16:
+        split *= 2
+    return (block_p, gps, split, 4, 3)
+
+
+def _launch(
+    x: Tensor,
+    W_q: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    meta: list[int],
+    lora_A: Tensor | None,
+    lora_B: Tensor | None,
+    scaling: Tensor | None,
+    index: Tensor | None,
+    magnitude: Tensor | None,
+    weight_norm: Tensor | None,
+    is_dora: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    bits, per, group, n_out, k_in = meta
+    rows = x.shape[0]
+    block_p, gps, split, warps, stages = decode_config(n_out, k_in, per, group, rows)
+    block_m = max(16, triton.next_power_of_2(rows))
+    steps = k_in // (group * gps)
+    while split > 1 and steps % split:
+        split //= 2
+    tiles = triton.cdiv(n_out // per, block_p)
+    device = x.device
+    out = torch.empty(rows, n_out, dtype=out_dtype, device=device)
+    ws = torch.empty(
+        split * block_m * n_out if split > 1 else 1, dtype=torch.float32, device=device
+    )
+    counts = torch.empty(tiles, dtype=torch.int32, device=device)
+    has_lora = lora_A is not None
+    has_idx = index is not None
+    dummy = out
+    if has_lora:
+        assert lora_A is not None and lora_B is not None and scaling is not None
+        rank = lora_A.shape[-2]
+        block_r = max(16, triton.next_power_of_2(rank))
+        t_block_m = min(16, triton.next_power_of_2(rows))
+        t_block_k = 64 if block_r * t_block_m <= 256 else 32
+        k_chunks = triton.cdiv(k_in, t_block_k)
+        t_splits = min(64, k_chunks)
+        while t_splits > 1 and triton.cdiv(rows, t_block_m) * t_splits > 256:
+            t_splits //= 2
+        k_per_split = triton.cdiv(k_chunks, t_splits) * t_block_k
+        t_splits = triton.cdiv(k_in, k_per_split)
+        t = torch.empty(t_splits * rows * block_r, dtype=torch.float32, device=device)
+        if tiles > triton.cdiv(rows, t_block_m) * t_splits * 1024:
+            counts.zero_()
+        _shrink_kernel[(triton.cdiv(rows, t_block_m), t_splits)](
+            x, lora_A, index if has_idx else x, t, counts, tiles, rows, k_in, rank,
+            lora_A.stride(0) if lora_A.ndim == 3 else 0, k_per_split,
+            HAS_IDX=has_idx, BLOCK_M=t_block_m, BLOCK_R=block_r, BLOCK_K=t_block_k,
+            num_warps=4,
+        )  # fmt: skip
+    else:
+        rank, block_r, t_splits, t = 0, 16, 1, dummy
+        if split > 1:
+            counts.zero_()
+    has_dora = magnitude is not None
+    rows_per_split = triton.cdiv(rows, split)
+    _main_kernel[(tiles, split)](
+        x, W_q, scale, zero,
+        t, lora_B if has_lora else dummy, index if has_idx else dummy,
+        scaling if has_lora else dummy,
+        magnitude if has_dora else dummy, weight_norm if has_dora else dummy,
+        is_dora if has_dora and has_idx and is_dora is not None else dummy, bias if bias is not None else dummy,
+        ws, counts, out,
+        rows, n_out, k_in, n_out // per, rank, t_splits, steps // split,
+        lora_B.stride(0) if has_lora and lora_B is not None and lora_B.ndim == 3 else 0,
+        magnitude.stride(0) if has_dora and magnitude is not None and magnitude.ndim == 2 else 0,
+        BITS=bits, PER=per, GROUP=group, GPS=gps, BLOCK_M=block_m, BLOCK_P=block_p,
+        BLOCK_R=block_r, SPLIT_K=split, ROWS_PER_SPLIT=rows_per_split,
+        T_SPLITS=triton.next_power_of_2(t_splits),
+        HAS_LORA=has_lora, HAS_IDX=has_idx, HAS_DORA=has_dora, HAS_BIAS=bias is not None,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+if triton is not None:
+
+    @torch.library.custom_op("hqqlora::lora_decode", mutates_args=())
+    def _lora_decode_op(
+        x: Tensor,
+        W_q: Tensor,
+        scale: Tensor,
+        zero: Tensor,
+        meta: list[int],
+        lora_A: Tensor | None,
+        lora_B: Tensor | None,
+        scaling: Tensor | None,
+        index: Tensor | None,
+        magnitude: Tensor | None,
+        weight_norm: Tensor | None,
+        is_dora: Tensor | None,
+        bias: Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> Tensor:
+        return _launch(
+            x, W_q, scale, zero, meta, lora_A, lora_B, scaling, index,
+            magnitude, weight_norm, is_dora, bias, out_dtype,
+        )  # fmt: skip
+
+    @_lora_decode_op.register_fake
+    def _(
+        x: Tensor, W_q: Tensor, scale: Tensor, zero: Tensor, meta: list[int], *args: Any
+    ) -> Tensor:
+        out_dtype = args[-1]
+        return x.new_empty(x.shape[0], meta[3], dtype=out_dtype)
+
+
+def lora_decode(
+    x: Tensor,
+    W_q: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    layout: QuantLayout,
+    *,
+    lora_A: Tensor | None = None,
+    lora_B: Tensor | None = None,
+    scaling: Tensor | None = None,
+    index: Tensor | None = None,
+    magnitude: Tensor | None = None,
+    weight_norm: Tensor | None = None,
+    is_dora: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """``c ⊙ (x @ dequantize(W)ᵀ + s_k · x @ A_kᵀ @ B_kᵀ) + bias`` per row, at decode.
+
+    The callers (``apply_lora``, ``mixed_batch_indexed``, ``base_forward``) check the
+    inputs; this only lays them out. A custom op, so ``torch.compile(fullgraph=True)``
+    keeps it whole and CUDA graphs capture it (no host sync, no allocation that
+    depends on values).
+
+    Args:
+        x: ``(..., in)`` in the compute dtype, at most :data:`MAX_ROWS` rows in all.
+        W_q, scale, zero, layout: the layer's tensors and :class:`QuantLayout`.
+        lora_A, lora_B: ``(r, in)``/``(out, r)`` for one adapter, or banks
+            ``(n, r, in)``/``(n, out, r)`` read through ``index``.
+        scaling: ``(1,)`` or ``(n,)`` float32.
+        index: ``(rows,)`` int32 adapter per row (``-1``: none), with banks.
+        magnitude, weight_norm: DoRA's ``m`` and ``n`` (``(out,)`` or ``(n, out)``).
+        is_dora: ``(n,)`` bool or uint8, which bank entries are DoRA (with ``index``;
+            without, ``magnitude`` makes every row DoRA).
+        bias: ``(out,)`` or ``None``.
+
+    Returns:
+        ``(..., out)`` in the compute dtype.
+    """
+    bits, per = layout.packing_bits
+    out_features, in_features = layout.shape
+    flat = x.reshape(-1, in_features).contiguous()
+    meta = [bits, per, layout.group_size, out_features, in_features]
+    out: Tensor = _lora_decode_op(
+        flat, W_q.contiguous(), scale.contiguous(), zero.contiguous(), meta,
+        None if lora_A is None else lora_A.contiguous(),
+        None if lora_B is None else lora_B.contiguous(),
+        scaling, index, magnitude, weight_norm, is_dora, bias, layout.compute_dtype,
+    )  # fmt: skip
+    return out.view(*x.shape[:-1], out_features)

@@ -1,0 +1,230 @@
+"""The decode kernels (CUDA + Triton): skipped on machines without a GPU (CI has none).
+
+Every result is compared with the float64 product of HQQ's dequantized weight
+(``helpers.dense_reference``), with tolerances from the compute dtype.
+"""
+
+import pytest
+import torch
+from helpers import assert_close_rel, dense_reference, random_adapter
+
+import hqqlora
+from hqqlora import _decode
+from hqqlora._base import quant_layout
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(_decode.triton is None, reason="needs Triton"),
+]
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def cuda_layer(nbits, dtype, *, bias=True, size=(256, 512), group=64, axis=1):
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    gen = torch.Generator().manual_seed(nbits)
+    out_features, in_features = size
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(
+            torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+        )
+        if bias:
+            linear.bias.copy_(torch.randn(out_features, generator=gen))
+    config = BaseQuantizeConfig(nbits=nbits, group_size=group, axis=axis)
+    return HQQLinear(linear, config, compute_dtype=dtype, device="cuda")
+
+
+def cuda_adapter(layer, *, dtype=torch.float32, dora=False, seed=1, r=8):
+    p = random_adapter(layer, r=r, dora=dora, seed=seed, dtype=dtype)
+    return {k: v.cuda() for k, v in p.items()}
+
+
+def uses_decode(fn, monkeypatch):
+    calls = []
+    real = _decode.lora_decode
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_decode, "lora_decode", spy)
+    out = fn()
+    monkeypatch.setattr(_decode, "lora_decode", real)
+    return out, bool(calls)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 16])
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("nbits", [1, 2, 4, 8])
+def test_base_decode_matches_the_float64_product(nbits, dtype, tokens, monkeypatch):
+    layer = cuda_layer(nbits, dtype)
+    x = torch.randn(tokens, 512, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        got, fused = uses_decode(lambda: hqqlora.base_forward(layer, x), monkeypatch)
+        exact = hqqlora.base_forward(layer, x, exact=True)
+    assert fused
+    assert torch.equal(exact, layer(x))
+    assert_close_rel(got, _base_ref(layer, x), dtype)
+
+
+def _base_ref(layer, x):
+    y = x.double() @ hqqlora.dequantize(layer).double().T
+    return y if layer.bias is None else y + layer.bias.double()
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("nbits", [2, 4, 8])
+def test_apply_lora_decode_matches_the_float64_reference(
+    nbits, dtype, tokens, bias, dora, adapter_dtype, monkeypatch
+):
+    layer = cuda_layer(nbits, dtype, bias=bias)
+    p = cuda_adapter(layer, dtype=adapter_dtype, dora=dora)
+    norm = hqqlora.dora_weight_norm(layer, p) if dora else None
+    x = torch.randn(2, tokens, 512, device="cuda", dtype=dtype)[:1]
+    with torch.no_grad():
+        got, fused = uses_decode(
+            lambda: hqqlora.apply_lora(layer, p, x, weight_norm=norm), monkeypatch
+        )
+        dense = hqqlora.apply_lora(layer, p, x, weight_norm=norm, exact=True)
+    assert fused and got.shape == dense.shape and got.dtype == dtype
+    ref = dense_reference(layer, p, x)
+    # The held norm is rounded to the compute dtype: allow for it (DoRA).
+    assert_close_rel(got, ref, dtype, factor=2 if dora else 1)
+    # The dense path casts x to the adapters' dtype (PEFT's rule): bf16 adapters see bf16 x.
+    coarser = torch.bfloat16 if adapter_dtype == torch.bfloat16 else dtype
+    assert_close_rel(dense, ref, coarser, factor=2 if dora else 1)
+
+
+def test_decode_is_deterministic_and_graph_capturable():
+    layer = cuda_layer(4, torch.bfloat16, size=(1024, 1024))
+    p = cuda_adapter(layer, dora=True)
+    norm = hqqlora.dora_weight_norm(layer, p)
+    x = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        first = hqqlora.apply_lora(layer, p, x, weight_norm=norm)
+        assert all(
+            torch.equal(first, hqqlora.apply_lora(layer, p, x, weight_norm=norm)) for _ in range(5)
+        )
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            hqqlora.apply_lora(layer, p, x, weight_norm=norm)  # warm up off the default stream
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = hqqlora.apply_lora(layer, p, x, weight_norm=norm)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, hqqlora.apply_lora(layer, p, x, weight_norm=norm))
+
+
+def test_compiled_decode_uses_the_kernels():
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    layer = cuda_layer(4, torch.bfloat16)
+    p = cuda_adapter(layer)
+    x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
+    backend = EagerAndRecordGraphs()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(
+            lambda xx: hqqlora.apply_lora(layer, p, xx), backend=backend, fullgraph=True
+        )(x)
+        compiled = torch.compile(lambda xx: hqqlora.apply_lora(layer, p, xx), fullgraph=True)(x)
+    ops = [str(n.target) for g in backend.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert any("lora_decode" in o for o in ops)
+    ref = dense_reference(layer, p, x)
+    assert_close_rel(got, ref, torch.bfloat16)
+    assert_close_rel(compiled, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["3bit", "axis0", "fp32", "grad", "dropout", "tokens17", "x_fp32", "group_constant"],
+)
+def test_decode_falls_back_where_it_does_not_apply(case, monkeypatch):
+    nbits = 3 if case == "3bit" else 4
+    dtype = torch.float32 if case == "fp32" else torch.bfloat16
+    layer = cuda_layer(nbits, dtype, axis=0 if case == "axis0" else 1)
+    p = cuda_adapter(layer)
+    if case == "group_constant":
+        p["lora_A"] = p["lora_A"][:, :8].contiguous()
+    tokens = 17 if case == "tokens17" else 2
+    x = torch.randn(tokens, 512, device="cuda", dtype=torch.float32 if case == "x_fp32" else dtype)
+    if case == "grad":
+        p["lora_B"].requires_grad_(True)
+    kwargs = (
+        {"dropout": 0.1, "generator": torch.Generator("cuda").manual_seed(0)}
+        if case == "dropout"
+        else {}
+    )
+    with torch.no_grad() if case != "grad" else torch.enable_grad():
+        got, fused = uses_decode(lambda: hqqlora.apply_lora(layer, p, x, **kwargs), monkeypatch)
+    assert not fused
+    if case == "grad":
+        got.sum().backward()
+        assert p["lora_B"].grad is not None
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("dtype", HALF)
+def test_mixed_decode_equals_per_row_application(dtype, rows, dora, monkeypatch):
+    layer = cuda_layer(4, dtype, size=(384, 512))
+    names = [f"a{i}" for i in range(5)]
+    adapters = {
+        n: cuda_adapter(layer, dora=dora and i % 2 == 0, seed=i, r=4 + i)
+        for i, n in enumerate(names)
+    }
+    bank = hqqlora.stack_adapters(adapters)
+    norm = hqqlora.bank_weight_norm(layer, bank) if dora else None
+    gen = torch.Generator().manual_seed(rows)
+    index = torch.randint(-1, len(names), (rows,), generator=gen).to("cuda")
+    x = torch.randn(rows, 1, 512, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        got, fused = uses_decode(
+            lambda: hqqlora.mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norm),
+            monkeypatch,
+        )
+    assert fused and got.shape == (rows, 1, 384)
+    for i in range(rows):
+        k = int(index[i])
+        ref = _base_ref(layer, x[i]) if k < 0 else dense_reference(layer, adapters[names[k]], x[i])
+        assert_close_rel(got[i], ref, dtype, factor=2 if dora else 1)
+
+
+def test_mixed_decode_tokens_per_row_and_compile():
+    layer = cuda_layer(4, torch.bfloat16)
+    adapters = {"a": cuda_adapter(layer, seed=1), "b": cuda_adapter(layer, dora=True, seed=2)}
+    bank = hqqlora.stack_adapters(adapters)
+    norm = hqqlora.bank_weight_norm(layer, bank)
+    index = torch.tensor([1, -1, 0, 1], device="cuda")
+    x = torch.randn(4, 3, 512, device="cuda", dtype=torch.bfloat16)
+    fn = torch.compile(
+        lambda xx, ii: hqqlora.mixed_batch_indexed(xx, bank, ii, base=layer, weight_norm=norm),
+        fullgraph=True,
+    )
+    with torch.no_grad():
+        got = fn(x, index)
+    for i, name in enumerate(["b", None, "a", "b"]):
+        ref = (
+            _base_ref(layer, x[i]) if name is None else dense_reference(layer, adapters[name], x[i])
+        )
+        assert_close_rel(got[i], ref, torch.bfloat16, factor=2)
+
+
+def test_supported_layouts():
+    for nbits in (1, 2, 4, 8):
+        layer = cuda_layer(nbits, torch.bfloat16)
+        assert _decode.supported(layer.W_q, quant_layout(layer), 16)
+    assert not _decode.supported(layer.W_q, quant_layout(layer), _decode.MAX_ROWS + 1)
+    assert not _decode.supported(
+        cuda_layer(3, torch.bfloat16).W_q, quant_layout(cuda_layer(3, torch.bfloat16)), 1
+    )
