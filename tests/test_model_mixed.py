@@ -177,6 +177,28 @@ def test_a_bank_lacking_a_name_gives_base_in_its_layer_and_dicts_apply_to_every_
         functional_call(model, adapters, (x,), adapter_index=torch.zeros(5, dtype=torch.long))
 
 
+def test_the_model_itself_a_layer_or_a_shim():
+    model = sequential()
+    layer = model[0]
+    params = make_adapters(model, SPEC, paths=["0"])["0"]
+    bank = stack_adapters(params)
+    x = torch.randn(5, 2, 32, dtype=torch.float64)
+    expected = torch.cat(
+        [
+            dense_reference(layer, [params[n]] if n != BASE else [], x[i : i + 1])
+            for i, n in enumerate(NAMES)
+        ]
+    )
+    for form in (NAMES, index_of(bank, NAMES)):
+        assert_close_rel(
+            functional_call(layer, {"": bank}, (x,), adapter_index=form), expected, torch.float64
+        )
+    shim = hqqlora.HqqLoraLinear(layer, "own", r=2, lora_alpha=2)
+    assert_close_rel(
+        functional_call(shim, {"": bank}, x, adapter_index=NAMES), expected, torch.float64
+    )
+
+
 def test_held_weight_norms_are_the_ones_used():
     model = sequential()
     by_path = make_adapters(model, SPEC)
