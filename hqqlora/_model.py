@@ -6,7 +6,9 @@ Adapters for a model are a dict keyed by module path, each value an adapter dict
 
 :func:`functional_call` runs a model with such a dict applied to its ``HQQLinear``
 layers and leaves the model as it was, so that ``torch.func.grad`` of a loss with
-respect to the adapters is the whole training step's gradient.
+respect to the adapters is the whole training step's gradient. For serving many
+adapters in one batch, a path may hold an ``AdapterBank`` instead, and one
+``adapter_index`` per call gives each row of the batch its adapter in every layer.
 """
 
 from __future__ import annotations

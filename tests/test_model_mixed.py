@@ -104,6 +104,7 @@ def sequential_dense(model, by_path, names, x):
                 h = nn.functional.gelu(h)
                 continue
             adapter = by_path.get(path, {}).get(name)
+            module = getattr(module, "base_layer", module)  # a shim's base
             h = dense_reference(module, [] if adapter is None else [adapter], h)
         rows.append(h)
     return torch.cat(rows)
@@ -199,6 +200,19 @@ def test_the_model_itself_a_layer_or_a_shim():
     )
 
 
+def test_a_bank_on_peft_shims():
+    peft = pytest.importorskip("peft")
+    model = sequential()
+    by_path = make_adapters(model, SPEC)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "4"], init_lora_weights=False)
+    wrapped = peft.get_peft_model(model, config).base_model.model
+    assert type(wrapped[0]).__module__.startswith("peft")
+    x = torch.randn(5, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y = functional_call(wrapped, banks_of(by_path), (x,), adapter_index=NAMES)
+    assert_close_rel(y, sequential_dense(model, by_path, NAMES, x), torch.float64, factor=4)
+
+
 def test_held_weight_norms_are_the_ones_used():
     model = sequential()
     by_path = make_adapters(model, SPEC)
@@ -228,7 +242,33 @@ def test_held_weight_norms_are_the_ones_used():
     halved_b = {p: {"b": d["b"]} for p, d in halved.items()}
     expected = sequential_dense(model, halved_b, ["b"] * 5, x)
     assert_close_rel(y, expected, torch.float64, factor=4)
-    assert model_weight_norm(model, {p: d["a"] for p, d in by_path.items()}) == {}
+    lora_only = {p: {"a": d["a"]} for p, d in by_path.items()}
+    assert model_weight_norm(model, {p: d["a"] for p, d in lora_only.items()}) == {}
+    assert model_weight_norm(model, banks_of(lora_only)) == {}
+
+
+def test_weight_norms_of_a_merged_shim_are_its_unmerged_base_ones():
+    model = sequential()
+    by_path = make_adapters(model, SPEC, paths=["2"])
+    original = model[2]
+    inject_adapter(model, "own", target_modules=["2"], r=2, lora_alpha=2, use_dora=True)
+    with torch.no_grad():
+        model[2].lora_B["own"].weight.normal_()
+    model[2].merge()
+    bank = stack_adapters(by_path["2"])
+    norms = model_weight_norm(model, {"2": bank})
+    torch.testing.assert_close(norms["2"], hqqlora.bank_weight_norm(original, bank))
+    x = torch.randn(5, 48, dtype=torch.float64)
+    y = functional_call(
+        model[2], {"": bank}, (x,), adapter_index=NAMES, weight_norm={"": norms["2"]}
+    )
+    expected = torch.cat(
+        [
+            dense_reference(original, [by_path["2"][n]] if n != BASE else [], x[i : i + 1])
+            for i, n in enumerate(NAMES)
+        ]
+    )
+    assert_close_rel(y, expected, torch.float64)
 
 
 def test_grad_wrt_bank_tensors_equals_per_row_grad():
@@ -328,8 +368,8 @@ def _bad_calls(model, banks, x):
         (TypeError, "int32 or torch.int64", dict(adapter_index=torch.zeros(5, dtype=torch.int16))),
         (ValueError, r"shape \(batch,\)", dict(adapter_index=torch.zeros(5, 1, dtype=torch.long))),
         (ValueError, r"shape \(5,\), one entry per row", dict(adapter_index=torch.zeros(4).long())),
-        (ValueError, r"values in \[-1, 3\), got values in \[0, 3\]", dict(adapter_index=torch.arange(5) % 4)),
-        (ValueError, r"values in \[-1, 3\), got values in \[-2, 0\]", dict(adapter_index=torch.tensor([0, -2, 0, 0, 0]))),
+        (ValueError, r"`adapter_index` values in \[-1, 3\), got values in \[0, 3\]", dict(adapter_index=torch.arange(5) % 4)),
+        (ValueError, r"`adapter_index` values in \[-1, 3\), got values in \[-2, 0\]", dict(adapter_index=torch.tensor([0, -2, 0, 0, 0]))),
         (ValueError, r"unknown \['zz'\]", dict(adapter_index=["a", "zz", "b", BASE, "a"])),
         (TypeError, "tensor of shape \\(batch,\\) or a list of adapter names", dict(adapter_index="a")),
         (TypeError, "names to be strings", dict(adapter_index=[0, 1, 2, 0, 1])),
