@@ -60,12 +60,12 @@ class Routed(NamedTuple):
 
     Attributes:
         adapter: an adapter dict (every row), or an ``AdapterBank`` (one entry per row).
-        index: with a bank, row → bank entry (``-1``: none), on the bank's device.
+        row_index: with a bank, row → bank entry (``-1``: none), on the bank's device.
         weight_norm: DoRA's held norms for this layer, or ``None`` to compute them.
     """
 
     adapter: Any
-    index: Tensor | None = None
+    row_index: Tensor | None = None
     weight_norm: Any = None
 
 
@@ -79,12 +79,12 @@ def apply_routed(base: HQQLinear, routed: Any, x: Tensor, /, **options: Any) -> 
 
     if not isinstance(routed, Routed):
         return apply_lora(base, routed, x, **options)
-    if routed.index is None:
+    if routed.row_index is None:
         return apply_lora(base, routed.adapter, x, weight_norm=routed.weight_norm, **options)
     from hqqlora._mixed import mixed_batch_indexed
 
     return mixed_batch_indexed(
-        x, routed.adapter, routed.index, base=base, weight_norm=routed.weight_norm, **options
+        x, routed.adapter, routed.row_index, base=base, weight_norm=routed.weight_norm, **options
     )
 
 
