@@ -14,7 +14,13 @@ from hqqlora._mixed import (
     mixed_batch_indexed,
     stack_adapters,
 )
-from hqqlora._model import functional_call, get_adapter, inject_adapter, quantize_model
+from hqqlora._model import (
+    functional_call,
+    get_adapter,
+    inject_adapter,
+    model_weight_norm,
+    quantize_model,
+)
 from hqqlora._nn import HqqLoraLinear, dispatch_hqq
 from hqqlora._params import (
     check_params,
@@ -62,6 +68,7 @@ __all__ = [
     "merged_weight",
     "mixed_batch",
     "mixed_batch_indexed",
+    "model_weight_norm",
     "negate",
     "prepare_model",
     "quant_layout",

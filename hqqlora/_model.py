@@ -6,7 +6,9 @@ Adapters for a model are a dict keyed by module path, each value an adapter dict
 
 :func:`functional_call` runs a model with such a dict applied to its ``HQQLinear``
 layers and leaves the model as it was, so that ``torch.func.grad`` of a loss with
-respect to the adapters is the whole training step's gradient.
+respect to the adapters is the whole training step's gradient. For serving many
+adapters in one batch, a path may hold an ``AdapterBank`` instead, and one
+``adapter_index`` per call gives each row of the batch its adapter in every layer.
 """
 
 from __future__ import annotations
@@ -21,15 +23,24 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hqqlora._base import HQQLinear, quant_layout
-from hqqlora._lora import apply_lora
+from hqqlora._dora import dora_weight_norm
+from hqqlora._mixed import BASE, AdapterBank, bank_weight_norm
 from hqqlora._params import check_params
-from hqqlora._route import install_adapter_names, prepare_layer, prepare_model, set_routing
+from hqqlora._route import (
+    Routed,
+    apply_routed,
+    install_adapter_names,
+    prepare_layer,
+    prepare_model,
+    set_routing,
+)
 
 __all__ = [
     "functional_call",
     "get_adapter",
     "hqq_layers",
     "inject_adapter",
+    "model_weight_norm",
     "prepare_model",
     "quantize_model",
 ]
@@ -65,16 +76,56 @@ def hqq_layers(model: nn.Module) -> dict[str, HQQLinear]:
     return layers
 
 
-def _check_adapters(model: nn.Module, adapters: object) -> dict[nn.Module, Mapping[str, Tensor]]:
-    """The routing table of a ``functional_call``: target module → checked adapter.
+def _check_bank(bank: AdapterBank, layout: Any, device: torch.device, name: str) -> None:
+    """A bank's structure, and its fit to the layer of ``layout`` on ``device``."""
+    A, B = bank.lora_A, bank.lora_B
+    n = len(bank.names)
+    if not (isinstance(A, Tensor) and isinstance(B, Tensor) and A.ndim == 3 and B.ndim == 3):
+        raise ValueError(
+            f"Expected {name}.lora_A of shape (n, r, in) and .lora_B of shape (n, out, r), got "
+            f"{getattr(A, 'shape', A)!r} and {getattr(B, 'shape', B)!r}."
+        )
+    out_features = B.shape[1]
+    expected = {
+        "lora_A": (n, A.shape[1], A.shape[2]),
+        "lora_B": (n, out_features, A.shape[1]),
+        "scaling": (n,),
+        "magnitude": (n, out_features),
+        "is_dora": (n,),
+    }
+    for field, shape in expected.items():
+        value = getattr(bank, field)
+        if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(
+                f"Expected {name}.{field} of shape {shape} ({n} names), got {got}; "
+                "build banks with hqqlora.stack_adapters."
+            )
+    if len(bank.dora) != n:
+        raise ValueError(f"Expected {name}.dora to hold {n} flags, got {len(bank.dora)}.")
+    if (out_features, A.shape[2]) != layout.shape:
+        raise ValueError(
+            f"Expected {name} of (out, in) = {layout.shape} to fit its layer, got "
+            f"{(out_features, A.shape[2])}."
+        )
+    if A.device != device:
+        raise ValueError(f"Expected {name} on its layer's device {device}, got {A.device}.")
+
+
+def _check_adapters(
+    model: nn.Module, adapters: object, *, banks: bool = False
+) -> dict[nn.Module, Any]:
+    """The adapters of a model-level call, checked: target module → dict (or bank).
 
     The target is the ``HQQLinear`` itself for a plain layer and the shim for a shim.
+    ``AdapterBank`` values are accepted only with ``banks``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(adapters, Mapping):
         raise TypeError(
-            f"Expected `adapters` to be a dict of module path -> adapter dict, got {type(adapters).__name__}."
+            "Expected `adapters` to be a dict of module path -> adapter dict"
+            f"{' or AdapterBank' if banks else ''}, got {type(adapters).__name__}."
         )
     modules = dict(model.named_modules(remove_duplicate=False))
     unknown = sorted(p for p in adapters if p not in modules)
@@ -89,20 +140,102 @@ def _check_adapters(model: nn.Module, adapters: object) -> dict[nn.Module, Mappi
             f"{sorted(hqq_layers(model))[:4]}), got unknown paths {unknown} and non-HQQ modules "
             f"{not_hqq} (name a shim, not the base_layer inside it)."
         )
-    table: dict[nn.Module, Mapping[str, Tensor]] = {}
+    table: dict[nn.Module, Any] = {}
     for path, params in adapters.items():
-        layout = quant_layout(_base_of(modules[path]))
-        pooled = layout.axis == 1 and layout.in_features % layout.group_size == 0
-        check_params(
-            params,
-            in_features=layout.in_features,
-            out_features=layout.out_features,
-            group_size=layout.group_size if pooled else None,  # group-constant adapters
-            name=f"adapters[{path!r}]",
-        )
+        base = cast(HQQLinear, _base_of(modules[path]))
+        layout = quant_layout(base)
+        if banks and isinstance(params, AdapterBank):
+            _check_bank(params, layout, base.W_q.device, f"adapters[{path!r}]")
+        else:
+            pooled = layout.axis == 1 and layout.in_features % layout.group_size == 0
+            check_params(
+                params,
+                in_features=layout.in_features,
+                out_features=layout.out_features,
+                group_size=layout.group_size if pooled else None,  # group-constant adapters
+                name=f"adapters[{path!r}]",
+            )
         table[modules[path]] = params
     _check_unshared(model, table, adapters)
     return table
+
+
+def _index_of_banks(banks: Mapping[str, AdapterBank], adapter_index: object) -> dict[str, Tensor]:
+    """Each bank's row index (row → entry, ``-1``: none) from ``adapter_index``."""
+    if not banks:
+        raise ValueError(
+            "Expected an AdapterBank among `adapters` with `adapter_index`, got only adapter dicts."
+        )
+    if isinstance(adapter_index, Tensor):
+        return _index_from_tensor(banks, adapter_index)
+    if isinstance(adapter_index, str) or not isinstance(adapter_index, Sequence):
+        raise TypeError(
+            "Expected `adapter_index` to be an integer tensor of shape (batch,) or a list of "
+            f"adapter names, got {type(adapter_index).__name__}."
+        )
+    names = list(adapter_index)
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"Expected `adapter_index` names to be strings, got {bad[:4]}.")
+    known = dict.fromkeys(n for bank in banks.values() for n in bank.names)
+    unknown = sorted({n for n in names if n != BASE and n not in known})
+    if unknown:
+        raise ValueError(
+            f"Expected `adapter_index` names among {[*known, BASE]}, got unknown {unknown}."
+        )
+    # A bank that lacks a name gives its rows no adapter: PEFT's rule for a layer
+    # without that adapter.
+    return {
+        path: torch.tensor(
+            [bank.names.index(n) if n in bank.names else -1 for n in names],
+            dtype=torch.int64,
+            device=bank.lora_A.device,
+        )
+        for path, bank in banks.items()
+    }
+
+
+def _index_from_tensor(banks: Mapping[str, AdapterBank], index: Tensor) -> dict[str, Tensor]:
+    if index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(
+            f"Expected `adapter_index` of dtype torch.int32 or torch.int64, got {index.dtype}."
+        )
+    if index.ndim != 1:
+        raise ValueError(
+            f"Expected `adapter_index` of shape (batch,), one entry per row, got {tuple(index.shape)}."
+        )
+    orders = {tuple(bank.names) for bank in banks.values()}
+    if len(orders) > 1:
+        raise ValueError(
+            "Expected every bank to hold the same names in the same order, so that an index "
+            f"means one adapter in every layer, got {sorted(orders)}: stack them with one "
+            "`names_order` (a zero-B adapter fills a layer an adapter does not adapt), or pass "
+            "names."
+        )
+    size = len(next(iter(orders)))
+    # Checking values needs the data on the host: only when that costs no device sync.
+    if index.device.type == "cpu" and not torch.compiler.is_compiling() and index.numel():
+        low, high = int(index.min()), int(index.max())
+        if low < -1 or high >= size:
+            raise ValueError(
+                f"Expected `adapter_index` values in [-1, {size}), got values in [{low}, {high}]."
+            )
+    # One copy per other device the banks live on (a model spread over devices).
+    on_device = {index.device: index}
+    for bank in banks.values():
+        device = bank.lora_A.device
+        if device not in on_device:
+            on_device[device] = index.to(device)
+    return {path: on_device[bank.lora_A.device] for path, bank in banks.items()}
+
+
+def _routed_base(module: nn.Module) -> HQQLinear:
+    """The layer an adapter routed to ``module`` applies to (a shim's unmerged base)."""
+    from hqqlora._nn import HqqLoraLinear
+
+    if isinstance(module, HqqLoraLinear):
+        return module._unmerged_base()
+    return cast(HQQLinear, _base_of(module))
 
 
 def _check_unshared(
@@ -130,9 +263,12 @@ def _check_unshared(
 
 def functional_call(
     model: nn.Module,
-    adapters: Mapping[str, Mapping[str, Tensor]],
+    adapters: Mapping[str, Mapping[str, Tensor] | AdapterBank],
     args: Any,
     kwargs: Mapping[str, Any] | None = None,
+    *,
+    adapter_index: Tensor | Sequence[str] | None = None,
+    weight_norm: Mapping[str, Any] | None = None,
 ) -> Any:
     """Runs ``model(*args, **kwargs)`` with ``adapters`` applied to its HQQ layers.
 
@@ -142,6 +278,33 @@ def functional_call(
     its own adapters are ignored). Layers not named run as they are, except that
     every HQQ layer computes its base output with :func:`~hqqlora.base_forward`,
     the pure path under ``torch.func`` transforms and ``torch.compile``.
+
+    **Mixed batches** (one adapter per row, for serving many adapters at once): a
+    path may hold an :class:`~hqqlora.AdapterBank` (:func:`~hqqlora.stack_adapters`
+    of that layer's adapters) instead of a dict, and ``adapter_index`` says which
+    entry each row of the batch gets. Every layer with a bank then computes
+    :func:`~hqqlora.mixed_batch_indexed`: with ``k = index[i]``, row ``i`` of its
+    input (dim 0, so every adapted layer must see the batch on dim 0, as in PEFT's
+    ``adapter_names``) gets ``base(x[i]) + scaling[k] · x[i] @ A[k]ᵀ @ B[k]ᵀ`` (or
+    DoRA's formula), ``k = -1`` none, which equals running each row alone with its
+    own adapter dicts. A dict next to banks applies to every row. ``adapter_index``
+    is either
+
+    * an ``int32``/``int64`` tensor of shape ``(batch,)`` (``-1``: no adapter),
+      which then means the same entry in every bank, so all banks must hold the
+      same names in the same order. This is the serving form: no host sync, and
+      ``torch.compile(fullgraph=True)`` (CUDA graphs included) traces it once for
+      all index values. Put it on the banks' device; values are checked for a CPU
+      index in eager mode only (an out-of-range value on an accelerator is a device
+      error); or
+    * a list of adapter names, one per row (``"__base__"``: none), resolved against
+      each bank's ``names``; a bank that lacks a name gives that row no adapter in
+      its layer (PEFT's rule). Each distinct list is a new constant for
+      ``torch.compile``: prefer the tensor form in a compiled loop.
+
+    ``torch.func.grad`` reaches a bank's tensors when the bank is rebuilt from them
+    inside the function (``bank._replace(lora_A=A, lora_B=B)``): its ``names`` and
+    ``is_dora`` are not differentiable leaves.
 
     The call is pure, reentrant and thread-safe: the module tree is not changed per
     call (the adapters reach the layers through per-thread state, see
@@ -154,9 +317,17 @@ def functional_call(
     Args:
         model: a module with ``HQQLinear`` layers.
         adapters: module path → adapter dict (``lora_A`` ``(r, in)``, ``lora_B``
-            ``(out, r)``, ``scaling`` ``()``, optional ``magnitude`` ``(out,)``).
+            ``(out, r)``, ``scaling`` ``()``, optional ``magnitude`` ``(out,)``),
+            or → ``AdapterBank`` (with ``adapter_index``).
         args: positional arguments of the forward (a tuple, or a single tensor).
         kwargs: keyword arguments of the forward.
+        adapter_index: with banks, row → bank entry: an integer tensor of shape
+            ``(batch,)`` or a list of ``batch`` names.
+        weight_norm: module path → DoRA's held norms for that layer, so that no
+            layer dequantizes its weight per call: ``(out,)`` for a DoRA dict
+            (:func:`~hqqlora.dora_weight_norm`), ``(n, out)`` for a bank
+            (:func:`~hqqlora.bank_weight_norm`); :func:`model_weight_norm` gives
+            them all. Missing ones are computed.
 
     Returns:
         Whatever ``model`` returns.
@@ -164,21 +335,53 @@ def functional_call(
     Raises:
         ValueError: a path that is not a module of ``model`` or not an HQQ layer
             (the ``base_layer`` inside a shim is not: name the shim), a layer
-            shared between paths not all named, or an adapter whose shapes do not
-            fit its layer.
-        TypeError: ``adapters`` is not a dict of adapter dicts.
+            shared between paths not all named, an adapter or bank whose shapes or
+            device do not fit its layer, banks without ``adapter_index`` or the
+            reverse, an index not of shape ``(batch,)`` or out of range, banks of
+            different names with a tensor index, unknown names, or a
+            ``weight_norm`` for a path not in ``adapters``. An index whose length is
+            not the batch size of a layer's input is refused by that layer, during
+            the forward (the model is left as it was).
+        TypeError: ``adapters`` is not a dict of adapter dicts or banks, or
+            ``adapter_index`` is neither an int32/int64 tensor nor a list of str.
 
     Example:
         >>> loss = lambda a: functional_call(model, a, (x,)).pow(2).mean()
         >>> grads = torch.func.grad(loss)(trainable)   # doctest: +SKIP
+        >>> banks = {path: stack_adapters(by_name[path]) for path in by_name}  # doctest: +SKIP
+        >>> y = functional_call(model, banks, (x,), adapter_index=["a", "__base__", "b"])  # doctest: +SKIP
     """
-    table = _check_adapters(model, adapters)
+    table = _check_adapters(model, adapters, banks=True)
+    banks = {path: a for path, a in adapters.items() if isinstance(a, AdapterBank)}
+    if adapter_index is None:
+        if banks:
+            raise ValueError(
+                f"Expected `adapter_index` (row -> bank entry) with AdapterBank entries "
+                f"{sorted(banks)[:4]}, got None."
+            )
+        index = {}
+    else:
+        index = _index_of_banks(banks, adapter_index)
+    norms = {} if weight_norm is None else weight_norm
+    if not isinstance(norms, Mapping):
+        raise TypeError(
+            f"Expected `weight_norm` to be a dict of module path -> norms, got {type(norms).__name__}."
+        )
+    unknown = sorted(p for p in norms if p not in adapters)
+    if unknown:
+        raise ValueError(
+            f"Expected `weight_norm` keyed by paths of `adapters`, got unknown paths {unknown}."
+        )
+    modules = dict(model.named_modules(remove_duplicate=False))
+    routed = {
+        modules[path]: Routed(adapter, index.get(path), norms.get(path))
+        for path, adapter in adapters.items()
+    }
     if not isinstance(args, tuple):
         args = (args,)
     kwargs = {} if kwargs is None else dict(kwargs)
-    if model in table:  # the model itself is the quantized layer (or a shim)
-        base = model if isinstance(model, HQQLinear) else cast(Any, model).get_base_layer()
-        return apply_lora(base, table[model], *args, **kwargs)
+    if model in routed:  # the model itself is the quantized layer (or a shim)
+        return apply_routed(_routed_base(model), routed[model], *args, **kwargs)
     from hqqlora._nn import HqqLoraLinear
 
     for module in model.modules():
@@ -186,11 +389,39 @@ def functional_call(
             module in table and not isinstance(module, HqqLoraLinear)
         ):
             prepare_layer(module)
-    previous = set_routing(table)
+    previous = set_routing(routed)
     try:
         return model(*args, **kwargs)
     finally:
         set_routing(previous)
+
+
+def model_weight_norm(
+    model: nn.Module, adapters: Mapping[str, Mapping[str, Tensor] | AdapterBank]
+) -> dict[str, Tensor]:
+    """DoRA's detached row norms for every DoRA entry of ``adapters``: path → norms.
+
+    ``(out,)`` from :func:`~hqqlora.dora_weight_norm` for a DoRA adapter dict,
+    ``(n, out)`` from :func:`~hqqlora.bank_weight_norm` for a bank holding a DoRA
+    entry; LoRA entries are left out. Compute them once and pass them to
+    :func:`functional_call` as ``weight_norm`` so that serving never dequantizes.
+    They hold for these adapters and these layers only: recompute them after
+    changing either.
+
+    Raises:
+        ValueError, TypeError: as :func:`functional_call` for ``adapters``.
+    """
+    _check_adapters(model, adapters, banks=True)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    norms = {}
+    for path, adapter in adapters.items():
+        base = _routed_base(modules[path])
+        if isinstance(adapter, AdapterBank):
+            if any(adapter.dora):
+                norms[path] = bank_weight_norm(base, adapter)
+        elif "magnitude" in adapter:
+            norms[path] = dora_weight_norm(base, adapter)
+    return norms
 
 
 def _matches(path: str, targets: str | Sequence[str]) -> bool:

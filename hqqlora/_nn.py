@@ -23,7 +23,7 @@ from hqqlora._lora import apply_lora
 from hqqlora._merge import merge
 from hqqlora._mixed import BASE, mixed_batch
 from hqqlora._params import delta_weight, init_lora, lora_scaling
-from hqqlora._route import adapter_names_in_use, routed_params
+from hqqlora._route import adapter_names_in_use, apply_routed, routed_params
 
 __all__ = ["HqqLoraLinear", "dispatch_hqq"]
 
@@ -476,7 +476,7 @@ class HqqLoraLinear(nn.Module):
             )
         routed = routed_params(self)
         if routed is not None:  # functional_call names this shim: its adapter, not ours
-            return apply_lora(self._unmerged_base(), routed, x)
+            return apply_routed(self._unmerged_base(), routed, x)
         if adapter_names is None:
             adapter_names = adapter_names_in_use()  # model(..., adapter_names=[...])
         if self.disable_adapters:

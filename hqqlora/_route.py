@@ -31,7 +31,7 @@ import copy
 import copyreg
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,9 @@ from hqqlora._base import HQQLinear, base_forward, unrouted_class
 from hqqlora._state import STATE
 
 __all__ = [
+    "Routed",
     "adapter_names_in_use",
+    "apply_routed",
     "install_adapter_names",
     "is_foreign_shim",
     "prepare_model",
@@ -51,6 +53,39 @@ __all__ = [
 
 _PREPARE_LOCK = threading.Lock()
 _ROUTED_CLASSES: dict[type, type] = {}
+
+
+class Routed(NamedTuple):
+    """A layer's entry in the routing table of a :func:`~hqqlora.functional_call`.
+
+    Attributes:
+        adapter: an adapter dict (every row), or an ``AdapterBank`` (one entry per row).
+        row_index: with a bank, row → bank entry (``-1``: none), on the bank's device.
+        weight_norm: DoRA's held norms for this layer, or ``None`` to compute them.
+    """
+
+    adapter: Any
+    row_index: Tensor | None = None
+    weight_norm: Any = None
+
+
+def apply_routed(base: HQQLinear, routed: Any, x: Tensor, /, **options: Any) -> Tensor:
+    """The output of ``base`` with the adapter the routing table gives it.
+
+    An adapter dict goes through ``apply_lora``; a bank with its row index through
+    ``mixed_batch_indexed`` (row ``i`` of ``x``, dim 0, gets entry ``index[i]``).
+    """
+    from hqqlora._lora import apply_lora
+
+    if not isinstance(routed, Routed):
+        return apply_lora(base, routed, x, **options)
+    if routed.row_index is None:
+        return apply_lora(base, routed.adapter, x, weight_norm=routed.weight_norm, **options)
+    from hqqlora._mixed import mixed_batch_indexed
+
+    return mixed_batch_indexed(
+        x, routed.adapter, routed.row_index, base=base, weight_norm=routed.weight_norm, **options
+    )
 
 
 def set_routing(table: Mapping[nn.Module, Any] | None) -> Mapping[nn.Module, Any] | None:
@@ -85,9 +120,7 @@ def _routed_hqq_forward(self: HQQLinear, x: Tensor, *args: Any, **kwargs: Any) -
             # Inside functional_call every HQQ layer takes base_forward, so that
             # torch.func transforms and torch.compile see the pure path, adapted or not.
             return base_forward(self, x)
-        from hqqlora._lora import apply_lora
-
-        return apply_lora(self, params, x)
+        return apply_routed(self, params, x)
     finally:
         STATE.running = previous
 
@@ -101,9 +134,7 @@ def _routed_shim_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) 
             f"Expected an unmerged {type(self).__name__} in functional_call, got one with merged "
             "adapters (its base layer holds them): unmerge it first."
         )
-    from hqqlora._lora import apply_lora
-
-    return apply_lora(cast(Any, self).get_base_layer(), params, x)  # a PEFT-style shim
+    return apply_routed(cast(Any, self).get_base_layer(), params, x)  # a PEFT-style shim
 
 
 def _set_backend_on_original(cls: type[Any], backend: Any) -> None:
