@@ -22,7 +22,7 @@ import contextlib
 import math
 import sys
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -226,7 +226,7 @@ def _nbytes(tensor: Tensor | None) -> int:
     if tensor is None:
         return 0
     if _is_dtensor(tensor):
-        tensor = tensor.to_local()
+        tensor = cast(Any, tensor).to_local()
     return tensor.numel() * tensor.element_size()
 
 
@@ -377,11 +377,11 @@ def assign_adapter(
                 f"{'is' if dora else 'is not'} DoRA), got {'none' if dora else 'one'}."
             )
         targets = {
-            "lora_A": shim.lora_A[adapter_name].weight,
-            "lora_B": shim.lora_B[adapter_name].weight,
+            "lora_A": cast(Tensor, shim.lora_A[adapter_name].weight),
+            "lora_B": cast(Tensor, shim.lora_B[adapter_name].weight),
         }
         if dora:
-            targets["magnitude"] = shim.lora_magnitude_vector[adapter_name].weight
+            targets["magnitude"] = cast(Tensor, shim.lora_magnitude_vector[adapter_name].weight)
         copies += [(targets[key], params[key]) for key in sorted(targets)]
     with torch.no_grad():
         for target, value in copies:
@@ -395,7 +395,8 @@ def _copy_into(target: Tensor, value: Tensor) -> None:
         return
     from torch.distributed.tensor import distribute_tensor
 
-    local = target.to_local()
+    sharded = cast(Any, target)  # a DTensor
+    local = sharded.to_local()
     value = value.detach().to(device=local.device, dtype=local.dtype)
-    shard = distribute_tensor(value, target.device_mesh, target.placements)
+    shard = distribute_tensor(value, sharded.device_mesh, sharded.placements)
     local.copy_(shard.to_local())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 import hqqlora
 from hqqlora.distributed import all_reduce_mean, gathered, quantized_bytes, shard_quantized
@@ -129,6 +130,7 @@ def run(rank: int, world: int, init_file: str, out: str) -> None:
     seen["bytes_whole"] = held_bytes(model), quantized_bytes(model)
 
     shard_quantized(model)
+    seen["units"] = sorted(p for p, m in model.named_modules() if isinstance(m, FSDPModule))
     seen["bytes_local"] = held_bytes(model), quantized_bytes(model)
     seen["meta_tensors"] = sorted(
         f"{path}:{k}"
@@ -171,12 +173,16 @@ def run(rank: int, world: int, init_file: str, out: str) -> None:
     seen["functional_sharded"] = all_reduce_mean(grads)
 
     # Checkpoints: one folder from every rank's call; then zeroed adapters loaded back.
+    writes = []
+    replace_folder = hqqlora._io.replace_folder
+    hqqlora._io.replace_folder = lambda *a, **k: (writes.append(a[0]), replace_folder(*a, **k))
     for name, (r, alpha, dora) in ADAPTERS.items():
         folder = out / f"adapter_{name}"
         hqqlora.save_adapter(
             folder, hqqlora.get_adapter(model, name), r=r, lora_alpha=alpha, use_dora=dora
         )
         seen["listing", name] = sorted(p.name for p in folder.iterdir())  # in place on return
+    seen["writes"] = len(writes)
     zeros = {
         path: {k: (v * 0 if k != "scaling" else v) for k, v in params.items()}
         for path, params in seen["adapters"]["default"].items()

@@ -92,6 +92,12 @@ def test_each_rank_holds_half_of_the_quantized_base_scales_and_zeros_included(ra
     assert rank0["bytes_local"][0] + rank1["bytes_local"][0] == rank0["bytes_whole"][0]
 
 
+def test_every_hqq_layer_is_sharded_on_its_own_and_the_root_too(ranks):
+    (rank0, _), _ = ranks
+    # One FSDP2 unit per adapted shim and per plain HQQ layer: one layer gathered at a time.
+    assert rank0["units"] == ["", "block.fc2", "fc1", "fc3"]
+
+
 @pytest.mark.parametrize("name", sorted(worker.ADAPTERS) if _gloo_available() else [])
 def test_two_ranks_on_their_rows_give_the_whole_batch_forward_and_gradients(ranks, name):
     (rank0, rank1), _ = ranks
@@ -162,7 +168,8 @@ def test_save_adapter_on_every_rank_writes_one_adapter_that_peft_reads(ranks):
             got = model(x)
         expected = hqqlora.functional_call(make_model(), loaded, (x,))
         assert_close_rel(got, expected, torch.float32, factor=10)
-    # One folder per adapter and no leftover siblings: rank 1 wrote nothing.
+    assert (rank0["writes"], rank1["writes"]) == (2, 0)  # rank 0 wrote, rank 1 waited
+    # One folder per adapter and no leftover siblings.
     names = sorted(p.name for p in out.iterdir() if not p.name.startswith(("rank", "init")))
     assert names == ["a_file", "adapter_default", "adapter_dora"]
 
