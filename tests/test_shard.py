@@ -360,3 +360,25 @@ def test_save_adapter_of_a_whole_model_is_not_a_collective(world_of_one, tmp_pat
     hqqlora.save_adapter(tmp_path / "a", hqqlora.get_adapter(model), r=4, lora_alpha=8)
     assert calls == []
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_mixed_precision_casts_scales_and_adapters_never_the_codes(world_of_one):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    model = _tiny_with_shims()
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        expected = model(x)
+    seen = {}
+
+    def record(module, args):
+        base = module.get_base_layer()
+        seen[id(module)] = (base.W_q.dtype, base.scale.dtype, module.lora_A["default"].weight.dtype)
+
+    shard_quantized(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    for shim in (model.fc1, model.block.fc2):
+        shim.register_forward_pre_hook(record)  # runs after FSDP2's own pre-hook (unshard)
+    with torch.no_grad():
+        got = model(x)
+    assert list(seen.values()) == [(torch.uint8, torch.bfloat16, torch.bfloat16)] * 2
+    assert_close_rel(got.float(), expected, torch.bfloat16, factor=4)
