@@ -33,7 +33,7 @@ from hqqlora._peft import use_in_peft
 from hqqlora._report import merge_report
 from hqqlora._route import prepare_model
 from hqqlora._verbs import delete_adapter, disable_adapter, merge_and_unload, set_adapter
-from hqqlora.distributed import all_reduce_mean, rank_generator
+from hqqlora.distributed import all_reduce_mean, assign_adapter, rank_generator
 
 __version__ = "0.1.0"
 
@@ -45,6 +45,7 @@ __all__ = [
     "add",
     "all_reduce_mean",
     "apply_lora",
+    "assign_adapter",
     "bank_weight_norm",
     "base_forward",
     "check_params",

@@ -11,6 +11,7 @@ in the layer's compute dtype. Everything here reads a layer and never writes it.
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -27,6 +28,7 @@ __all__ = [
     "call_unrouted",
     "check_hqq_layer",
     "dequantize",
+    "holds_quant_params",
     "pure_forward",
     "quant_layout",
     "quant_tensors",
@@ -127,14 +129,45 @@ def quant_layout(base: HQQLinear) -> QuantLayout:
     )
 
 
+def holds_quant_params(base: HQQLinear) -> bool:
+    """Whether ``scale`` and ``zero`` are registered parameters of ``base``, not ``meta`` entries.
+
+    :func:`hqqlora.distributed.register_quant_params` moves them there so that FSDP2
+    shards them with the codes; HQQ's own ``forward`` and ``dequantize`` read
+    ``meta`` and cannot run on such a layer, hqqlora's paths read the parameters.
+    """
+    return "scale" in base._parameters and "zero" in base._parameters
+
+
+def _refuse_shards(tensors: tuple[Tensor, ...]) -> None:
+    # Looked up, not imported (importing torch.distributed.tensor costs ~0.7 s): no
+    # DTensor exists before it is imported.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and any(isinstance(t, dtensor.DTensor) for t in tensors):
+        raise ValueError(
+            "Expected the quantized tensors of a whole layer, got DTensor shards (a layer "
+            "sharded by FSDP2, outside its forward): run it inside the model's forward, or "
+            "gather it first with `with hqqlora.distributed.gathered(module): ...`."
+        )
+
+
 def quant_tensors(base: HQQLinear) -> tuple[Tensor, Tensor, Tensor]:
     """``(W_q, scale, zero)`` of an ``HQQLinear``, on ``W_q``'s device.
 
     With ``offload_meta`` HQQ keeps scale and zero stacked in ``meta["zero_scale"]``
-    (pinned on the host); they are moved to ``W_q``'s device here.
+    (pinned on the host); they are moved to ``W_q``'s device here. A layer prepared
+    for FSDP2 (:func:`holds_quant_params`) holds them as parameters.
+
+    Raises:
+        ValueError: the tensors are FSDP2 shards (DTensors), not the whole layer's.
     """
     meta = base.meta
     W_q = base.W_q
+    if holds_quant_params(base):
+        tensors = (W_q, base.scale, base.zero)
+        _refuse_shards(tensors)
+        return tensors
+    _refuse_shards((W_q,))
     if "zero_scale" in meta:
         zero_scale = meta["zero_scale"].to(device=W_q.device)
         return W_q, zero_scale[1], zero_scale[0]
@@ -238,7 +271,9 @@ def base_forward(
       the pure :func:`dequantize` (HQQ's forward is an autograd.Function with no
       vmap/jvp rule that dynamo cannot trace either); in eager mode on CUDA with
       Triton, a one-kernel dequantization (HQQ's takes about ten launches) and the
-      same matmul; otherwise the layer's own forward.
+      same matmul; otherwise the layer's own forward, or, for a layer prepared for
+      FSDP2 (scale and zero held as parameters, which HQQ's forward does not read),
+      the same operations purely.
 
     Args:
         base: a quantized ``HQQLinear``.
@@ -261,6 +296,8 @@ def base_forward(
         _, scale, zero = quant_tensors(base)
         out = torch.matmul(x, _dequantize_triton(W_q, scale, zero, layout).t())
         return out if base.bias is None else (out + base.bias).to(out.dtype)
+    if holds_quant_params(base):  # HQQ's forward reads meta, which no longer holds them
+        return pure_forward(base, x, layout)
     return call_unrouted(base, x)
 
 

@@ -37,6 +37,7 @@ from hqqlora._atomic import replace_folder
 from hqqlora._model import _check_targets, _matches, hqq_layers
 from hqqlora._params import check_params, lora_scaling
 from hqqlora._patterns import compile_pattern, pattern_value
+from hqqlora._shard import full_tensors, write_on_rank0
 
 __all__ = ["load_adapter", "save_adapter"]
 
@@ -173,6 +174,12 @@ def save_adapter(
     recovered as ``scaling·rank``, or ``scaling·√rank`` with rslora), so PEFT
     rebuilds every adapter as it is.
 
+    On a model sharded by FSDP2 (adapters from :func:`~hqqlora.get_adapter` are
+    then ``DTensor`` shards), this is a collective: call it on every rank. Each
+    rank gathers the whole tensors, rank 0 alone writes the folder, and every rank
+    returns once it is in place (or raises if rank 0's write failed), so one
+    adapter is written, not one per rank.
+
     The pair of files is replaced as one: they are written and ``fsync``-ed in a
     fresh hidden sibling folder ``.<name>.hqqlora-<hex>``, which is then swapped
     with ``path`` by ``renameat2(RENAME_EXCHANGE)`` (see :mod:`hqqlora._atomic`). A
@@ -208,6 +215,7 @@ def save_adapter(
         raise (TypeError if not isinstance(adapters, Mapping) else ValueError)(
             f"Expected `adapters` to be a non-empty dict of module path -> adapter dict, got {adapters!r}."
         )
+    adapters, sharded = full_tensors(adapters)  # every rank gathers FSDP2's shards
     _check_rank(r, "r")
     _check_alpha(lora_alpha, "lora_alpha")
     _check_dropout(lora_dropout)
@@ -288,7 +296,13 @@ def save_adapter(
         with open(folder / CONFIG_NAME, "w") as handle:
             json.dump(config, handle, indent=2, sort_keys=True, allow_nan=False)
 
-    replace_folder(Path(path), write, carry=lambda name: not _OLD_TEMPORARY.fullmatch(name))
+    def replace() -> None:
+        replace_folder(Path(path), write, carry=lambda name: not _OLD_TEMPORARY.fullmatch(name))
+
+    if sharded:
+        write_on_rank0(replace, "save_adapter")
+    else:
+        replace()
     return Path(path)
 
 

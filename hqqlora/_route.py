@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, cast
 import torch
 from torch import Tensor, nn
 
-from hqqlora._base import HQQLinear, base_forward, unrouted_class
+from hqqlora._base import HQQLinear, base_forward, holds_quant_params, unrouted_class
 from hqqlora._state import STATE
 
 __all__ = [
@@ -112,6 +112,9 @@ def adapter_names_in_use() -> Sequence[str] | None:
 def _routed_hqq_forward(self: HQQLinear, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     table = STATE.adapters
     if table is None or STATE.bypass is self:
+        if holds_quant_params(self) and not args and not kwargs:
+            # HQQ's forward reads scale/zero from meta; these are parameters now (FSDP2).
+            return base_forward(self, x)
         return cast(Tensor, unrouted_class(self).forward(self, x, *args, **kwargs))
     params = table.get(self)
     previous, STATE.running = STATE.running, self

@@ -19,6 +19,12 @@ and :func:`all_reduce_mean` only issues ``torch.distributed.all_reduce``.
 The quantized base is frozen, so nothing about it needs reducing: every rank
 holds the same base (or, sharded by FSDP2, its share of it) and the same adapters
 (same seed, or broadcast once), and only the adapters' gradients cross ranks.
+
+The module way shards the quantized base too: :func:`shard_quantized` applies
+FSDP2's ``fully_shard`` to every HQQ layer, codes, scales and zeros included
+(:func:`register_quant_params`), :func:`gathered` gives whole layers back for a
+merge, and :func:`~hqqlora.save_adapter` / :func:`assign_adapter` write and load
+one PEFT-format adapter from and into the shards.
 """
 
 from __future__ import annotations
@@ -35,7 +41,24 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DEFAULT_BUCKET_BYTES", "all_reduce_mean", "rank_generator"]
+from hqqlora._shard import (
+    assign_adapter,
+    gathered,
+    quantized_bytes,
+    register_quant_params,
+    shard_quantized,
+)
+
+__all__ = [
+    "DEFAULT_BUCKET_BYTES",
+    "all_reduce_mean",
+    "assign_adapter",
+    "gathered",
+    "quantized_bytes",
+    "rank_generator",
+    "register_quant_params",
+    "shard_quantized",
+]
 
 T = TypeVar("T")
 
