@@ -11,6 +11,14 @@ so the number of kernels does not depend on the number of adapters. Rows with
 index ``-1`` (``"__base__"``) get no adapter term. A DoRA row with
 ``c = magnitude[k] / n[k]`` gets ``c ⊙ (base(x[i]) - bias + term[i]) + bias``.
 
+The gather copies ``r·(in + out)`` adapter values per row. In plain eager mode on the
+CPU, when that costs more than a few small kernels per adapter (few adapters for many
+rows, or wide layers), the rows are instead sorted by adapter and each adapter's run of
+rows goes through :func:`~hqqlora.apply_lora`'s own term, reading the adapter where it
+lies (Punica's segments, as a loop); PEFT loops the same way. Under ``torch.compile``
+and ``torch.func`` transforms, and on accelerators, the batched form always runs: the
+loop needs the index on the host and has data-dependent shapes.
+
 Rows never read another row's adapter: a ``"__base__"`` row selects zeros, not the
 tensors of some other adapter multiplied by 0 (``0 · NaN`` is NaN), so a NaN or inf in
 one adapter stays in the rows that use it, in the forward and in gradients.
@@ -330,10 +338,10 @@ def _loop_allowed(x: Tensor) -> bool:
     data-dependent shapes, which ``torch.compile`` and ``vmap`` cannot trace.
     """
     return (
-        x.device.type == "cpu"
+        _eager()
+        and x.device.type == "cpu"
         and x.shape[0] > 0
         and not torch.is_autocast_enabled("cpu")
-        and _eager()
     )
 
 
@@ -372,21 +380,21 @@ def _segments(index: Tensor, slots: int) -> _Segments:
 def _loop_forward(
     x: Tensor,
     base: HQQLinear | None,
-    segments: _Segments,
-    adapters: Sequence[tuple[Mapping[str, Tensor], Tensor | None]],
+    order: Tensor | None,
+    runs: Sequence[tuple[Mapping[str, Tensor], Tensor | None, int]],
     dtype: torch.dtype,
     out_features: int,
 ) -> Tensor:
     """The mixed batch as one :func:`apply_lora` per adapter on its own rows.
 
-    The rows are sorted by adapter once (``segments``); each run of rows gets the
-    term of its ``(adapter, weight_norm)``, read where it lies (no per-row copy of any
-    adapter), with the maths and roundings of :func:`apply_lora` on those rows alone.
-    The runs are then put back in place; rows in no run (``"__base__"``) keep the base
-    output, or a zero term without ``base``. Eager only (see :func:`_loop_allowed`).
+    ``x.index_select(0, order)`` sorts the rows by adapter (``order`` is ``None`` when
+    one adapter has every row, in order); ``runs`` are the ``(adapter, weight_norm,
+    number of rows)`` of the sorted runs, in order. Each run gets its adapter's term,
+    read where the adapter lies (no per-row copy of any adapter), with the maths and
+    roundings of :func:`apply_lora` on those rows alone. The runs are then put back in
+    place; rows in no run (``"__base__"``) keep the base output, or a zero term
+    without ``base``. Eager only (see :func:`_loop_allowed`).
     """
-    order, counts = segments
-    runs = [(p, norm, count) for (p, norm), count in zip(adapters, counts, strict=True) if count]
     x_a = x.to(dtype)
     xs = x_a if order is None else x_a.index_select(0, order)
     if base is None or not any("magnitude" in p for p, _, _ in runs):
@@ -436,7 +444,9 @@ def mixed_batch_indexed(
     """Row ``i`` of ``x`` through adapter ``index[i]`` of ``bank`` (``-1``: none).
 
     With ``k = index[i]``, ``term[i] = scaling[k] · x[i] @ A[k]ᵀ @ B[k]ᵀ``, for all
-    rows at once by gathering and batched matmuls. With ``base``, the layer output::
+    rows at once by gathering and batched matmuls (in eager mode on the CPU, by a loop
+    over the adapters in the batch when that is cheaper; same result up to rounding).
+    With ``base``, the layer output::
 
         y[i] = base(x[i]) + term[i]                                  (LoRA, or k = -1)
         y[i] = c ⊙ (base(x[i]) - bias + term[i]) + bias,  c = magnitude[k] / n[k]   (DoRA)
@@ -509,17 +519,19 @@ def mixed_batch_indexed(
     elif weight_norm is not None:
         raise ValueError("Expected no `weight_norm` for a bank without DoRA adapters, got one.")
 
+    segments = _segments(index, n_adapters) if _loop_allowed(x) else None
     rank = bank.lora_A.shape[1]
-    if _loop_allowed(x) and _loop_pays(rows, len(bank.names), rank, in_features, out_features):
+    used = 0 if segments is None else sum(1 for count in segments.counts if count)
+    if segments is not None and _loop_pays(rows, used, rank, in_features, out_features):
         norms = cast(Tensor, weight_norm) if any(bank.dora) and base is not None else None
-        adapters = []
-        for k in range(n_adapters):
-            p = {"lora_A": bank.lora_A[k], "lora_B": bank.lora_B[k], "scaling": bank.scaling[k]}
-            if bank.dora[k]:
-                p["magnitude"] = bank.magnitude[k]
-            adapters.append((p, None if norms is None else norms[k]))
-        segments = _segments(index, n_adapters)
-        return _loop_forward(x, base, segments, adapters, bank.lora_A.dtype, out_features)
+        runs = []
+        for k, count in enumerate(segments.counts):
+            if count:
+                p = {"lora_A": bank.lora_A[k], "lora_B": bank.lora_B[k], "scaling": bank.scaling[k]}
+                if bank.dora[k]:
+                    p["magnitude"] = bank.magnitude[k]
+                runs.append((p, None if norms is None else norms[k], count))
+        return _loop_forward(x, base, segments.order, runs, bank.lora_A.dtype, out_features)
 
     autocast = torch.is_autocast_enabled(x.device.type)
     x_a = x if autocast else x.to(bank.lora_A.dtype)
@@ -576,8 +588,11 @@ def mixed_batch(
     Equal to applying each row's adapter on its own (:func:`apply_lora`), computed
     in one pass: the adapters named in the batch are stacked (:func:`stack_adapters`)
     and :func:`mixed_batch_indexed` does the rest, so the kernel count does not grow
-    with the number of adapters. For a hot serving loop, stack once and call
-    :func:`mixed_batch_indexed` with an index tensor instead.
+    with the number of adapters. In eager mode on the CPU, when few adapters share
+    many rows (or the layer is wide), the rows are grouped by adapter instead and each
+    group gets :func:`apply_lora`'s term from the adapter as it is, with no stacking.
+    For a hot serving loop, stack once and call :func:`mixed_batch_indexed` with an
+    index tensor instead.
 
     With ``base`` the full layer output; without it only the adapter term, so
     ``base(x) + mixed_batch(x, p, names)`` is the output for LoRA adapters. DoRA
@@ -664,18 +679,13 @@ def mixed_batch(
         for i, name in enumerate(names):
             if name != BASE:
                 rows_of[name].append(i)
-        counts = [len(rows_of[name]) for name in used]
         order = None
-        if counts != [len(names)]:
+        if len(used) > 1 or len(rows_of[used[0]]) != len(names):
             order = torch.tensor([i for name in used for i in rows_of[name]], dtype=torch.int64)
-        return _loop_forward(
-            x,
-            base,
-            _Segments(order, counts),
-            [(p, norms.get(name)) for name, p in zip(used, adapters, strict=True)],
-            adapters[0]["lora_A"].dtype,
-            out_features,
-        )
+        runs = [
+            (p, norms.get(name), len(rows_of[name])) for name, p in zip(used, adapters, strict=True)
+        ]
+        return _loop_forward(x, base, order, runs, adapters[0]["lora_A"].dtype, out_features)
     bank = stack_adapters(params_by_name, used)
     index = torch.tensor([position.get(n, -1) for n in names], device=bank.lora_A.device)
     if weight_norm is not None:
