@@ -116,16 +116,17 @@ def check_hqq_layer(base: object, name: str = "base") -> HQQLinear:
 def quant_layout(base: HQQLinear) -> QuantLayout:
     """The static :class:`QuantLayout` of an ``HQQLinear``."""
     meta = base.meta
-    shape = cast("tuple[int, int]", tuple(int(s) for s in meta["shape"]))
+    out_features, in_features = meta["shape"]
+    # Positional: this runs on every forward, and keywords cost a frozen dataclass more.
     return QuantLayout(
-        shape=shape,
-        nbits=meta["nbits"],
-        group_size=int(meta["group_size"]),
-        axis=int(meta["axis"]),
-        packing=meta["packing"],
-        view_as_float=bool(meta.get("view_as_float", False)),
-        unpack_view_dtype=meta.get("unpack_view_dtype", torch.uint8),
-        compute_dtype=meta.get("compute_dtype", base.compute_dtype),
+        (int(out_features), int(in_features)),
+        meta["nbits"],
+        int(meta["group_size"]),
+        int(meta["axis"]),
+        meta["packing"],
+        bool(meta.get("view_as_float", False)),
+        meta.get("unpack_view_dtype", torch.uint8),
+        meta.get("compute_dtype", base.compute_dtype),
     )
 
 

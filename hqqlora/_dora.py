@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hqqlora._base import HQQLinear, check_hqq_layer, dequantize, quant_layout
+from hqqlora._base import HQQLinear, QuantLayout, check_hqq_layer, dequantize, quant_layout
 from hqqlora._params import as_adapter_list, check_norm_values, expand_groups, pool_groups
 
 __all__ = ["as_norm_list", "dora_factor", "dora_weight_norm"]
@@ -53,7 +53,11 @@ def dora_factor(params: Mapping[str, Tensor], weight_norm: Tensor) -> Tensor:
 
 
 def as_norm_list(
-    weight_norm: object, adapters: Sequence[Mapping[str, Tensor]], base: HQQLinear
+    weight_norm: object,
+    adapters: Sequence[Mapping[str, Tensor]],
+    base: HQQLinear,
+    *,
+    layout: QuantLayout | None = None,
 ) -> list[Tensor | None]:
     """Matches ``weight_norm`` (a tensor, ``None``, or one entry per adapter) to ``adapters``.
 
@@ -81,7 +85,8 @@ def as_norm_list(
         raise ValueError(
             f"Expected one `weight_norm` entry per adapter ({len(adapters)}), got {len(norms)}."
         )
-    out_features = quant_layout(base).out_features
+    out_features = (quant_layout(base) if layout is None else layout).out_features
+    device = base.W_q.device
     for i, (n, p) in enumerate(zip(norms, adapters, strict=True)):
         if n is None:
             continue
@@ -97,10 +102,9 @@ def as_norm_list(
             raise ValueError(
                 f"Expected `weight_norm[{i}]` of shape ({out_features},), got {tuple(n.shape)}."
             )
-        if n.device != base.W_q.device and n.device.type != "meta":
+        if n.device != device and not n.is_meta:
             raise ValueError(
-                f"Expected `weight_norm[{i}]` on the base layer's device {base.W_q.device}, "
-                f"got {n.device}."
+                f"Expected `weight_norm[{i}]` on the base layer's device {device}, got {n.device}."
             )
         check_norm_values(n, f"weight_norm[{i}]")
     return norms

@@ -34,7 +34,7 @@ def check_input(x: object, in_features: int, device: torch.device | None = None)
         raise TypeError(f"Expected `x` to be floating point, got {x.dtype}.")
     if x.ndim == 0 or x.shape[-1] != in_features:
         raise ValueError(f"Expected `x` of shape (..., {in_features}), got {tuple(x.shape)}.")
-    if x.device.type == "meta":
+    if x.is_meta:
         raise ValueError("Expected `x` to hold data, got a tensor on the meta device.")
     if device is not None and x.device != device:
         raise ValueError(f"Expected `x` on the base layer's device {device}, got {x.device}.")
@@ -138,9 +138,10 @@ def apply_lora(
     """
     check_hqq_layer(base)
     layout = quant_layout(base)
-    adapters = as_adapter_list(params, base, layout=layout)
-    check_input(x, layout.in_features, base.W_q.device)
-    norms = as_norm_list(weight_norm, adapters, base)
+    device = base.W_q.device
+    adapters = as_adapter_list(params, base, layout=layout, device=device)
+    check_input(x, layout.in_features, device)
+    norms = as_norm_list(weight_norm, adapters, base, layout=layout)
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"Expected `dropout` in [0, 1), got {dropout!r}.")
     autocast = torch.is_autocast_enabled(x.device.type)
@@ -151,13 +152,14 @@ def apply_lora(
     result = base_forward(base, x, layout, exact=exact)
     out_dtype = result.dtype
     for p, n in zip(adapters, norms, strict=True):
-        x_a = x if autocast else x.to(p["lora_A"].dtype)
+        dtype = p["lora_A"].dtype
+        x_a = x if autocast or x.dtype == dtype else x.to(dtype)
         x_d = lora_dropout(x_a, float(dropout), generator)
         if "magnitude" in p:
             result = add_dora_term(base, p, x_d, result, n, dropped=dropout > 0)
         else:
             result = add_lora_term(p, x_d, result)
-        if not autocast:
+        if not autocast and result.dtype != out_dtype:
             result = result.to(out_dtype)
     return result
 

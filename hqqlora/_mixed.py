@@ -11,6 +11,14 @@ so the number of kernels does not depend on the number of adapters. Rows with
 index ``-1`` (``"__base__"``) get no adapter term. A DoRA row with
 ``c = magnitude[k] / n[k]`` gets ``c ⊙ (base(x[i]) - bias + term[i]) + bias``.
 
+The gather copies ``r·(in + out)`` adapter values per row. In plain eager mode on the
+CPU, when that costs more than a few small kernels per adapter (few adapters for many
+rows, or wide layers), the rows are instead sorted by adapter and each adapter's run of
+rows goes through :func:`~hqqlora.apply_lora`'s own term, reading the adapter where it
+lies (Punica's segments, as a loop); PEFT loops the same way. Under ``torch.compile``
+and ``torch.func`` transforms, and on accelerators, the batched form always runs: the
+loop needs the index on the host and has data-dependent shapes.
+
 Rows never read another row's adapter: a ``"__base__"`` row selects zeros, not the
 tensors of some other adapter multiplied by 0 (``0 · NaN`` is NaN), so a NaN or inf in
 one adapter stays in the rows that use it, in the forward and in gradients.
@@ -27,8 +35,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hqqlora import _decode
-from hqqlora._base import HQQLinear, base_forward, check_hqq_layer, quant_layout, quant_tensors
-from hqqlora._dora import dora_weight_norm
+from hqqlora._base import (
+    HQQLinear,
+    _eager,
+    base_forward,
+    check_hqq_layer,
+    quant_layout,
+    quant_tensors,
+)
+from hqqlora._dora import add_dora_term, dora_weight_norm
+from hqqlora._lora import add_lora_term
 from hqqlora._params import check_norm_values, check_params
 
 __all__ = [
@@ -67,6 +83,12 @@ class AdapterBank(NamedTuple):
 
 def _unknown_name(name: object, known: Sequence[str]) -> ValueError:
     return ValueError(f"Expected adapter names among {[*known, BASE]}, got {name!r}.")
+
+
+def _dora_needs_base(dora_names: list[str]) -> ValueError:
+    return ValueError(
+        f"Expected `base` for DoRA adapters {dora_names}: DoRA needs the base output."
+    )
 
 
 def stack_adapters(
@@ -119,21 +141,8 @@ def stack_adapters(
         raise ValueError(f"Expected distinct names in `names_order`, got {names}.")
     adapters = [check_params(params_by_name[n], name=f"params_by_name[{n!r}]") for n in names]
     first = adapters[0]
-    out_features, in_features = first["lora_B"].shape[0], first["lora_A"].shape[1]
-    dtype = first["lora_A"].dtype
-    for name, p in zip(names, adapters, strict=True):
-        check_params(
-            p, in_features=in_features, out_features=out_features, name=f"params_by_name[{name!r}]"
-        )
-        if p["lora_A"].dtype != dtype or p.get("magnitude", p["lora_A"]).dtype != dtype:
-            raise TypeError(
-                f"Expected all adapters in one dtype ({dtype}), got {p['lora_A'].dtype} for {name!r}."
-            )
-        if p["lora_A"].device != first["lora_A"].device:
-            raise ValueError(
-                f"Expected all adapters on one device ({first['lora_A'].device}), "
-                f"got {p['lora_A'].device} for {name!r}."
-            )
+    out_features, dtype = first["lora_B"].shape[0], first["lora_A"].dtype
+    _check_stackable(names, adapters)
     ranks = [p["lora_A"].shape[0] for p in adapters]
     r_max = max(ranks)
     if max_rank is not None:
@@ -159,6 +168,26 @@ def stack_adapters(
     dora = tuple("magnitude" in p for p in adapters)
     is_dora = torch.tensor(dora, dtype=torch.bool, device=device)
     return AdapterBank(lora_A, lora_B, scaling, magnitude, is_dora, tuple(names), dora)
+
+
+def _check_stackable(names: Sequence[str], adapters: Sequence[Mapping[str, Tensor]]) -> None:
+    """Checks that checked adapters share one shape, dtype and device, as a bank needs."""
+    first = adapters[0]
+    out_features, in_features = first["lora_B"].shape[0], first["lora_A"].shape[1]
+    dtype = first["lora_A"].dtype
+    for name, p in zip(names, adapters, strict=True):
+        check_params(
+            p, in_features=in_features, out_features=out_features, name=f"params_by_name[{name!r}]"
+        )
+        if p["lora_A"].dtype != dtype or p.get("magnitude", p["lora_A"]).dtype != dtype:
+            raise TypeError(
+                f"Expected all adapters in one dtype ({dtype}), got {p['lora_A'].dtype} for {name!r}."
+            )
+        if p["lora_A"].device != first["lora_A"].device:
+            raise ValueError(
+                f"Expected all adapters on one device ({first['lora_A'].device}), "
+                f"got {p['lora_A'].device} for {name!r}."
+            )
 
 
 def _check_bank(bank: object) -> AdapterBank:
@@ -304,6 +333,113 @@ def _rows(t: Tensor) -> Tensor:
     return t.unsqueeze(1) if t.ndim == 2 else t.flatten(1, -2)
 
 
+# The cost model of _loop_pays, in "adapter values the batched form copies" (one CPU
+# thread; benchmarks/bench_mixed.py --device cpu --loop-grid measures both forms).
+_LOOP_COST_PER_ADAPTER = 30_000
+_BATCHED_FIXED_COST = 50_000
+
+
+def _loop_allowed(x: Tensor) -> bool:
+    """Whether the per-adapter loop may run: plain eager mode on the CPU, no autocast.
+
+    The loop reads the index on the host (free on the CPU, a sync elsewhere) and has
+    data-dependent shapes, which ``torch.compile`` and ``vmap`` cannot trace.
+    """
+    return (
+        _eager()
+        and x.device.type == "cpu"
+        and x.shape[0] > 0
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def _loop_pays(rows: int, used: int, rank: int, in_features: int, out_features: int) -> bool:
+    """Whether looping over the ``used`` adapters costs less than the batched form.
+
+    The batched form copies every row's adapter, ``rank · (in + out)`` values per row,
+    on top of a fixed cost; the loop reads each adapter where it lies but launches a
+    few small kernels per adapter. Both cost the same arithmetic. Few adapters for
+    many rows, or wide layers: the loop; many adapters of few rows each on a narrow
+    layer: the batched form.
+    """
+    copied = rows * rank * (in_features + out_features)
+    return used * _LOOP_COST_PER_ADAPTER <= copied + _BATCHED_FIXED_COST
+
+
+class _Segments(NamedTuple):
+    """The rows of a batch grouped by adapter: ``x.index_select(0, order)`` puts the
+    ``counts[k]`` rows of slot ``k`` next to each other, slot after slot. ``order`` is
+    ``None`` when one slot has every row, in order (nothing to gather)."""
+
+    order: Tensor | None
+    counts: list[int]
+
+
+def _segments(index: Tensor, slots: int) -> _Segments:
+    """Groups the rows of ``index`` (a CPU tensor, values in ``[-1, slots)``) by slot."""
+    counts = torch.bincount(index + 1, minlength=slots + 1).tolist()
+    batch = index.shape[0]
+    if counts[0] == 0 and batch in counts:
+        return _Segments(None, counts[1:])
+    order = torch.argsort(index, stable=True)[counts[0] :]  # "__base__" rows (-1) sort first
+    return _Segments(order, counts[1:])
+
+
+def _loop_forward(
+    x: Tensor,
+    base: HQQLinear | None,
+    order: Tensor | None,
+    runs: Sequence[tuple[Mapping[str, Tensor], Tensor | None, int]],
+    dtype: torch.dtype,
+    out_features: int,
+) -> Tensor:
+    """The mixed batch as one :func:`apply_lora` per adapter on its own rows.
+
+    ``x.index_select(0, order)`` sorts the rows by adapter (``order`` is ``None`` when
+    one adapter has every row, in order); ``runs`` are the ``(adapter, weight_norm,
+    number of rows)`` of the sorted runs, in order. Each run gets its adapter's term,
+    read where the adapter lies (no per-row copy of any adapter), with the maths and
+    roundings of :func:`apply_lora` on those rows alone. The runs are then put back in
+    place; rows in no run (``"__base__"``) keep the base output, or a zero term
+    without ``base``. Eager only (see :func:`_loop_allowed`).
+    """
+    x_a = x.to(dtype)
+    xs = x_a if order is None else x_a.index_select(0, order)
+    if base is None or not any("magnitude" in p for p, _, _ in runs):
+        result = None if base is None else base_forward(base, x)
+        if order is None and result is not None:
+            ((p, _, _),) = runs
+            return add_lora_term(p, xs, result).to(result.dtype)
+        terms, start = [], 0
+        for p, _, count in runs:
+            xk = xs.narrow(0, start, count)
+            terms.append(F.linear(F.linear(xk, p["lora_A"]) * p["scaling"], p["lora_B"]))
+            start += count
+        term = terms[0] if len(terms) == 1 else torch.cat(terms)
+        if result is None:
+            if order is None:
+                return term
+            return term.new_zeros((*x.shape[:-1], out_features)).index_copy(0, order, term)
+        # Added in the promoted dtype, then rounded once: as apply_lora's `result + term`.
+        out = result.to(torch.promote_types(result.dtype, term.dtype), copy=True)
+        return out.index_add_(0, cast(Tensor, order), term).to(result.dtype)
+    # DoRA rescales each row's whole output: each run goes through apply_lora's own
+    # term functions on its rows of the base output.
+    result = base_forward(base, x)
+    rs = result if order is None else result.index_select(0, order)
+    pieces, start = [], 0
+    for p, norm, count in runs:
+        xk, rk = xs.narrow(0, start, count), rs.narrow(0, start, count)
+        if "magnitude" in p:
+            y = add_dora_term(base, p, xk, rk, norm, dropped=False)
+        else:
+            y = add_lora_term(p, xk, rk)
+        pieces.append(y.to(result.dtype))
+        start += count
+    y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return y if order is None else result.index_copy(0, order, y)
+
+
 def mixed_batch_indexed(
     x: Tensor,
     bank: AdapterBank,
@@ -317,7 +453,9 @@ def mixed_batch_indexed(
     """Row ``i`` of ``x`` through adapter ``index[i]`` of ``bank`` (``-1``: none).
 
     With ``k = index[i]``, ``term[i] = scaling[k] · x[i] @ A[k]ᵀ @ B[k]ᵀ``, for all
-    rows at once by gathering and batched matmuls. With ``base``, the layer output::
+    rows at once by gathering and batched matmuls (in eager mode on the CPU, by a loop
+    over the adapters in the batch when that is cheaper; same result up to rounding).
+    With ``base``, the layer output::
 
         y[i] = base(x[i]) + term[i]                                  (LoRA, or k = -1)
         y[i] = c ⊙ (base(x[i]) - bias + term[i]) + bias,  c = magnitude[k] / n[k]   (DoRA)
@@ -372,10 +510,7 @@ def mixed_batch_indexed(
     rows = x.shape[0]
     _check_index(index, rows, n_adapters, device)
     if base is None and any(bank.dora):
-        dora_names = [n for n, d in zip(bank.names, bank.dora, strict=True) if d]
-        raise ValueError(
-            f"Expected `base` for DoRA adapters {dora_names}: DoRA needs the base output."
-        )
+        raise _dora_needs_base([n for n, d in zip(bank.names, bank.dora, strict=True) if d])
     if base is not None:
         _check_base_fits(base, bank)
     if base is not None and any(bank.dora):
@@ -404,6 +539,20 @@ def mixed_batch_indexed(
         fused = _decode_mixed(x, bank, index, base, weight_norm)
         if fused is not None:
             return fused
+    segments = _segments(index, n_adapters) if _loop_allowed(x) else None
+    rank = bank.lora_A.shape[1]
+    used = 0 if segments is None else sum(1 for count in segments.counts if count)
+    if segments is not None and _loop_pays(rows, used, rank, in_features, out_features):
+        norms = cast(Tensor, weight_norm) if any(bank.dora) and base is not None else None
+        runs = []
+        for k, count in enumerate(segments.counts):
+            if count:
+                p = {"lora_A": bank.lora_A[k], "lora_B": bank.lora_B[k], "scaling": bank.scaling[k]}
+                if bank.dora[k]:
+                    p["magnitude"] = bank.magnitude[k]
+                runs.append((p, None if norms is None else norms[k], count))
+        return _loop_forward(x, base, segments.order, runs, bank.lora_A.dtype, out_features)
+
     autocast = torch.is_autocast_enabled(x.device.type)
     x_a = x if autocast else x.to(bank.lora_A.dtype)
     x3 = _rows(x_a)  # (batch, L, in)
@@ -482,8 +631,11 @@ def mixed_batch(
     Equal to applying each row's adapter on its own (:func:`apply_lora`), computed
     in one pass: the adapters named in the batch are stacked (:func:`stack_adapters`)
     and :func:`mixed_batch_indexed` does the rest, so the kernel count does not grow
-    with the number of adapters. For a hot serving loop, stack once and call
-    :func:`mixed_batch_indexed` with an index tensor instead.
+    with the number of adapters. In eager mode on the CPU, when few adapters share
+    many rows (or the layer is wide), the rows are grouped by adapter instead and each
+    group gets :func:`apply_lora`'s term from the adapter as it is, with no stacking.
+    For a hot serving loop, stack once and call :func:`mixed_batch_indexed` with an
+    index tensor instead.
 
     With ``base`` the full layer output; without it only the adapter term, so
     ``base(x) + mixed_batch(x, p, names)`` is the output for LoRA adapters. DoRA
@@ -555,8 +707,29 @@ def mixed_batch(
             )
         p = next(iter(params_by_name.values()))
         return x.new_zeros((*x.shape[:-1], p["lora_B"].shape[0]), dtype=p["lora_B"].dtype)
-    bank = stack_adapters(params_by_name, used)
     position = {name: k for k, name in enumerate(used)}
+    adapters = [params_by_name[name] for name in used]
+    rank = max(p["lora_A"].shape[0] for p in adapters)
+    out_features, in_features = adapters[0]["lora_B"].shape[0], adapters[0]["lora_A"].shape[1]
+    if _loop_allowed(x) and _loop_pays(x.shape[0], len(used), rank, in_features, out_features):
+        # The same checks as stacking and mixed_batch_indexed, without the copies.
+        _check_stackable(used, adapters)
+        dora_names = [name for name, p in zip(used, adapters, strict=True) if "magnitude" in p]
+        if base is None and dora_names:
+            raise _dora_needs_base(dora_names)
+        norms = {} if weight_norm is None or base is None else weight_norm
+        rows_of: dict[str, list[int]] = {name: [] for name in used}
+        for i, name in enumerate(names):
+            if name != BASE:
+                rows_of[name].append(i)
+        order = None
+        if len(used) > 1 or len(rows_of[used[0]]) != len(names):
+            order = torch.tensor([i for name in used for i in rows_of[name]], dtype=torch.int64)
+        runs = [
+            (p, norms.get(name), len(rows_of[name])) for name, p in zip(used, adapters, strict=True)
+        ]
+        return _loop_forward(x, base, order, runs, adapters[0]["lora_A"].dtype, out_features)
+    bank = stack_adapters(params_by_name, used)
     index = torch.tensor([position.get(n, -1) for n in names], device=bank.lora_A.device)
     if weight_norm is not None:
         weight_norm = {n: v for n, v in weight_norm.items() if n in position} or None

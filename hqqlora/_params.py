@@ -53,6 +53,9 @@ OPTIONAL_KEYS = ("magnitude",)
 # The dtypes the forward computes in. float8 tensors are floating point too, but matmuls
 # and elementwise maths refuse them (or need scaled kernels): refuse them at the boundary.
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_COMPUTE_DTYPE_SET = frozenset(COMPUTE_DTYPES)
+_LORA_KEYS = frozenset(REQUIRED_KEYS)
+_DORA_KEYS = frozenset(REQUIRED_KEYS + OPTIONAL_KEYS)
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -88,14 +91,15 @@ def check_params(
     """
     if not isinstance(params, Mapping):
         raise TypeError(f"Expected `{name}` to be a dict of tensors, got {type(params).__name__}.")
-    missing = [k for k in REQUIRED_KEYS if k not in params]
-    if missing:
-        raise ValueError(
-            f"Expected `{name}` to have keys {list(REQUIRED_KEYS)}, got {sorted(params)} "
-            f"(missing {missing})."
-        )
-    unknown = sorted(set(params) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
-    if unknown:
+    keys = params.keys()
+    if keys != _LORA_KEYS and keys != _DORA_KEYS:
+        missing = [k for k in REQUIRED_KEYS if k not in params]
+        if missing:
+            raise ValueError(
+                f"Expected `{name}` to have keys {list(REQUIRED_KEYS)}, got {sorted(params)} "
+                f"(missing {missing})."
+            )
+        unknown = sorted(set(params) - _DORA_KEYS)
         raise ValueError(
             f"Expected `{name}` keys among {list(REQUIRED_KEYS + OPTIONAL_KEYS)}, got unknown {unknown}."
         )
@@ -104,14 +108,16 @@ def check_params(
             raise TypeError(
                 f"Expected `{name}[{key!r}]` to be a torch.Tensor, got {type(leaf).__name__}."
             )
-        if not leaf.is_floating_point():
-            raise TypeError(f"Expected `{name}[{key!r}]` to be floating point, got {leaf.dtype}.")
-        if leaf.dtype not in COMPUTE_DTYPES:
+        if leaf.dtype not in _COMPUTE_DTYPE_SET:
+            if not leaf.is_floating_point():
+                raise TypeError(
+                    f"Expected `{name}[{key!r}]` to be floating point, got {leaf.dtype}."
+                )
             raise TypeError(
                 f"Expected `{name}[{key!r}]` in a dtype the forward computes in "
                 f"({', '.join(str(d) for d in COMPUTE_DTYPES)}), got {leaf.dtype}."
             )
-        if leaf.device.type == "meta":
+        if leaf.is_meta:
             raise ValueError(
                 f"Expected `{name}[{key!r}]` to hold data, got a tensor on the meta device."
             )
@@ -121,25 +127,29 @@ def check_params(
             f"Expected `{name}` lora_A of shape (r, in) and lora_B of shape (out, r), "
             f"got {tuple(A.shape)} and {tuple(B.shape)}."
         )
-    if A.shape[0] != B.shape[1]:
+    rank = A.shape[0]
+    if rank != B.shape[1]:
         raise ValueError(
             f"Expected `{name}` lora_A (r, in) and lora_B (out, r) to share r, "
             f"got lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}."
         )
-    if A.shape[0] == 0:
+    if rank == 0:
         raise ValueError(
             f"Expected `{name}` of rank r >= 1, got lora_A of shape {tuple(A.shape)} (rank 0)."
         )
-    devices = {
-        key: params[key].device for key in ("lora_A", "lora_B", "magnitude") if key in params
-    }
-    if len(set(devices.values())) > 1:
+    device = A.device
+    magnitude = params.get("magnitude")
+    if B.device != device or (magnitude is not None and magnitude.device != device):
+        devices = {
+            key: params[key].device for key in ("lora_A", "lora_B", "magnitude") if key in params
+        }
         got = ", ".join(f"{key} on {device}" for key, device in devices.items())
         raise ValueError(f"Expected the tensors of `{name}` on one device, got {got}.")
-    if scaling.device not in (A.device, torch.device("cpu")):
+    scaling_device = scaling.device
+    if scaling_device != device and scaling_device.type != "cpu":
         # A 0-d CPU tensor mixes with tensors of any device; another accelerator does not.
         raise ValueError(
-            f"Expected `{name}['scaling']` on {A.device} (or the CPU), got {scaling.device}."
+            f"Expected `{name}['scaling']` on {device} (or the CPU), got {scaling_device}."
         )
     if A.dtype != B.dtype:
         raise TypeError(
@@ -162,22 +172,26 @@ def check_params(
         raise ValueError(
             f"Expected `{name}['lora_B']` of shape ({out_features}, r) to fit the layer, got {tuple(B.shape)}."
         )
-    if "magnitude" in params:
-        m = params["magnitude"]
-        if m.shape != (B.shape[0],):
-            raise ValueError(
-                f"Expected `{name}['magnitude']` of shape ({B.shape[0]},), got {tuple(m.shape)}."
-            )
+    if magnitude is not None and magnitude.shape != (B.shape[0],):
+        raise ValueError(
+            f"Expected `{name}['magnitude']` of shape ({B.shape[0]},), got {tuple(magnitude.shape)}."
+        )
     return params
 
 
 def as_adapter_list(
-    params: object, base: HQQLinear | None = None, *, layout: QuantLayout | None = None
+    params: object,
+    base: HQQLinear | None = None,
+    *,
+    layout: QuantLayout | None = None,
+    device: torch.device | None = None,
 ) -> list[Mapping[str, Tensor]]:
     """One adapter dict or a sequence of them, checked (against ``base`` if given), as a list.
 
-    With ``base``, the adapters must fit its shape and live on its device.
+    With ``base``, the adapters must fit its shape and live on its device (``layout``
+    and ``device``, when the caller has them at hand, are ``base``'s own).
     """
+    items: list[Mapping[str, Tensor]]
     if isinstance(params, Mapping):
         items = [params]
     elif isinstance(params, Sequence) and not isinstance(params, str):
@@ -188,26 +202,25 @@ def as_adapter_list(
         raise TypeError(
             f"Expected `params` to be an adapter dict or a sequence of them, got {type(params).__name__}."
         )
-    shape: tuple[int, int] | tuple[None, None] = (None, None)
-    group_size: int | None = None
-    if base is not None:
+    in_features = out_features = group_size = None
+    if base is None:
+        device = None
+    else:
         layout = quant_layout(base) if layout is None else layout
-        shape = layout.shape
-        if layout.axis == 1 and layout.in_features % layout.group_size == 0:
+        out_features, in_features = layout.shape
+        if layout.axis == 1 and in_features % layout.group_size == 0:
             group_size = layout.group_size
-    adapters = []
+        device = base.W_q.device if device is None else device
     for i, p in enumerate(items):
         name = "params" if len(items) == 1 else f"params[{i}]"
         check_params(
-            p, in_features=shape[1], out_features=shape[0], group_size=group_size, name=name
+            p, in_features=in_features, out_features=out_features, group_size=group_size, name=name
         )
-        if base is not None and p["lora_A"].device != base.W_q.device:
+        if device is not None and p["lora_A"].device != device:
             raise ValueError(
-                f"Expected `{name}` on the base layer's device {base.W_q.device}, "
-                f"got {p['lora_A'].device}."
+                f"Expected `{name}` on the base layer's device {device}, got {p['lora_A'].device}."
             )
-        adapters.append(p)
-    return adapters
+    return items
 
 
 # Norms already found valid: id -> (weak reference, version counter, rows). Only ever
@@ -253,7 +266,7 @@ def check_norm_values(
     Raises:
         ValueError: a zero, negative or non-finite entry, or a tensor on the meta device.
     """
-    if norm.device.type == "meta":
+    if norm.is_meta:
         raise ValueError(f"Expected `{name}` to hold data, got a tensor on the meta device.")
     if torch.compiler.is_compiling():
         return norm

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from peft.tuners.lora.hqq import HqqLoraLinear as PeftHqq
 from test_lora import assert_term_close, strong_adapter
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import hqqlora._mixed as mixed_module
 from hqqlora import (
     AdapterBank,
     apply_lora,
@@ -27,6 +29,15 @@ from hqqlora import (
 )
 
 BASE = "__base__"
+
+
+@pytest.fixture(params=["loop", "batched"])
+def path(request, monkeypatch):
+    """Pins one of the two eager CPU algorithms: a loop over the adapters in the batch (rows
+    grouped by adapter) or the batched gather (every row gathers its adapter). Left alone,
+    the choice depends on the shapes (test_loop_runs_exactly_where_it_pays)."""
+    monkeypatch.setattr(mixed_module, "_loop_pays", lambda *args: request.param == "loop")
+    return request.param
 
 
 def _adapters(layer, ranks, dora=(), dtype=torch.float32):
@@ -60,6 +71,7 @@ def _per_row_dense(layer, params_by_name, names, x):
 @pytest.mark.parametrize("nbits", BITS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.usefixtures("path")
 def test_mixed_lora_dora_ranks_equal_per_row(nbits, dtype, bias):
     layer = make_layer(64, 48, nbits=nbits, dtype=dtype, bias=bias)
     params = _adapters(layer, {"a": 2, "b": 5, "c": 3, "d": 1}, dora=("b", "d"))
@@ -73,6 +85,7 @@ def test_mixed_lora_dora_ranks_equal_per_row(nbits, dtype, bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.usefixtures("path")
 def test_weight_norm_given_equals_computed(dtype):
     layer = make_layer(dtype=dtype)
     params = _adapters(layer, {"a": 2, "b": 4, "c": 3}, dora=("b", "c"))
@@ -89,6 +102,7 @@ def test_weight_norm_given_equals_computed(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.usefixtures("path")
 def test_without_base_is_the_adapter_term(dtype):
     layer = make_layer(dtype=dtype)
     params = _adapters(layer, {"a": 2, "b": 6}, dtype=dtype)
@@ -102,6 +116,7 @@ def test_without_base_is_the_adapter_term(dtype):
     )
 
 
+@pytest.mark.usefixtures("path")
 def test_all_base_rows_and_adapter_dtype_differs_from_base():
     layer = make_layer(dtype=torch.bfloat16)
     params = _adapters(layer, {"a": 2})  # float32 adapters on a bf16 base, as PEFT
@@ -113,6 +128,7 @@ def test_all_base_rows_and_adapter_dtype_differs_from_base():
     assert_close_rel(y, _per_row(layer, params, ["a", BASE, "a"], x), torch.bfloat16)
 
 
+@pytest.mark.usefixtures("path")
 def test_inputs_are_not_mutated():
     layer = make_layer()
     params = _adapters(layer, {"a": 2, "b": 3}, dora=("b",))
@@ -129,6 +145,7 @@ def test_inputs_are_not_mutated():
     assert torch.equal(layer.meta["scale"], scale) and torch.equal(layer.meta["zero"], zero)
 
 
+@pytest.mark.usefixtures("path")
 def test_gradients_match_per_row():
     layer = make_layer()
     params = _adapters(layer, {"a": 2, "b": 3}, dora=("b",))
@@ -172,6 +189,7 @@ def test_stack_adapters_layout():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.usefixtures("path")
 def test_indexed_equals_names_form(dtype):
     layer = make_layer(dtype=dtype)
     params = _adapters(layer, {"a": 2, "b": 5, "c": 3}, dora=("c",))
@@ -202,7 +220,10 @@ def _count_ops(fn):
     return counter.n
 
 
-def test_kernel_count_does_not_grow_with_adapters():
+def test_kernel_count_does_not_grow_with_adapters(monkeypatch):
+    # The batched form (the one compiled and run on accelerators); on the CPU the loop
+    # runs instead where it is cheaper (test_loop_reads_only_the_adapters_in_the_batch).
+    monkeypatch.setattr(mixed_module, "_loop_pays", lambda *args: False)
     layer = make_layer()
     x = torch.randn(8, 64)
 
@@ -234,6 +255,7 @@ def test_kernel_count_does_not_grow_with_adapters():
         (3, torch.float32, False),
     ],
 )
+@pytest.mark.usefixtures("path")
 def test_matches_peft_mixed_batch_forward(nbits, dtype, bias):
     layer = make_layer(nbits=nbits, dtype=dtype, bias=bias)
     peft = PeftHqq(
@@ -295,13 +317,16 @@ def test_mixed_batch_equals_per_row_property(nbits, dtype, bias, shape, ranks, d
     }
     names = data.draw(st.lists(st.sampled_from([*adapter_names, BASE]), min_size=1, max_size=6))
     x = torch.randn(len(names), seq, shape[1]).to(dtype)
-    y = mixed_batch(x, params, names, base=layer)
+    loop = data.draw(st.booleans(), label="loop")
+    with mock.patch.object(mixed_module, "_loop_pays", lambda *args: loop):
+        y = mixed_batch(x, params, names, base=layer)
     assert_close_rel(y, _per_row(layer, params, names, x), dtype, factor=2)
 
 
 # -- errors --------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("path")
 def test_errors():
     layer = make_layer()
     params = _adapters(layer, {"a": 2, "b": 3}, dora=("b",))
@@ -324,6 +349,9 @@ def test_errors():
         stack_adapters({"a": params["a"], "w": random_adapter(make_layer(32, 48), 2)})
     with pytest.raises(TypeError, match="one dtype"):
         stack_adapters({"a": params["a"], "h": random_adapter(layer, 2, dtype=torch.float16)})
+    half = {"a": params["a"], "h": random_adapter(layer, 2, dtype=torch.float16)}
+    with pytest.raises(TypeError, match=r"all adapters in one dtype \(torch.float32\)"):
+        mixed_batch(x, half, ["a", "h", BASE], base=layer)
     with pytest.raises(ValueError, match="at least one adapter"):
         stack_adapters({})
     bank = stack_adapters(params)
@@ -411,6 +439,7 @@ def _run(form, x, params, names, base):
         (False, "scaling", False),
     ],
 )
+@pytest.mark.usefixtures("path")
 def test_broken_adapter_stays_in_its_rows(a_is_dora, key, with_base, bad, form):
     # "a" is stacked first: slot 0, the one "__base__" rows used to gather and multiply by 0.
     layer = make_layer()
@@ -473,6 +502,7 @@ def test_zero_rows_give_an_empty_result(shape, dora):
         assert mixed_batch_indexed(x, bank, torch.zeros(0, dtype=torch.int64)).shape == out_shape
 
 
+@pytest.mark.usefixtures("path")
 def test_index_dtypes():
     # int32 and int64 index; narrower ones are refused: uint8 cannot hold -1 (and torch reads
     # a uint8 index as a mask), int8/int16 do not index at all.
@@ -494,6 +524,7 @@ def test_index_dtypes():
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.usefixtures("path")
 def test_weight_norm_must_be_positive_and_finite(bad):
     layer = make_layer()
     params = _adapters(layer, {"a": 2, "b": 3}, dora=("b",))
@@ -564,6 +595,7 @@ def test_devices_that_do_not_fit_are_refused():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("form", ["names", "indexed"])
+@pytest.mark.usefixtures("path")
 def test_adapter_terms_match_reference_per_row(form, dtype):
     # Adapters whose term is as large as the base output, DoRA magnitudes away from init:
     # a term a few % off shows (the whole-output tolerance would hide it).
@@ -586,6 +618,7 @@ def test_adapter_terms_match_reference_per_row(form, dtype):
 # -- what mutants of _mixed.py showed untested ---------------------------------------------
 
 
+@pytest.mark.usefixtures("path")
 def test_given_weight_norms_are_the_ones_used():
     # A norm that is not the computed one (as after training moved A and B): c = m / n_given.
     layer = make_layer()
@@ -610,6 +643,7 @@ def test_given_weight_norms_are_the_ones_used():
     assert_close_rel(y_indexed[[0, 3]], expected_b[[0, 3]], torch.float32, factor=2)
 
 
+@pytest.mark.usefixtures("path")
 def test_weight_norm_gets_no_gradient():
     # n is detached (DESIGN): c = magnitude / n carries gradient to the magnitude only.
     layer = make_layer()
@@ -626,6 +660,7 @@ def test_weight_norm_gets_no_gradient():
     assert magnitude.grad is not None and magnitude.grad[1].abs().sum() > 0
 
 
+@pytest.mark.usefixtures("path")
 def test_more_errors():
     layer = make_layer()
     params = _adapters(layer, {"a": 2, "b": 3})
@@ -645,3 +680,137 @@ def test_more_errors():
     # Only "__base__" rows and no base: the zero term comes in the adapters' dtype.
     term = mixed_batch(x.to(torch.bfloat16), params, [BASE] * 3)
     assert term.dtype == torch.float32 and term.shape == (3, 48) and not term.any()
+
+
+# -- the eager CPU loop over the adapters in the batch ----------------------------------------
+
+
+def _rows_for(used, rows):
+    """Round-robin over ``used`` adapters, the last row through the base."""
+    return [f"a{i % used}" for i in range(rows - 1)] + [BASE]
+
+
+@pytest.mark.parametrize("form", ["names", "indexed"])
+def test_loop_runs_exactly_where_it_pays(form):
+    # On each side of the switch, the real choice (no patching) runs the algorithm that
+    # _loop_pays names and equals the float64 reference per row, DoRA included.
+    layer = make_layer(256, 192)
+    rows, rank = 10, 4
+    pays = [u for u in range(1, rows) if mixed_module._loop_pays(rows, u, rank, 256, 192)]
+    assert pays and pays == list(range(1, len(pays) + 1)) and len(pays) < rows - 1, pays
+    last_loop = len(pays)
+    x = torch.randn(rows, 2, 256, generator=torch.Generator().manual_seed(0))
+    params = {
+        f"a{k}": random_adapter(layer, rank, scaling=1.5, dora=k == 1, seed=k) for k in range(rows)
+    }
+    for used, loop in ((last_loop, True), (last_loop + 1, False)):
+        names = _rows_for(used, rows)
+        spy = mock.patch.object(mixed_module, "_loop_forward", wraps=mixed_module._loop_forward)
+        with spy as loop_forward:
+            if form == "names":
+                y = mixed_batch(x, params, names, base=layer)
+            else:
+                # A bank holding unused adapters too: only those in the batch count.
+                bank = stack_adapters(params)
+                index = torch.tensor([bank.names.index(n) if n != BASE else -1 for n in names])
+                y = mixed_batch_indexed(x, bank, index, base=layer)
+        assert loop_forward.called == loop, used
+        assert_close_rel(y, _per_row_dense(layer, params, names, x), torch.float32, factor=4)
+
+
+@pytest.mark.usefixtures("path")
+@pytest.mark.parametrize("form", ["names", "indexed"])
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["a", "a", "a"],  # one adapter has every row: nothing to sort
+        ["d", "d", "d"],
+        ["a", BASE, "a"],
+        [BASE, "d", "a", "d", "a"],
+        ["a", "a", "d", "d"],  # already sorted
+    ],
+)
+@pytest.mark.parametrize("with_base", [True, False])
+def test_row_groupings_match_reference(form, names, with_base):
+    layer = make_layer()
+    params = {
+        "a": strong_adapter(layer, 3, seed=1),
+        "d": strong_adapter(layer, 2, dora=with_base, seed=2),
+    }
+    x = torch.randn(len(names), 2, 64, generator=torch.Generator().manual_seed(3))
+    y = _run(form, x, params, names, layer if with_base else None)
+    expected = _per_row_dense(layer, params, names, x)
+    if with_base:
+        assert_close_rel(y, expected, torch.float32, factor=4)
+    else:
+        assert_close_rel(y, expected - dense_reference(layer, [], x), torch.float32, factor=4)
+
+
+def test_loop_reads_only_the_adapters_in_the_batch(monkeypatch):
+    # Its work grows with the adapters the batch uses, not with the bank's size.
+    monkeypatch.setattr(mixed_module, "_loop_pays", lambda *args: True)
+    layer = make_layer()
+    x = torch.randn(8, 64)
+    index = torch.tensor([0, 1, -1, 1, 0, 0, 1, -1])
+
+    def ops(n_adapters):
+        params = _adapters(layer, {f"a{k}": 1 + k % 4 for k in range(n_adapters)}, dora=("a1",))
+        bank = stack_adapters(params, max_rank=4)
+        norms = bank_weight_norm(layer, bank)
+        return _count_ops(
+            lambda: mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norms)
+        )
+
+    assert ops(2) == ops(16)
+
+
+# dynamo inspects captured tensors' .grad; torch warns about that for non-leaf ones
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_transforms_and_compile_run_the_batched_form_where_the_loop_would(monkeypatch):
+    # The loop reads the index on the host and has data-dependent shapes: under
+    # torch.func transforms and torch.compile the batched form runs, with the same result.
+    monkeypatch.setattr(mixed_module, "_loop_pays", lambda *args: True)
+    layer = make_layer()
+    params = _adapters(layer, {"a": 2, "b": 3}, dora=("b",))
+    names = ["a", "b", BASE, "b"]
+    x = torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(0))
+    bank = stack_adapters(params)
+    index = torch.tensor([0, 1, -1, 1])
+    norms = bank_weight_norm(layer, bank)
+    # torch.func.grad w.r.t. the adapters equals eager autograd through the loop.
+    leaves = {
+        n: {k: v.clone().requires_grad_(True) for k, v in p.items()} for n, p in params.items()
+    }
+    mixed_batch(x, leaves, names, base=layer).square().sum().backward()
+    grads = torch.func.grad(lambda p: mixed_batch(x, p, names, base=layer).square().sum())(params)
+    for n in params:
+        for k in ("lora_A", "lora_B", "magnitude"):
+            if k in params[n]:
+                torch.testing.assert_close(grads[n][k], leaves[n][k].grad, rtol=1e-4, atol=1e-5)
+    # vmap over inputs: each equals the eager (loop) result.
+    xs = torch.stack([x, 2 * x])
+    ys = torch.func.vmap(lambda xi: mixed_batch_indexed(xi, bank, index, base=layer))(xs)
+    for xi, yi in zip(xs, ys, strict=True):
+        assert_close_rel(yi, mixed_batch_indexed(xi, bank, index, base=layer), torch.float32)
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def serve(x, index, norms):
+        return mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norms)
+
+    expected = _per_row_dense(layer, params, names, x)
+    assert_close_rel(serve(x, index, norms), expected, torch.float32, factor=4)
+
+
+@pytest.mark.parametrize("form", ["names", "indexed"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loop_rounds_once_as_apply_lora(monkeypatch, form, dtype):
+    # float32 adapters on a half-precision base (PEFT's default): the term is added in
+    # float32 and the sum rounded once, as apply_lora does: the same bits on those rows.
+    monkeypatch.setattr(mixed_module, "_loop_pays", lambda *args: True)
+    layer = make_layer(dtype=dtype)
+    params = {"a": strong_adapter(layer, 4, seed=1)}
+    names = ["a", BASE, "a", "a"]
+    x = torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y = _run(form, x, params, names, layer)
+    assert torch.equal(y[[0, 2, 3]], apply_lora(layer, params["a"], x[[0, 2, 3]]))
+    assert torch.equal(y[1], base_forward(layer, x)[1])
