@@ -1,12 +1,13 @@
 """Mixed-adapter batches (issue 5, workload 2): hqqlora vs PEFT's HqqLoraLinear.
 
 Row ``i`` of ``x`` (shape ``(rows, tokens, size)``) gets adapter ``i mod n`` of ``n``
-distinct LoRA adapters (round-robin), through one 4-bit group-64 bf16 HQQ layer.
+distinct LoRA adapters (round-robin), through one 4-bit group-64 HQQ layer (bf16, or --dtype).
 Both sides use the same layer and the same adapter tensors, timed in one run:
 
 * HQQ base: the layer's own forward (the denominator of every ratio);
 * PEFT: one ``HqqLoraLinear`` holding all adapters, ``forward(x, adapter_names=names)``;
-* ours dict: ``mixed_batch(x, adapters, names, base=layer)`` (stacks on every call);
+* ours dict: ``mixed_batch(x, adapters, names, base=layer)`` (stacks on every call, or in
+  eager mode on the CPU loops over the adapters in the batch where that is cheaper);
 * ours indexed: ``mixed_batch_indexed(x, bank, index, base=layer)`` with the bank
   stacked once (outside the timed region) and the index tensor on the device;
 * ours compiled: the indexed form under ``torch.compile(fullgraph=True, dynamic=False)``.
@@ -16,6 +17,16 @@ path refuses DoRA adapters, which the table shows as "n/a".
 
     python benchmarks/bench_mixed.py --device cuda          # 4096x4096, 64 rows x 128 tokens
     python benchmarks/bench_mixed.py --device cpu           # 512x512, 64 rows x 8 tokens
+
+On the CPU (issue 11, item 6: never slower than PEFT), float32 on one thread:
+
+    python benchmarks/bench_mixed.py --device cpu --size 1024 --rows 32 --tokens 8 \
+        --counts 1 16 --dtype float32 --threads 1 --no-compile --reps 40
+
+and the eager CPU algorithms side by side (the loop over the adapters in the batch
+against the batched gather, each forced), with the choice ``_loop_pays`` makes:
+
+    python benchmarks/bench_mixed.py --device cpu --loop-grid --threads 1
 """
 
 from __future__ import annotations
@@ -65,6 +76,75 @@ def time_group(fns, device: str, reps: int) -> dict[str, float]:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
+def loop_grid(args) -> None:
+    """Times the two eager CPU algorithms of ``mixed_batch_indexed``, each forced."""
+    import hqqlora._mixed as mixed_module
+
+    decide = mixed_module._loop_pays
+    r = args.rank
+    rows_out = []
+    for size in (64, 256, 1024):
+        layer = make_hqq_layer(size, size, nbits=4, group_size=64, dtype=torch.float32)
+        adapters = {
+            f"a{k}": random_params(layer, r, dtype=torch.float32, seed=100 + k) for k in range(64)
+        }
+        for rows, tokens in ((8, 1), (32, 1), (32, 8), (64, 1)):
+            x = torch.randn(rows, tokens, size)
+            for n in (1, 4, 16, 64):
+                if n > rows:
+                    continue
+                bank = hqqlora.stack_adapters({f"a{k}": adapters[f"a{k}"] for k in range(n)})
+                index = torch.arange(rows) % n
+
+                def forced(loop, bank=bank, index=index, x=x, layer=layer):
+                    def run():
+                        mixed_module._loop_pays = lambda *a: loop
+                        try:
+                            return hqqlora.mixed_batch_indexed(x, bank, index, base=layer)
+                        finally:
+                            mixed_module._loop_pays = decide
+
+                    return run
+
+                with torch.no_grad():
+                    ms = time_group(
+                        {
+                            "base": lambda x=x, layer=layer: hqqlora.base_forward(layer, x),
+                            "loop": forced(True),
+                            "batched": forced(False),
+                        },
+                        "cpu",
+                        args.reps,
+                    )
+                base = ms["base"]
+                faster = "loop" if ms["loop"] < ms["batched"] else "batched"
+                chosen = "loop" if decide(rows, n, r, size, size) else "batched"
+                rows_out.append(
+                    [size, rows, tokens, n, base * 1e3]
+                    + [(ms[k] - base) * 1e3 for k in ("loop", "batched")]
+                    + [faster, chosen]
+                )
+    text = f"{environment('cpu')}\n\n" + print_table(
+        f"Eager CPU algorithms of mixed_batch_indexed, LoRA r={r} float32, round-robin adapters, "
+        "time over the base forward (µs, medians)",
+        [
+            "size",
+            "rows",
+            "tokens",
+            "adapters",
+            "base (µs)",
+            "loop +",
+            "batched +",
+            "faster",
+            "chosen",
+        ],
+        rows_out,
+    )
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n")
+
+
 def _reference(layer, adapters, names, x, norms=None):
     """Each row through its own adapter with ``apply_lora``: the ground truth."""
     rows = []
@@ -87,11 +167,19 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10, help="timed calls per median on cpu")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--out", default=None, help="append the markdown tables to this file")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--loop-grid", action="store_true", help="CPU: loop vs batched grid")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.loop_grid:
+        loop_grid(args)
+        return
     device = args.device
     size = args.size or (4096 if device == "cuda" else 512)
     tokens = args.tokens or (128 if device == "cuda" else 8)
-    rows, r, dtype = args.rows, args.rank, torch.bfloat16
+    rows, r, dtype = args.rows, args.rank, getattr(torch, args.dtype)
     counts = [n for n in args.counts if n <= rows]
     n_max = max(counts)
     torch.manual_seed(0)
@@ -139,8 +227,9 @@ def main() -> None:
     if peft_dora_error:
         print(f"PEFT DoRA mixed batch: {peft_dora_error}")
     text = (
-        f"{env}\n\nlayer {size}x{size}, 4-bit, group 64, no bias, bf16; x {rows}x{tokens}x{size} bf16; "
-        f"LoRA r={r} bf16 adapters assigned round-robin to rows; times are medians\n\n"
+        f"{env}\n\nlayer {size}x{size}, 4-bit, group 64, no bias, {args.dtype}; "
+        f"x {rows}x{tokens}x{size} {args.dtype}; LoRA r={r} {args.dtype} adapters assigned "
+        "round-robin to rows; times are medians\n\n"
     )
     x = torch.randn(rows, tokens, size, device=device, dtype=dtype)
 
