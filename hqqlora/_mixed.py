@@ -424,7 +424,7 @@ def _loop_forward(
             return term.new_zeros((*x.shape[:-1], out_features)).index_copy(0, order, term)
         # Added in the promoted dtype, then rounded once: as apply_lora's `result + term`.
         out = result.to(torch.promote_types(result.dtype, term.dtype), copy=True)
-        return out.index_add_(0, cast(Tensor, order), term).to(result.dtype)
+        return out.index_add_(0, cast(Tensor, order), term.to(out.dtype)).to(result.dtype)
     # DoRA rescales each row's whole output: each run goes through apply_lora's own
     # term functions on its rows of the base output.
     result = base_forward(base, x)

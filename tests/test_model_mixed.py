@@ -458,6 +458,8 @@ GPU_INDICES = (NAMES, ["c", "c", "a", BASE, "b"], [BASE, "a", "b", "a", "c"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores")
+@pytest.mark.filterwarnings("ignore:The CUDA Graph is empty")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graphs_reduce_overhead_equals_per_row(dtype):
     model, by_path, banks, norms = _gpu_case(dtype)
