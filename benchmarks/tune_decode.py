@@ -7,8 +7,6 @@ Each configuration is checked against the float64 product before it is timed.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton.testing
 from common import environment, make_hqq_layer
@@ -38,13 +36,23 @@ def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True):
             ref = x.double() @ W.T + (x.double() @ A.double().T) @ B.double().T
             key = (out_f, in_f, per, tokens)
             results = []
-            for config in itertools.product(
-                (8, 16, 32) if tokens > 16 else (16, 32, 64, 128),
-                (1,),
-                (1, 2, 4, 8, 16),
-                (4,),
-                (2, 4),
-            ):
+            if tokens == 1:
+                configs = [
+                    (b, g, sp, 4, 2, 2)
+                    for b in (16, 32, 64)
+                    for g in (1, 2, 4)
+                    for sp in (4, 8, 16)
+                ]
+                configs += [(b, 1, sp, 4, 3, 1) for b in (32, 64) for sp in (4, 8)]
+            elif tokens <= 16:
+                configs = [(b, 1, sp, 4, 3, 1) for b in (16, 32, 64) for sp in (2, 4, 8)]
+            else:
+                configs = [(b, 1, sp, 4, 3, 1) for b in (16, 32) for sp in (1, 2, 4)]
+            if key in _decode.TUNED:
+                configs.append(_decode.TUNED[key])
+            saved = _decode.TUNED.pop(key, None)
+            configs.append(_decode.decode_config(out_f, in_f, per, 64, tokens))
+            for config in configs:
                 _decode.TUNED[key] = config
 
                 def run(x=x):
@@ -63,7 +71,9 @@ def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True):
                     print(f"{key} {config}: {type(exc).__name__}: {str(exc)[:80]}")
                     continue
                 results.append((us, config))
-            del _decode.TUNED[key]
+            _decode.TUNED.pop(key, None)
+            if saved is not None:
+                _decode.TUNED[key] = saved
             if results:
                 results.sort()
                 best[key] = results[0][1]
@@ -74,13 +84,49 @@ def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True):
     return best
 
 
+def profile_best(shapes, tokens_list):
+    """GPU time (profiler) of gemlite's base and of our LoRA layer, with the tuned configs."""
+    from bench_decode import gemlite_of, gpu_us, rel
+
+    for out_f, in_f in shapes:
+        layer = make_hqq_layer(in_f, out_f, device="cuda")
+        gl = gemlite_of(layer)
+        A = torch.randn(16, in_f, device="cuda") / in_f**0.5
+        B = torch.randn(out_f, 16, device="cuda") * 0.01
+        p = {"lora_A": A, "lora_B": B, "scaling": torch.tensor(1.0, device="cuda")}
+        W = hqqlora.dequantize(layer).double()
+        for tokens in tokens_list:
+            x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                ours = gpu_us(lambda x=x: hqqlora.apply_lora(layer, p, x))
+                err = rel(
+                    hqqlora.apply_lora(layer, p, x),
+                    x.double() @ W.T + (x.double() @ A.double().T) @ B.double().T,
+                )
+                base = gpu_us(lambda x=x: gl(x)) if gl is not None else float("nan")
+            print(
+                f"{out_f}x{in_f} tokens {tokens}: ours LoRA fp32 {ours:.1f} us GPU (rel err {err:.1e}), "
+                f"gemlite base {base:.1f} us: {ours / base:.2f}x"
+            )
+
+
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--quick", action="store_true", help="4096² and 14336×4096, 1 and 16 tokens"
+    )
+    args = parser.parse_args()
     print(environment("cuda"))
-    best = tune()
+    shapes, tokens = ([(4096, 4096), (14336, 4096)], [1, 16]) if args.quick else (SHAPES, TOKENS)
+    best = tune(shapes, tokens)
     print("TUNED = {")
     for key, config in sorted(best.items()):
         print(f"    {key}: {config},")
-    print("}")
+    print("}", flush=True)
+    _decode.TUNED.update(best)
+    profile_best(shapes, tokens)
 
 
 if __name__ == "__main__":

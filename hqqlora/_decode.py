@@ -18,6 +18,12 @@ its cost is the bytes it reads. Two Triton kernels read each of them once:
    ``c ⊙ (base + term) + bias`` in the output dtype (``c`` = DoRA's
    ``magnitude / weight_norm``, 1 for LoRA rows).
 
+Three variants of the second kernel (``MODE``, chosen per shape in :data:`TUNED`): 0,
+measured on an H100 and the default; 1 (a program per packed slot, no register
+reshape) and 2 (a CUDA-core GEMV for one row) are checked in Triton's interpreter only
+so far and are picked only by ``benchmarks/tune_decode.py`` results written into
+:data:`TUNED`.
+
 The result does not depend on the launch order (partials are summed in a fixed
 order): the same inputs give the same bits on every call.
 
@@ -148,51 +154,96 @@ if triton is not None:
         HAS_IDX: tl.constexpr,
         HAS_DORA: tl.constexpr,
         HAS_BIAS: tl.constexpr,
+        MODE: tl.constexpr,
     ):
-        NB: tl.constexpr = PER * BLOCK_P
+        # MODE 0: a tile holds every slot of its packed rows (one read of each byte),
+        # multiplied on tensor cores; MODE 1: a program per (tile, slot), so no register
+        # reshape (the slots' programs reread the bytes from L2); MODE 2: one row of x,
+        # on CUDA cores (a GEMV), every slot of the tile.
+        NB: tl.constexpr = BLOCK_P if MODE == 1 else PER * BLOCK_P
         BLOCK_K: tl.constexpr = GPS * GROUP
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
-        p = pid_n * BLOCK_P + tl.arange(0, BLOCK_P)
-        slot = tl.arange(0, PER)
-        # Output row of (slot, packed row): slot · rows_per_slot + packed row.
-        n = tl.reshape(slot[:, None] * rows_per_slot + p[None, :], (NB,))
+        if MODE == 1:
+            tile = pid_n // PER
+            slot1 = pid_n % PER
+        else:
+            tile = pid_n
+            slot1 = 0
+        p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = p < rows_per_slot
-        n_ok = tl.reshape(tl.broadcast_to(p_ok[None, :], (PER, BLOCK_P)), (NB,))
+        slot = tl.arange(0, PER)
         shifts = BITS * (PER - 1 - slot)
+        if MODE == 1:
+            n = slot1 * rows_per_slot + p
+            n_ok = p_ok
+        else:
+            # Output row of (slot, packed row): slot · rows_per_slot + packed row.
+            n = tl.reshape(slot[:, None] * rows_per_slot + p[None, :], (NB,))
+            n_ok = tl.reshape(tl.broadcast_to(p_ok[None, :], (PER, BLOCK_P)), (NB,))
         m = tl.arange(0, BLOCK_M)
         m_ok = m < M
         groups_per_row = K // GROUP
-        acc = tl.zeros((BLOCK_M, NB), dtype=tl.float32)
         first = split * steps_per_split
-        for step in range(first, first + steps_per_split):
-            k = step * BLOCK_K + tl.arange(0, BLOCK_K)
-            packed = tl.load(
-                packed_ptr + p[:, None] * K + k[None, :],
-                mask=p_ok[:, None],
-                other=0,
-                eviction_policy="evict_first",
-            ).to(tl.int32)
-            codes = (packed[None, :, :] >> shifts[:, None, None]) & ((1 << BITS) - 1)
-            xs = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None], other=0)
-            codes = tl.reshape(codes, (NB, BLOCK_K)).to(xs.dtype)
-            if GPS == 1:
-                d = tl.dot(xs, tl.trans(codes))  # (BLOCK_M, NB), float32
-                x_sum = tl.sum(xs.to(tl.float32), axis=1)
-                meta = n * groups_per_row + step
-                z = tl.load(zero_ptr + meta, mask=n_ok, other=0).to(tl.float32)
-                s = tl.load(scale_ptr + meta, mask=n_ok, other=0).to(tl.float32)
-                acc += (d - x_sum[:, None] * z[None, :]) * s[None, :]
-            else:
-                x3 = tl.permute(tl.reshape(xs, (BLOCK_M, GPS, GROUP)), (1, 0, 2))
-                c3 = tl.permute(tl.reshape(codes, (NB, GPS, GROUP)), (1, 2, 0))
-                d3 = tl.dot(x3, c3)  # (GPS, BLOCK_M, NB)
-                x_sum = tl.sum(x3.to(tl.float32), axis=2)  # (GPS, BLOCK_M)
+        if MODE == 2:
+            n2 = slot[:, None] * rows_per_slot + p[None, :]  # (PER, BLOCK_P)
+            acc2 = tl.zeros((PER, BLOCK_P), dtype=tl.float32)
+            for step in range(first, first + steps_per_split):
+                k = step * BLOCK_K + tl.arange(0, BLOCK_K)
+                packed = tl.load(
+                    packed_ptr + p[:, None] * K + k[None, :],
+                    mask=p_ok[:, None],
+                    other=0,
+                    eviction_policy="evict_first",
+                ).to(tl.int32)
+                codes = ((packed[None, :, :] >> shifts[:, None, None]) & ((1 << BITS) - 1)).to(
+                    tl.float32
+                )
+                xv = tl.load(x_ptr + k).to(tl.float32)
+                prod = tl.reshape(codes * xv[None, None, :], (PER, BLOCK_P, GPS, GROUP))
+                d = tl.sum(prod, axis=3)  # (PER, BLOCK_P, GPS)
+                x_sum = tl.sum(tl.reshape(xv, (GPS, GROUP)), axis=1)  # (GPS,)
                 g = step * GPS + tl.arange(0, GPS)
-                meta = n[None, :] * groups_per_row + g[:, None]  # (GPS, NB)
-                z = tl.load(zero_ptr + meta, mask=n_ok[None, :], other=0).to(tl.float32)
-                s = tl.load(scale_ptr + meta, mask=n_ok[None, :], other=0).to(tl.float32)
-                acc += tl.sum((d3 - x_sum[:, :, None] * z[:, None, :]) * s[:, None, :], axis=0)
+                meta = n2[:, :, None] * groups_per_row + g[None, None, :]
+                ok = p_ok[None, :, None]
+                z = tl.load(zero_ptr + meta, mask=ok, other=0).to(tl.float32)
+                s = tl.load(scale_ptr + meta, mask=ok, other=0).to(tl.float32)
+                acc2 += tl.sum((d - x_sum[None, None, :] * z) * s, axis=2)
+            acc = tl.reshape(acc2, (BLOCK_M, NB))
+        else:
+            acc = tl.zeros((BLOCK_M, NB), dtype=tl.float32)
+            for step in range(first, first + steps_per_split):
+                k = step * BLOCK_K + tl.arange(0, BLOCK_K)
+                packed = tl.load(
+                    packed_ptr + p[:, None] * K + k[None, :],
+                    mask=p_ok[:, None],
+                    other=0,
+                    eviction_policy="evict_first",
+                ).to(tl.int32)
+                xs = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None], other=0)
+                if MODE == 1:
+                    shift1 = BITS * (PER - 1 - slot1)
+                    codes = ((packed >> shift1) & ((1 << BITS) - 1)).to(xs.dtype)
+                else:
+                    codes = (packed[None, :, :] >> shifts[:, None, None]) & ((1 << BITS) - 1)
+                    codes = tl.reshape(codes, (NB, BLOCK_K)).to(xs.dtype)
+                if GPS == 1:
+                    d = tl.dot(xs, tl.trans(codes))  # (BLOCK_M, NB), float32
+                    x_sum = tl.sum(xs.to(tl.float32), axis=1)
+                    meta = n * groups_per_row + step
+                    z = tl.load(zero_ptr + meta, mask=n_ok, other=0).to(tl.float32)
+                    s = tl.load(scale_ptr + meta, mask=n_ok, other=0).to(tl.float32)
+                    acc += (d - x_sum[:, None] * z[None, :]) * s[None, :]
+                else:
+                    x3 = tl.permute(tl.reshape(xs, (BLOCK_M, GPS, GROUP)), (1, 0, 2))
+                    c3 = tl.permute(tl.reshape(codes, (NB, GPS, GROUP)), (1, 2, 0))
+                    d3 = tl.dot(x3, c3)  # (GPS, BLOCK_M, NB)
+                    x_sum = tl.sum(x3.to(tl.float32), axis=2)  # (GPS, BLOCK_M)
+                    g = step * GPS + tl.arange(0, GPS)
+                    meta = n[None, :] * groups_per_row + g[:, None]  # (GPS, NB)
+                    z = tl.load(zero_ptr + meta, mask=n_ok[None, :], other=0).to(tl.float32)
+                    s = tl.load(scale_ptr + meta, mask=n_ok[None, :], other=0).to(tl.float32)
+                    acc += tl.sum((d3 - x_sum[:, :, None] * z[:, None, :]) * s[:, None, :], axis=0)
 
         r = tl.arange(0, BLOCK_R)
         r_ok = r < R
@@ -301,20 +352,20 @@ def eligible(
     return rows <= max_rows and supported(W_q, layout, rows)
 
 
-# (packed rows per tile, groups per K step, K splits, warps, stages) by (out, in, codes
+# (packed rows per tile, groups per K step, K splits, warps, stages, MODE) by (out, in, codes
 # per byte, rows): the best of benchmarks/tune_decode.py on an H100 (CUDA-graph timing,
 # LoRA r=16); other shapes take decode_config's rule.
-TUNED: dict[tuple[int, int, int, int], tuple[int, int, int, int, int]] = {
-    (1024, 4096, 2, 1): (32, 1, 16, 4, 4),
-    (1024, 4096, 2, 16): (32, 1, 8, 4, 4),
-    (1024, 4096, 2, 64): (16, 1, 4, 4, 4),
-    (4096, 4096, 2, 1): (64, 1, 8, 4, 2),
-    (4096, 4096, 2, 16): (32, 1, 8, 4, 4),
-    (4096, 4096, 2, 64): (16, 1, 2, 4, 4),
-    (14336, 4096, 2, 1): (64, 1, 8, 4, 4),
-    (14336, 4096, 2, 16): (128, 1, 4, 4, 2),
-    (14336, 4096, 2, 64): (32, 1, 1, 4, 4),
-    (4096, 14336, 2, 1): (64, 1, 16, 4, 4),
+TUNED: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, int]] = {
+    (1024, 4096, 2, 1): (32, 1, 16, 4, 4, 0),
+    (1024, 4096, 2, 16): (32, 1, 8, 4, 4, 0),
+    (1024, 4096, 2, 64): (16, 1, 4, 4, 4, 0),
+    (4096, 4096, 2, 1): (64, 1, 8, 4, 2, 0),
+    (4096, 4096, 2, 16): (32, 1, 8, 4, 4, 0),
+    (4096, 4096, 2, 64): (16, 1, 2, 4, 4, 0),
+    (14336, 4096, 2, 1): (64, 1, 8, 4, 4, 0),
+    (14336, 4096, 2, 16): (128, 1, 4, 4, 2, 0),
+    (14336, 4096, 2, 64): (32, 1, 1, 4, 4, 0),
+    (4096, 14336, 2, 1): (64, 1, 16, 4, 4, 0),
 }
 
 
@@ -330,7 +381,7 @@ def decode_config(n_out: int, k_in: int, per: int, group: int, rows: int) -> tup
     split = 1
     while tiles * split < 264 and steps % (split * 2) == 0 and split < 16:
         split *= 2
-    return (block_p, gps, split, 4, 3)
+    return (block_p, gps, split, 4, 3, 0)
 
 
 def _launch(
@@ -351,12 +402,16 @@ def _launch(
 ) -> Tensor:
     bits, per, group, n_out, k_in = meta
     rows = x.shape[0]
-    block_p, gps, split, warps, stages = decode_config(n_out, k_in, per, group, rows)
-    block_m = max(16, triton.next_power_of_2(rows))
+    block_p, gps, split, warps, stages, mode = decode_config(n_out, k_in, per, group, rows)
+    if mode == 2 and rows != 1:  # the GEMV takes one row
+        mode = 0
+    block_m = 1 if mode == 2 else max(16, triton.next_power_of_2(rows))
+    while gps > 1 and (k_in // group) % gps:
+        gps //= 2
     steps = k_in // (group * gps)
     while split > 1 and steps % split:
         split //= 2
-    tiles = triton.cdiv(n_out // per, block_p)
+    tiles = triton.cdiv(n_out // per, block_p) * (per if mode == 1 else 1)
     device = x.device
     out = torch.empty(rows, n_out, dtype=out_dtype, device=device)
     ws = torch.empty(
@@ -407,6 +462,7 @@ def _launch(
         BLOCK_R=block_r, SPLIT_K=split, ROWS_PER_SPLIT=rows_per_split,
         T_SPLITS=triton.next_power_of_2(t_splits),
         HAS_LORA=has_lora, HAS_IDX=has_idx, HAS_DORA=has_dora, HAS_BIAS=bias is not None,
+        MODE=mode,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out

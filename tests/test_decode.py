@@ -230,3 +230,20 @@ def test_supported_layouts():
     assert not _decode.supported(
         cuda_layer(3, torch.bfloat16).W_q, quant_layout(cuda_layer(3, torch.bfloat16)), 1
     )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [(16, 1, 2, 4, 3, 0), (16, 2, 4, 4, 2, 0), (16, 1, 2, 4, 3, 1), (32, 1, 4, 4, 2, 1),
+     (16, 1, 2, 4, 3, 2), (32, 2, 4, 4, 2, 2), (64, 4, 1, 4, 2, 2)],
+)  # fmt: skip
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_every_kernel_mode_matches_the_reference(config, tokens, monkeypatch):
+    layer = cuda_layer(4, torch.bfloat16, size=(256, 512))
+    p = cuda_adapter(layer, dora=True)
+    norm = hqqlora.dora_weight_norm(layer, p)
+    monkeypatch.setitem(_decode.TUNED, (256, 512, 2, tokens), config)
+    x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = hqqlora.apply_lora(layer, p, x, weight_norm=norm)
+    assert_close_rel(got, dense_reference(layer, p, x), torch.bfloat16, factor=2)
