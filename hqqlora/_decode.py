@@ -74,6 +74,7 @@ if triton is not None:
         R,
         stride_a_bank,
         k_per_split,
+        n_bank,
         HAS_IDX: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_R: tl.constexpr,
@@ -90,7 +91,7 @@ if triton is not None:
         r_ok = r < R
         if HAS_IDX:
             k_row = tl.load(idx_ptr + m, mask=m_ok, other=-1)
-            valid = m_ok & (k_row >= 0)
+            valid = m_ok & (k_row >= 0) & (k_row < n_bank)
             a_off = tl.where(valid, k_row, 0).to(tl.int64) * stride_a_bank
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         k_start = split * k_per_split
@@ -140,6 +141,7 @@ if triton is not None:
         steps_per_split,
         stride_b_bank,
         stride_dora_bank,
+        n_bank,
         BITS: tl.constexpr,
         PER: tl.constexpr,
         GROUP: tl.constexpr,
@@ -257,7 +259,7 @@ if triton is not None:
             for i in tl.static_range(ROWS_PER_SPLIT):
                 row = split * ROWS_PER_SPLIT + i
                 k_row = tl.sum(tl.where(m == row, k_rows, 0))
-                if (row < M) & (k_row >= 0):
+                if (row < M) & (k_row >= 0) & (k_row < n_bank):
                     ts = tl.arange(0, T_SPLITS)
                     t_part = tl.load(
                         t_ptr + (ts[:, None] * M + row) * BLOCK_R + r[None, :],
@@ -306,6 +308,11 @@ if triton is not None:
                 total = total * (mag / nrm)
             if HAS_BIAS:
                 total += tl.load(bias_ptr + n, mask=n_ok, other=0).to(tl.float32)[None, :]
+            if HAS_IDX:
+                # An index outside [-1, n) reads nothing and makes its row NaN: loud, never
+                # a plausible wrong row (the kernel cannot raise).
+                bad = (k_rows < -1) | (k_rows >= n_bank)
+                total = tl.where(bad[:, None], float("nan"), total)
             tl.store(
                 out_ptr + m[:, None] * N + n[None, :],
                 total.to(out_ptr.dtype.element_ty),
@@ -348,6 +355,8 @@ def eligible(
         x.requires_grad or any(t is not None and t.requires_grad for t in held)
     ):
         return False
+    if W_q.device != x.device or any(t is not None and t.device != x.device for t in held):
+        return False  # the dense path names the mismatch
     rows = x.numel() // max(layout.in_features, 1)
     return rows <= max_rows and supported(W_q, layout, rows)
 
@@ -420,6 +429,7 @@ def _launch(
     counts = torch.empty(tiles, dtype=torch.int32, device=device)
     has_lora = lora_A is not None
     has_idx = index is not None
+    n_bank = lora_A.shape[0] if lora_A is not None and lora_A.ndim == 3 else 1
     dummy = out
     if has_lora:
         assert lora_A is not None and lora_B is not None and scaling is not None
@@ -438,7 +448,7 @@ def _launch(
             counts.zero_()
         _shrink_kernel[(triton.cdiv(rows, t_block_m), t_splits)](
             x, lora_A, index if has_idx else x, t, counts, tiles, rows, k_in, rank,
-            lora_A.stride(0) if lora_A.ndim == 3 else 0, k_per_split,
+            lora_A.stride(0) if lora_A.ndim == 3 else 0, k_per_split, n_bank,
             HAS_IDX=has_idx, BLOCK_M=t_block_m, BLOCK_R=block_r, BLOCK_K=t_block_k,
             num_warps=4,
         )  # fmt: skip
@@ -458,6 +468,7 @@ def _launch(
         rows, n_out, k_in, n_out // per, rank, t_splits, steps // split,
         lora_B.stride(0) if has_lora and lora_B is not None and lora_B.ndim == 3 else 0,
         magnitude.stride(0) if has_dora and magnitude is not None and magnitude.ndim == 2 else 0,
+        n_bank,
         BITS=bits, PER=per, GROUP=group, GPS=gps, BLOCK_M=block_m, BLOCK_P=block_p,
         BLOCK_R=block_r, SPLIT_K=split, ROWS_PER_SPLIT=rows_per_split,
         T_SPLITS=triton.next_power_of_2(t_splits),
@@ -529,7 +540,8 @@ def lora_decode(
         lora_A, lora_B: ``(r, in)``/``(out, r)`` for one adapter, or banks
             ``(n, r, in)``/``(n, out, r)`` read through ``index``.
         scaling: ``(1,)`` or ``(n,)`` float32.
-        index: ``(rows,)`` int32 adapter per row (``-1``: none), with banks.
+        index: ``(rows,)`` int32/int64 adapter per row (``-1``: none), with banks; a
+            value outside ``[-1, n)`` gives a NaN row.
         magnitude, weight_norm: DoRA's ``m`` and ``n`` (``(out,)`` or ``(n, out)``).
         is_dora: ``(n,)`` bool or uint8, which bank entries are DoRA (with ``index``;
             without, ``magnitude`` makes every row DoRA).
@@ -544,8 +556,8 @@ def lora_decode(
     meta = [bits, per, layout.group_size, out_features, in_features]
     out: Tensor = _lora_decode_op(
         flat, W_q.contiguous(), scale.contiguous(), zero.contiguous(), meta,
-        None if lora_A is None else lora_A.contiguous(),
-        None if lora_B is None else lora_B.contiguous(),
-        scaling, index, magnitude, weight_norm, is_dora, bias, layout.compute_dtype,
+        *(None if t is None else t.contiguous()
+          for t in (lora_A, lora_B, scaling, index, magnitude, weight_norm, is_dora, bias)),
+        layout.compute_dtype,
     )  # fmt: skip
     return out.view(*x.shape[:-1], out_features)

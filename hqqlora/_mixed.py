@@ -479,7 +479,9 @@ def mixed_batch_indexed(
     bf16/fp16 compute dtype, no gradient wanted), eager or compiled, unless
     ``exact``: two Triton kernels (BGMV-style) read the packed codes once and each
     distinct adapter of the batch once (rows that share one hit the cache; nothing
-    is gathered per row), with :func:`apply_lora`'s decode precision.
+    is gathered per row), with :func:`apply_lora`'s decode precision. There an index
+    value outside ``[-1, n)`` on the GPU (not checked without a host sync) gives NaN
+    rows, where the dense path stops on a device-side assert.
 
     Args:
         x: input of shape ``(batch, ..., in)``.
@@ -606,7 +608,7 @@ def _decode_mixed(
     norm = cast(Tensor, weight_norm) if dora else None  # a tensor once checked
     if not _decode.eligible(x, base.W_q, layout, _decode.MAX_ROWS, *held, norm):
         return None
-    per_token = index.to(torch.int32)
+    per_token = index
     tokens = x[0].numel() // layout.in_features if x.shape[0] else 1
     if tokens > 1:
         per_token = per_token.repeat_interleave(tokens)

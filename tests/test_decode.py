@@ -247,3 +247,18 @@ def test_every_kernel_mode_matches_the_reference(config, tokens, monkeypatch):
     with torch.no_grad():
         got = hqqlora.apply_lora(layer, p, x, weight_norm=norm)
     assert_close_rel(got, dense_reference(layer, p, x), torch.bfloat16, factor=2)
+
+
+def test_mixed_decode_out_of_range_index_gives_nan_rows_and_noncontiguous_norms_are_read_right():
+    layer = cuda_layer(4, torch.bfloat16)
+    adapters = {"a": cuda_adapter(layer, dora=True, seed=1), "b": cuda_adapter(layer, seed=2)}
+    bank = hqqlora.stack_adapters(adapters)
+    norm = hqqlora.bank_weight_norm(layer, bank).t().contiguous().t()  # same values, strided
+    index = torch.tensor([0, 7, 1, -1], device="cuda")
+    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = hqqlora.mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norm)
+    assert torch.isnan(got[1]).all()
+    assert_close_rel(got[0], dense_reference(layer, adapters["a"], x[0]), torch.bfloat16, factor=2)
+    assert_close_rel(got[2], dense_reference(layer, adapters["b"], x[2]), torch.bfloat16)
+    assert_close_rel(got[3], _base_ref(layer, x[3]), torch.bfloat16)

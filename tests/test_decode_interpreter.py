@@ -1,0 +1,92 @@
+"""The decode kernels in Triton's interpreter, on the CPU (no GPU needed).
+
+Skipped where Triton is not installed (CI installs none). Triton's interpreter emulates
+bf16 badly, so these run in float16. A subprocess: the interpreter is chosen when the
+kernels are defined (``TRITON_INTERPRET=1`` before ``hqqlora._decode`` is imported).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = textwrap.dedent(
+    r"""
+    import itertools
+    import torch
+    import hqqlora
+    from hqqlora import _decode
+    from hqqlora._base import quant_layout, quant_tensors
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    torch.manual_seed(0)
+    failures = []
+    for mode, nbits, group, rows, bias in itertools.product(
+        (0, 1, 2), (1, 2, 4, 8), (32, 64), (1, 3), (False, True)
+    ):
+        lin = torch.nn.Linear(256, 64, bias=bias)
+        layer = HQQLinear(lin, BaseQuantizeConfig(nbits=nbits, group_size=group, axis=1),
+                          compute_dtype=torch.float16, device="cpu")
+        layout = quant_layout(layer)
+        W_q, scale, zero = quant_tensors(layer)
+        W = hqqlora.dequantize(layer).double()
+        n, r = 3, 8
+        A = torch.randn(n, r, 256) * 0.1
+        B = torch.randn(n, 64, r) * 0.1
+        s = torch.tensor([0.5, 2.0, 1.0])
+        mag = torch.rand(n, 64) + 0.5
+        norm = (torch.rand(64, n) + 0.5).t()  # not contiguous
+        is_dora = torch.tensor([True, False, True])
+        per = layout.packing_bits[1]
+        _decode.TUNED.clear()
+        _decode.TUNED[(64, 256, per, rows)] = (16, 2 if group == 32 else 1, 2, 4, 3, mode)
+        x = torch.randn(rows, 256).half()
+        idx = [5, 0, -1][:rows] if rows > 1 else [2]
+        index = torch.tensor(idx)
+        got = _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A, lora_B=B, scaling=s,
+                                  index=index, magnitude=mag, weight_norm=norm,
+                                  is_dora=is_dora, bias=layer.bias)
+        single = _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A[2], lora_B=B[2],
+                                     scaling=s[2:], bias=layer.bias)
+        base = _decode.lora_decode(x, W_q, scale, zero, layout, bias=layer.bias)
+        for i, k in enumerate(idx):
+            y = x[i].double() @ W.T
+            b = 0 if layer.bias is None else layer.bias.double()
+            lora = s[2].double() * (x[i].double() @ A[2].double().T) @ B[2].double().T
+            for name, out, ref in (("base", base[i], y + b), ("single", single[i], y + lora + b)):
+                if ((out.double() - ref).norm() / ref.norm()) > 2e-3:
+                    failures.append((mode, nbits, group, rows, bias, name))
+            if not 0 <= k < n:
+                if k != -1 and not torch.isnan(got[i]).all():
+                    failures.append((mode, nbits, group, rows, bias, "index out of range", k))
+                if k == -1 and ((got[i].double() - y - b).norm() / (y + b).norm()) > 2e-3:
+                    failures.append((mode, nbits, group, rows, bias, "index -1"))
+                continue
+            ref = y + s[k].double() * (x[i].double() @ A[k].double().T) @ B[k].double().T
+            if is_dora[k]:
+                ref = ref * (mag[k] / norm[k]).double()
+            ref = ref + b
+            if ((got[i].double() - ref).norm() / ref.norm()) > 2e-3:
+                failures.append((mode, nbits, group, rows, bias, "mixed", k))
+    print("FAILURES", failures)
+    assert not failures
+    """
+)
+
+
+def test_decode_kernels_in_the_interpreter_match_float64():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
