@@ -409,7 +409,7 @@ def _loop_forward(
             return add_lora_term(p, xs, result).to(result.dtype)
         terms = [
             F.linear(F.linear(xk, p["lora_A"]) * p["scaling"], p["lora_B"])
-            for (p, _, _), xk in zip(runs, xs.split(counts), strict=True)
+            for (p, _, _), xk in zip(runs, torch.split(xs, counts), strict=True)
         ]
         term = terms[0] if len(terms) == 1 else torch.cat(terms)
         if result is None:
@@ -424,7 +424,9 @@ def _loop_forward(
     result = base_forward(base, x)
     rs = result if order is None else result.index_select(0, order)
     pieces = []
-    for (p, norm, _), xk, rk in zip(runs, xs.split(counts), rs.split(counts), strict=True):
+    for (p, norm, _), xk, rk in zip(
+        runs, torch.split(xs, counts), torch.split(rs, counts), strict=True
+    ):
         if "magnitude" in p:
             y = add_dora_term(base, p, xk, rk, norm, dropped=False)
         else:
