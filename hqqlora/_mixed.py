@@ -368,23 +368,25 @@ def _loop_pays(rows: int, used: int, rank: int, in_features: int, out_features: 
     return used * _LOOP_COST_PER_ADAPTER <= copied + _BATCHED_FIXED_COST
 
 
-class _Segments(NamedTuple):
-    """The rows of a batch grouped by adapter: ``x.index_select(0, order)`` puts the
-    ``counts[k]`` rows of slot ``k`` next to each other, slot after slot. ``order`` is
-    ``None`` when one slot has every row, in order (nothing to gather)."""
+def _rows_by_slot(slots: Sequence[int]) -> dict[int, list[int]]:
+    """Slot → the rows that use it, in order of first use (``-1``: no slot).
 
-    order: Tensor | None
-    counts: list[int]
+    Plain Python on the host values: on the CPU right after a large matmul every
+    PyTorch call is slow (its dispatch code is out of the caches), a loop over a few
+    hundred ints is not.
+    """
+    rows_of: dict[int, list[int]] = {}
+    for row, slot in enumerate(slots):
+        if slot >= 0:
+            rows_of.setdefault(slot, []).append(row)
+    return rows_of
 
 
-def _segments(index: Tensor, slots: int) -> _Segments:
-    """Groups the rows of ``index`` (a CPU tensor, values in ``[-1, slots)``) by slot."""
-    counts = torch.bincount(index + 1, minlength=slots + 1).tolist()
-    batch = index.shape[0]
-    if counts[0] == 0 and batch in counts:
-        return _Segments(None, counts[1:])
-    order = torch.argsort(index, stable=True)[counts[0] :]  # "__base__" rows (-1) sort first
-    return _Segments(order, counts[1:])
+def _row_order(runs: Sequence[list[int]], batch: int) -> Tensor | None:
+    """The rows of ``runs`` one run after the other, or ``None`` if that is every row in order."""
+    if len(runs) == 1 and len(runs[0]) == batch:
+        return None
+    return torch.tensor([row for rows in runs for row in rows], dtype=torch.int64)
 
 
 def _loop_forward(
@@ -407,16 +409,16 @@ def _loop_forward(
     """
     x_a = x.to(dtype)
     xs = x_a if order is None else x_a.index_select(0, order)
+    counts = [count for _, _, count in runs]
     if base is None or not any("magnitude" in p for p, _, _ in runs):
         result = None if base is None else base_forward(base, x)
         if order is None and result is not None:
             ((p, _, _),) = runs
             return add_lora_term(p, xs, result).to(result.dtype)
-        terms, start = [], 0
-        for p, _, count in runs:
-            xk = xs.narrow(0, start, count)
-            terms.append(F.linear(F.linear(xk, p["lora_A"]) * p["scaling"], p["lora_B"]))
-            start += count
+        terms = [
+            F.linear(F.linear(xk, p["lora_A"]) * p["scaling"], p["lora_B"])
+            for (p, _, _), xk in zip(runs, torch.split(xs, counts), strict=True)
+        ]
         term = terms[0] if len(terms) == 1 else torch.cat(terms)
         if result is None:
             if order is None:
@@ -429,15 +431,15 @@ def _loop_forward(
     # term functions on its rows of the base output.
     result = base_forward(base, x)
     rs = result if order is None else result.index_select(0, order)
-    pieces, start = [], 0
-    for p, norm, count in runs:
-        xk, rk = xs.narrow(0, start, count), rs.narrow(0, start, count)
+    pieces = []
+    for (p, norm, _), xk, rk in zip(
+        runs, torch.split(xs, counts), torch.split(rs, counts), strict=True
+    ):
         if "magnitude" in p:
             y = add_dora_term(base, p, xk, rk, norm, dropped=False)
         else:
             y = add_lora_term(p, xk, rk)
         pieces.append(y.to(result.dtype))
-        start += count
     y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     return y if order is None else result.index_copy(0, order, y)
 
@@ -539,23 +541,26 @@ def mixed_batch_indexed(
     elif weight_norm is not None:
         raise ValueError("Expected no `weight_norm` for a bank without DoRA adapters, got one.")
 
+<<<<<<< HEAD
     if base is not None and not exact:
         fused = _decode_mixed(x, bank, index, base, weight_norm)
         if fused is not None:
             return fused
     segments = _segments(index, n_adapters) if _loop_allowed(x) else None
+=======
+    rows_of = _rows_by_slot(index.tolist()) if _loop_allowed(x) else None
+>>>>>>> cpu-speed
     rank = bank.lora_A.shape[1]
-    used = 0 if segments is None else sum(1 for count in segments.counts if count)
-    if segments is not None and _loop_pays(rows, used, rank, in_features, out_features):
+    if rows_of and _loop_pays(rows, len(rows_of), rank, in_features, out_features):
         norms = cast(Tensor, weight_norm) if any(bank.dora) and base is not None else None
         runs = []
-        for k, count in enumerate(segments.counts):
-            if count:
-                p = {"lora_A": bank.lora_A[k], "lora_B": bank.lora_B[k], "scaling": bank.scaling[k]}
-                if bank.dora[k]:
-                    p["magnitude"] = bank.magnitude[k]
-                runs.append((p, None if norms is None else norms[k], count))
-        return _loop_forward(x, base, segments.order, runs, bank.lora_A.dtype, out_features)
+        for k, rows_k in rows_of.items():
+            p = {"lora_A": bank.lora_A[k], "lora_B": bank.lora_B[k], "scaling": bank.scaling[k]}
+            if bank.dora[k]:
+                p["magnitude"] = bank.magnitude[k]
+            runs.append((p, None if norms is None else norms[k], len(rows_k)))
+        order = _row_order(list(rows_of.values()), rows)
+        return _loop_forward(x, base, order, runs, bank.lora_A.dtype, out_features)
 
     autocast = torch.is_autocast_enabled(x.device.type)
     x_a = x if autocast else x.to(bank.lora_A.dtype)
@@ -722,16 +727,12 @@ def mixed_batch(
         if base is None and dora_names:
             raise _dora_needs_base(dora_names)
         norms = {} if weight_norm is None or base is None else weight_norm
-        rows_of: dict[str, list[int]] = {name: [] for name in used}
-        for i, name in enumerate(names):
-            if name != BASE:
-                rows_of[name].append(i)
-        order = None
-        if len(used) > 1 or len(rows_of[used[0]]) != len(names):
-            order = torch.tensor([i for name in used for i in rows_of[name]], dtype=torch.int64)
+        rows_of = _rows_by_slot([position.get(n, -1) for n in names])
         runs = [
-            (p, norms.get(name), len(rows_of[name])) for name, p in zip(used, adapters, strict=True)
+            (p, norms.get(name), len(rows_of[k]))
+            for k, (name, p) in enumerate(zip(used, adapters, strict=True))
         ]
+        order = _row_order(list(rows_of.values()), len(names))
         return _loop_forward(x, base, order, runs, adapters[0]["lora_A"].dtype, out_features)
     bank = stack_adapters(params_by_name, used)
     index = torch.tensor([position.get(n, -1) for n in names], device=bank.lora_A.device)

@@ -192,7 +192,7 @@ def as_adapter_list(
     and ``device``, when the caller has them at hand, are ``base``'s own).
     """
     items: list[Mapping[str, Tensor]]
-    if isinstance(params, Mapping):
+    if type(params) is dict or isinstance(params, Mapping):  # the common case first
         items = [params]
     elif isinstance(params, Sequence) and not isinstance(params, str):
         items = list(params)
@@ -211,8 +211,9 @@ def as_adapter_list(
         if layout.axis == 1 and in_features % layout.group_size == 0:
             group_size = layout.group_size
         device = base.W_q.device if device is None else device
+    single = len(items) == 1
     for i, p in enumerate(items):
-        name = "params" if len(items) == 1 else f"params[{i}]"
+        name = "params" if single else f"params[{i}]"
         check_params(
             p, in_features=in_features, out_features=out_features, group_size=group_size, name=name
         )

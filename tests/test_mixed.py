@@ -814,3 +814,18 @@ def test_loop_rounds_once_as_apply_lora(monkeypatch, form, dtype):
     y = _run(form, x, params, names, layer)
     assert torch.equal(y[[0, 2, 3]], apply_lora(layer, params["a"], x[[0, 2, 3]]))
     assert torch.equal(y[1], base_forward(layer, x)[1])
+
+
+@pytest.mark.usefixtures("path")
+@pytest.mark.parametrize("form", ["names", "indexed"])
+def test_cpu_autocast_matches_per_row(form):
+    # Under CPU autocast the output comes in the base output's dtype, within bf16 of the
+    # reference (the eager loop leaves autocast to the batched form).
+    layer = make_layer()
+    params = _adapters(layer, {"a": 2, "b": 3}, dora=("b",))
+    names = ["a", "b", BASE, "a"]
+    x = torch.randn(4, 2, 64, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = _run(form, x, params, names, layer)
+        assert y.dtype == base_forward(layer, x).dtype == torch.bfloat16
+    assert_close_rel(y, _per_row_dense(layer, params, names, x), torch.bfloat16, factor=2)
