@@ -541,15 +541,11 @@ def mixed_batch_indexed(
     elif weight_norm is not None:
         raise ValueError("Expected no `weight_norm` for a bank without DoRA adapters, got one.")
 
-<<<<<<< HEAD
     if base is not None and not exact:
         fused = _decode_mixed(x, bank, index, base, weight_norm)
         if fused is not None:
             return fused
-    segments = _segments(index, n_adapters) if _loop_allowed(x) else None
-=======
     rows_of = _rows_by_slot(index.tolist()) if _loop_allowed(x) else None
->>>>>>> cpu-speed
     rank = bank.lora_A.shape[1]
     if rows_of and _loop_pays(rows, len(rows_of), rank, in_features, out_features):
         norms = cast(Tensor, weight_norm) if any(bank.dora) and base is not None else None
