@@ -23,6 +23,7 @@ from hqqlora import _decode, _triton
 from hqqlora._state import STATE
 
 __all__ = [
+    "CODE_VIEW_DTYPES",
     "QuantLayout",
     "base_forward",
     "call_unrouted",
@@ -152,22 +153,48 @@ def _refuse_shards(tensors: tuple[Tensor, ...]) -> None:
         )
 
 
+# The floating dtype of each integer width: a layer prepared for FSDP2 holds its packed
+# codes viewed as one (FSDP2 of torch 2.11 and older makes every sharded parameter
+# require grad, which integer tensors cannot).
+CODE_VIEW_DTYPES = {1: torch.float8_e4m3fn, 2: torch.float16, 4: torch.float32, 8: torch.float64}
+
+
+def _integer_codes(base: HQQLinear, W_q: Tensor) -> Tensor:
+    # Undoes register_quant_params' float view of packed codes; HQQ's own
+    # view_as_float layers (and bitpack=False ones) are read as they always were.
+    meta = base.meta
+    if not W_q.is_floating_point() or meta["packing"] is None or meta.get("view_as_float"):
+        return W_q
+    dtype = meta.get("unpack_view_dtype", torch.uint8)
+    if W_q.element_size() != dtype.itemsize:
+        raise ValueError(
+            f"Expected the layer's packed codes W_q viewed as a {dtype.itemsize}-byte float "
+            f"(as hqqlora.distributed.register_quant_params left them), got {W_q.dtype}: "
+            "they were cast (model.to(dtype), .half(), or an FSDP2 MixedPrecisionPolicy with "
+            "param_dtype), which destroys them. Re-quantize, and cast nothing after "
+            "register_quant_params or shard_quantized."
+        )
+    return W_q.detach().view(dtype)
+
+
 def quant_tensors(base: HQQLinear) -> tuple[Tensor, Tensor, Tensor]:
     """``(W_q, scale, zero)`` of an ``HQQLinear``, on ``W_q``'s device.
 
     With ``offload_meta`` HQQ keeps scale and zero stacked in ``meta["zero_scale"]``
     (pinned on the host); they are moved to ``W_q``'s device here. A layer prepared
-    for FSDP2 (:func:`holds_quant_params`) holds them as parameters.
+    for FSDP2 (:func:`holds_quant_params`) holds them as parameters, and its packed
+    integer codes viewed as a float of the same width: ``W_q`` is given back in the
+    integer dtype HQQ packed it in.
 
     Raises:
-        ValueError: the tensors are FSDP2 shards (DTensors), not the whole layer's.
+        ValueError: the tensors are FSDP2 shards (DTensors), not the whole layer's,
+            or a prepared layer's codes were cast to another float dtype.
     """
     meta = base.meta
     W_q = base.W_q
     if holds_quant_params(base):
-        tensors = (W_q, base.scale, base.zero)
-        _refuse_shards(tensors)
-        return tensors
+        _refuse_shards((W_q, base.scale, base.zero))
+        return _integer_codes(base, W_q), base.scale, base.zero
     _refuse_shards((W_q,))
     if "zero_scale" in meta:
         zero_scale = meta["zero_scale"].to(device=W_q.device)
@@ -289,12 +316,12 @@ def base_forward(
         x = x.to(layout.compute_dtype)
     W_q = base.W_q
     if not exact and _decode.eligible(x, W_q, layout, 16):
-        _, scale, zero = quant_tensors(base)
+        W_q, scale, zero = quant_tensors(base)
         return _decode.lora_decode(x, W_q, scale, zero, layout, bias=base.bias)
     if not _eager():
         return pure_forward(base, x, layout)
     if _triton.available(W_q) and layout.packing is not None:
-        _, scale, zero = quant_tensors(base)
+        W_q, scale, zero = quant_tensors(base)
         out = torch.matmul(x, _dequantize_triton(W_q, scale, zero, layout).t())
         return out if base.bias is None else (out + base.bias).to(out.dtype)
     if holds_quant_params(base):  # HQQ's forward reads meta, which no longer holds them

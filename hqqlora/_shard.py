@@ -10,10 +10,16 @@ module's forward (and backward) and frees them after. HQQ keeps a layer's codes
 parameters of the layer, where :func:`~hqqlora._base.quant_tensors` reads them, so
 that a rank holds 1/N of the codes *and* of the scales and zeros.
 
-The codes stay ``uint8``: FSDP2 gathers the parameters of one group as bytes when
-their dtypes differ, and its mixed-precision casting skips integer parameters, so
-neither HQQ's ``view_as_float`` (codes viewed as floats, which FSDP1's single flat
-parameter needed) nor a cast can touch them.
+The packed codes are registered viewed as the float dtype of their width (``uint8``
+as ``float8_e4m3fn``, HQQ's ``int32`` 3-bit packing as ``float32``): the same bytes
+and shape, no copy. FSDP2 of torch 2.11 and older wraps every shard in a parameter
+that requires grad, which an integer tensor cannot; a float view shards on every
+version. FSDP2 gathers a group of mixed dtypes as bytes, so the bits travel
+untouched, and :func:`~hqqlora._base.quant_tensors` views them back as integers.
+A float can be cast, though: :func:`shard_quantized` refuses a
+``MixedPrecisionPolicy`` with a ``param_dtype`` (FSDP2 would cast the codes with
+the adapters), and a cast after the fact (``model.to(dtype)``) is caught at the
+next forward, never misread.
 """
 
 from __future__ import annotations
@@ -28,7 +34,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from hqqlora._base import HQQLinear, check_hqq_layer, holds_quant_params, quant_layout
+from hqqlora._base import (
+    CODE_VIEW_DTYPES,
+    HQQLinear,
+    check_hqq_layer,
+    holds_quant_params,
+    quant_layout,
+)
 from hqqlora._model import hqq_layers
 from hqqlora._params import check_params
 from hqqlora._route import prepare_model
@@ -79,8 +91,12 @@ def register_quant_params(model: nn.Module, /) -> nn.Module:
     For every ``HQQLinear`` in ``model`` (plain or inside a shim), ``meta["scale"]``
     and ``meta["zero"]`` become ``nn.Parameter(..., requires_grad=False)`` named
     ``scale`` and ``zero`` on the layer (the same tensors, not copies), and a bias
-    held as a plain tensor becomes a frozen parameter too; ``W_q`` already is one.
-    FSDP2's ``fully_shard`` then shards them with the codes. hqqlora's paths
+    held as a plain tensor becomes a frozen parameter too. The packed integer codes
+    ``W_q`` become a frozen parameter viewed as the float dtype of their width
+    (``uint8`` as ``float8_e4m3fn``, ``int32`` as ``float32``; the same bytes), which
+    FSDP2 can shard on every torch version; cast nothing afterwards (``model.to(dtype)``
+    would destroy them: the next forward raises). FSDP2's ``fully_shard`` then shards
+    them all. hqqlora's paths
     (forward, :func:`~hqqlora.dequantize`, :func:`~hqqlora.merge`, DoRA,
     :func:`~hqqlora.merge_report`) read the parameters; HQQ's own ``forward``,
     ``dequantize`` and ``state_dict``, which read ``meta``, do not, so the layers
@@ -107,6 +123,11 @@ def register_quant_params(model: nn.Module, /) -> nn.Module:
         if holds_quant_params(base):
             continue
         meta = base.meta
+        W_q = base.W_q
+        if meta["packing"] is not None and not W_q.is_floating_point():
+            codes = W_q.detach().view(CODE_VIEW_DTYPES[W_q.element_size()])
+            del base.W_q
+            base.register_parameter("W_q", nn.Parameter(codes, requires_grad=False))
         base.register_parameter("scale", nn.Parameter(meta.pop("scale"), requires_grad=False))
         base.register_parameter("zero", nn.Parameter(meta.pop("zero"), requires_grad=False))
         bias = base.bias
@@ -141,8 +162,10 @@ def shard_quantized(model: nn.Module, /, **fully_shard_kwargs: Any) -> nn.Module
         model: a module with HQQ layers, adapters injected; changed in place.
         **fully_shard_kwargs: passed to every ``fully_shard`` call (``mesh``,
             ``reshard_after_forward``, ``mp_policy``, ``offload_policy``). A
-            ``MixedPrecisionPolicy(param_dtype=...)`` casts scales, zeros and
-            adapters for the forward; the integer codes are never cast.
+            ``MixedPrecisionPolicy`` may set ``reduce_dtype`` and ``output_dtype``
+            but not ``param_dtype``: FSDP2 would cast the codes (held as floats)
+            with the adapters. Quantize with the ``compute_dtype`` you want and
+            inject adapters in it instead.
 
     Returns:
         ``model`` itself.
@@ -150,8 +173,9 @@ def shard_quantized(model: nn.Module, /, **fully_shard_kwargs: Any) -> nn.Module
     Raises:
         RuntimeError: no initialized process group.
         TypeError: ``model`` is not a module.
-        ValueError: no HQQ layer, a layer with ``offload_meta``, or a model or
-            layer already sharded. Nothing changes then.
+        ValueError: no HQQ layer, a layer with ``offload_meta``, a model or
+            layer already sharded, or an ``mp_policy`` with a ``param_dtype``.
+            Nothing changes then.
 
     Example::
 
@@ -174,6 +198,14 @@ def shard_quantized(model: nn.Module, /, **fully_shard_kwargs: Any) -> nn.Module
     if sharded:
         raise ValueError(
             f"Expected a model not yet sharded by FSDP2, got a sharded {type(sharded[0]).__name__}."
+        )
+    param_dtype = getattr(fully_shard_kwargs.get("mp_policy"), "param_dtype", None)
+    if param_dtype is not None:
+        raise ValueError(
+            "Expected an mp_policy without param_dtype, got MixedPrecisionPolicy(param_dtype="
+            f"{param_dtype}): FSDP2 casts every float parameter of a unit to it, and the "
+            "quantized codes are held as floats for FSDP2. Quantize with the compute_dtype "
+            "you want and inject adapters in it (reduce_dtype and output_dtype are fine)."
         )
     register_quant_params(model)
     for unit in units:

@@ -54,6 +54,17 @@ def build() -> torch.nn.Module:
     return model
 
 
+def fsdp2_runs_under_torch_func() -> bool:
+    """Whether this torch's FSDP2 supports torch.func transforms (2.13 does, 2.11 does not).
+
+    FSDP2's forward hook applies an autograd.Function to the unit's inputs; functorch
+    refuses one without ``setup_context``, which torch 2.11's lacks.
+    """
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+    return "setup_context" in vars(_fsdp_param_group.RegisterPostBackwardFunction)
+
+
 def batch() -> torch.Tensor:
     return torch.randn(ROWS, 32, generator=torch.Generator().manual_seed(4))
 
@@ -169,8 +180,10 @@ def run(rank: int, world: int, init_file: str, out: str) -> None:
 
     trainable = hqqlora.trainable_params(adapters)
     seen["functional_ref"] = torch.func.grad(loss_fn)(trainable, reference, slice(None), 1)
-    grads = torch.func.grad(loss_fn)(trainable, model, rows, world)
-    seen["functional_sharded"] = all_reduce_mean(grads)
+    seen["functional_sharded"] = None
+    if fsdp2_runs_under_torch_func():
+        grads = torch.func.grad(loss_fn)(trainable, model, rows, world)
+        seen["functional_sharded"] = all_reduce_mean(grads)
 
     # Checkpoints: one folder from every rank's call; then zeroed adapters loaded back.
     writes = []

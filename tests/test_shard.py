@@ -142,6 +142,11 @@ def test_a_sharded_layer_outside_its_forward_is_refused_not_misread(ranks):
 
 def test_functional_grad_over_a_sharded_base_equals_the_whole_batch(ranks):
     (rank0, rank1), _ = ranks
+    if rank0["functional_sharded"] is None:
+        pytest.skip(
+            f"torch {torch.__version__}: FSDP2's forward hook cannot run under torch.func "
+            "transforms (its RegisterPostBackwardFunction has no setup_context)"
+        )
     ref = rank0["functional_ref"]
     for seen in (rank0, rank1):
         for path in ref:
@@ -362,23 +367,58 @@ def test_save_adapter_of_a_whole_model_is_not_a_collective(world_of_one, tmp_pat
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 4
 
 
-def test_mixed_precision_casts_scales_and_adapters_never_the_codes(world_of_one):
+def test_mixed_precision_with_a_param_dtype_is_refused_and_changes_nothing(world_of_one):
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+
+    model = _tiny_with_shims()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"without param_dtype, got .*param_dtype=torch\.bfloat16"):
+        shard_quantized(model, mp_policy=policy)
+    assert not isinstance(model, FSDPModule) and "scale" in model.fc1.base_layer.meta
+    assert model.fc1.base_layer.W_q.dtype == torch.uint8
+
+
+def test_mixed_precision_without_param_dtype_keeps_the_codes(world_of_one):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     model = _tiny_with_shims()
     x = torch.randn(5, 32)
     with torch.no_grad():
         expected = model(x)
-    seen = {}
-
-    def record(module, args):
-        base = module.get_base_layer()
-        seen[id(module)] = (base.W_q.dtype, base.scale.dtype, module.lora_A["default"].weight.dtype)
-
-    shard_quantized(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
-    for shim in (model.fc1, model.block.fc2):
-        shim.register_forward_pre_hook(record)  # runs after FSDP2's own pre-hook (unshard)
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32, output_dtype=torch.float64)
+    shard_quantized(model, mp_policy=policy)
     with torch.no_grad():
         got = model(x)
-    assert list(seen.values()) == [(torch.uint8, torch.bfloat16, torch.bfloat16)] * 2
-    assert_close_rel(got.float(), expected, torch.bfloat16, factor=4)
+    assert got.dtype == torch.float64  # each unit's output cast: later layers see float64
+    assert_close_rel(got, expected, torch.float32, factor=4)
+
+
+@pytest.mark.parametrize("nbits", [4, 3, 8])
+def test_register_quant_params_holds_the_codes_bytes_as_a_float_that_can_be_sharded(nbits):
+    # FSDP2 of torch 2.11 makes each shard `nn.Parameter(shard)`, which requires grad:
+    # an integer W_q raised "only Tensors of floating point dtype can require gradients".
+    model = make_model(nbits=nbits)
+    layer = model.fc3
+    codes = layer.W_q.detach().clone()
+    storage = layer.W_q.data_ptr()
+    dense = layer.dequantize().double()  # HQQ's own, before the layer changes
+    x = torch.randn(3, 48, generator=torch.Generator().manual_seed(0))
+    register_quant_params(model)
+    W_q = layer.W_q
+    assert isinstance(W_q, nn.Parameter) and not W_q.requires_grad
+    assert W_q.is_floating_point() and W_q.shape == codes.shape
+    assert W_q.data_ptr() == storage  # the same bytes, viewed, not copied
+    W_q.detach().requires_grad_(True)  # what FSDP2 2.11 does to each shard
+    assert torch.equal(W_q.detach().view(codes.dtype), codes)
+    torch.testing.assert_close(hqqlora.dequantize(layer).double(), dense, rtol=0, atol=0)
+    with torch.no_grad():
+        got = layer(x)
+    want = x.double() @ dense.T + layer.bias.double()
+    assert_close_rel(got.double(), want, torch.float32, factor=16)
+
+
+def test_codes_cast_after_registration_are_refused_not_misread():
+    model = register_quant_params(_tiny_with_shims())
+    model.to(torch.bfloat16)  # casts every float parameter, the codes' view too
+    with pytest.raises(ValueError, match=r"viewed as a 1-byte float .* got torch\.bfloat16"):
+        model(torch.randn(5, 32, dtype=torch.bfloat16))
