@@ -295,7 +295,8 @@ if triton is not None:
             else:
                 total = acc
             if HAS_DORA:
-                valid = k_rows >= 0
+                # Only rows with an index in [0, n) read the bank (an index outside gives NaN).
+                valid = (k_rows >= 0) & (k_rows < n_bank)
                 k_safe = tl.where(valid, k_rows, 0).to(tl.int64)
                 if HAS_IDX:
                     dora_row = valid & (tl.load(is_dora_ptr + k_safe, mask=m_ok, other=0) != 0)
