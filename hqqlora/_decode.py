@@ -342,7 +342,8 @@ def eligible(
     """Whether a call may take the decode kernels: CUDA, a supported layer, at most
     ``max_rows`` rows of ``x`` in the compute dtype, no autocast, no ``torch.func``
     transform, and no gradient wanted through ``x`` or ``held`` (the kernels have no
-    backward)."""
+    backward; callers pass every tensor the result depends on, the layer's bias
+    included: HQQ's bias is a non-leaf that requires grad by default)."""
     if triton is None or not x.is_cuda or x.dtype != layout.compute_dtype:
         return False
     if (

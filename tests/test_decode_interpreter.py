@@ -134,3 +134,62 @@ OUT_OF_RANGE_DORA = textwrap.dedent(
 
 def test_dora_bank_index_past_the_bank_gives_nan_without_reading_outside():
     _interpret(OUT_OF_RANGE_DORA)
+
+
+# The public entry points with the decode path reachable on the CPU: `is_cuda` says yes for
+# CPU tensors, so `eligible` decides as on a GPU and the kernels run in the interpreter.
+DISPATCH_PRELUDE = textwrap.dedent(
+    r"""
+    import sys
+    import torch
+    torch.Tensor.is_cuda = property(lambda self: self.device.type == "cpu")
+    sys.path.insert(0, "tests")
+    import hqqlora
+    from hqqlora import _decode
+    from helpers import make_layer, random_adapter
+
+    real = _decode.lora_decode
+    fused = []
+
+    def spy(*args, **kwargs):
+        fused.append(1)
+        return real(*args, **kwargs)
+
+    _decode.lora_decode = spy
+    torch.manual_seed(0)
+    layer = make_layer(64, 32, group_size=32, dtype=torch.float16)
+    x = torch.randn(3, 64).half()
+    lora = random_adapter(layer, r=4)
+    dora = random_adapter(layer, r=4, dora=True, seed=2)
+    bank = hqqlora.stack_adapters({"a": lora, "b": dora})
+    index = torch.tensor([1, -1, 0])
+    calls = {
+        "base_forward": lambda: hqqlora.base_forward(layer, x),
+        "apply_lora": lambda: hqqlora.apply_lora(layer, lora, x),
+        "apply_lora dora": lambda: hqqlora.apply_lora(layer, dora, x),
+        "mixed_batch_indexed": lambda: hqqlora.mixed_batch_indexed(x, bank, index, base=layer),
+    }
+    """
+)
+
+# A bias that requires grad (HQQ's own bias does, as a non-leaf) with frozen adapters and
+# an `x` that wants none: the gradient reaches the bias, as on the dense path.
+BIAS_GRAD = DISPATCH_PRELUDE + textwrap.dedent(
+    r"""
+    frozen = layer.bias.detach()
+    for name, call in calls.items():
+        with torch.no_grad():
+            fused.clear()
+            call()
+            assert fused, name  # the decode path is reachable here
+        layer.bias = frozen.clone().requires_grad_()
+        call().float().sum().backward()
+        # d(sum y)/d bias = rows (DoRA's c cancels on the bias, up to float16 rounding)
+        assert (layer.bias.grad.double() - 3).abs().max() <= 3 * 2**-8, name
+        layer.bias = frozen
+    """
+)
+
+
+def test_bias_that_requires_grad_gets_its_gradient_at_decode():
+    _interpret(BIAS_GRAD)
