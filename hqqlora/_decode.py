@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from hqqlora._triton import device_of
+
 if TYPE_CHECKING:
     from hqqlora._base import QuantLayout
 
@@ -500,10 +502,11 @@ if triton is not None:
         bias: Tensor | None,
         out_dtype: torch.dtype,
     ) -> Tensor:
-        return _launch(
-            x, W_q, scale, zero, meta, lora_A, lora_B, scaling, index,
-            magnitude, weight_norm, is_dora, bias, out_dtype,
-        )  # fmt: skip
+        with device_of(x):  # Triton launches on the current device
+            return _launch(
+                x, W_q, scale, zero, meta, lora_A, lora_B, scaling, index,
+                magnitude, weight_norm, is_dora, bias, out_dtype,
+            )  # fmt: skip
 
     @_lora_decode_op.register_fake
     def _(
