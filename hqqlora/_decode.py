@@ -280,6 +280,9 @@ if triton is not None:
         if SPLIT_K > 1:
             ws = ws_ptr + (split * BLOCK_M + m[:, None]) * N + n[None, :]
             tl.store(ws, acc, mask=m_ok[:, None] & n_ok[None, :])
+            # Every thread's partial is stored before the counter is released (one thread
+            # does the atomic; its release orders only what it has seen).
+            tl.debug_barrier()
             done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
             last = done == SPLIT_K - 1
         else:
