@@ -315,7 +315,7 @@ def base_forward(
     if not torch.is_autocast_enabled(x.device.type) and x.dtype != layout.compute_dtype:
         x = x.to(layout.compute_dtype)
     W_q = base.W_q
-    if not exact and _decode.eligible(x, W_q, layout, 16):
+    if not exact and _decode.eligible(x, W_q, layout, 16, base.bias):
         W_q, scale, zero = quant_tensors(base)
         return _decode.lora_decode(x, W_q, scale, zero, layout, bias=base.bias)
     if not _eager():

@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from hqqlora._triton import device_of
+
 if TYPE_CHECKING:
     from hqqlora._base import QuantLayout
 
@@ -278,6 +280,9 @@ if triton is not None:
         if SPLIT_K > 1:
             ws = ws_ptr + (split * BLOCK_M + m[:, None]) * N + n[None, :]
             tl.store(ws, acc, mask=m_ok[:, None] & n_ok[None, :])
+            # Every thread's partial is stored before the counter is released (one thread
+            # does the atomic; its release orders only what it has seen).
+            tl.debug_barrier()
             done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
             last = done == SPLIT_K - 1
         else:
@@ -295,7 +300,8 @@ if triton is not None:
             else:
                 total = acc
             if HAS_DORA:
-                valid = k_rows >= 0
+                # Only rows with an index in [0, n) read the bank (an index outside gives NaN).
+                valid = (k_rows >= 0) & (k_rows < n_bank)
                 k_safe = tl.where(valid, k_rows, 0).to(tl.int64)
                 if HAS_IDX:
                     dora_row = valid & (tl.load(is_dora_ptr + k_safe, mask=m_ok, other=0) != 0)
@@ -341,7 +347,8 @@ def eligible(
     """Whether a call may take the decode kernels: CUDA, a supported layer, at most
     ``max_rows`` rows of ``x`` in the compute dtype, no autocast, no ``torch.func``
     transform, and no gradient wanted through ``x`` or ``held`` (the kernels have no
-    backward)."""
+    backward; callers pass every tensor the result depends on, the layer's bias
+    included: HQQ's bias is a non-leaf that requires grad by default)."""
     if triton is None or not x.is_cuda or x.dtype != layout.compute_dtype:
         return False
     if (
@@ -498,10 +505,11 @@ if triton is not None:
         bias: Tensor | None,
         out_dtype: torch.dtype,
     ) -> Tensor:
-        return _launch(
-            x, W_q, scale, zero, meta, lora_A, lora_B, scaling, index,
-            magnitude, weight_norm, is_dora, bias, out_dtype,
-        )  # fmt: skip
+        with device_of(x):  # Triton launches on the current device
+            return _launch(
+                x, W_q, scale, zero, meta, lora_A, lora_B, scaling, index,
+                magnitude, weight_norm, is_dora, bias, out_dtype,
+            )  # fmt: skip
 
     @_lora_decode_op.register_fake
     def _(

@@ -175,7 +175,7 @@ def _decode_layer(
     A = params["lora_A"]
     if A.shape[1] != layout.in_features:  # group-constant adapters take the dense path
         return None
-    if not _decode.eligible(x, base.W_q, layout, 16, *params.values(), weight_norm):
+    if not _decode.eligible(x, base.W_q, layout, 16, *params.values(), weight_norm, base.bias):
         return None
     W_q, scale, zero = quant_tensors(base)
     scaling = params["scaling"].reshape(1).to(x.device)

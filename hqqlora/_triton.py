@@ -10,7 +10,8 @@ intermediates round correctly for bf16/fp16 operands), so the result is identica
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -18,7 +19,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from hqqlora._base import QuantLayout
 
-__all__ = ["available", "dequantize_cuda"]
+__all__ = ["available", "dequantize_cuda", "device_of"]
 
 try:  # Triton is optional: only CUDA eager inference uses it.
     import triton
@@ -61,6 +62,16 @@ if triton is not None:
             tl.store(out_ptr + out_row * n_cols + col, value, mask=ok)
 
 
+def device_of(t: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """``t``'s CUDA device made current, else nothing.
+
+    Triton launches on the current device's current stream, not on its arguments'
+    device: a layer on ``cuda:1`` while ``cuda:0`` is current would run unordered with
+    PyTorch's work on ``cuda:1`` (or read across devices).
+    """
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def available(W_q: Tensor) -> bool:
     """Whether :func:`dequantize_cuda` can run on ``W_q``."""
     return triton is not None and W_q.is_cuda
@@ -85,17 +96,18 @@ def dequantize_cuda(W_q: Tensor, scale: Tensor, zero: Tensor, layout: QuantLayou
     out = torch.empty(valid_rows, n_cols, dtype=layout.compute_dtype, device=W_q.device)
     block = 1024
     grid = (triton.cdiv(n_packed_rows * n_cols, block),)
-    _dequant_kernel[grid](
-        W_q.contiguous(),
-        scale.contiguous(),
-        zero.contiguous(),
-        out,
-        n_packed_rows,
-        n_cols,
-        valid_rows,
-        BITS=bits,
-        PER=per,
-        PER_ROW_META=layout.axis == 1,
-        BLOCK=block,
-    )
+    with device_of(W_q):
+        _dequant_kernel[grid](
+            W_q.contiguous(),
+            scale.contiguous(),
+            zero.contiguous(),
+            out,
+            n_packed_rows,
+            n_cols,
+            valid_rows,
+            BITS=bits,
+            PER=per,
+            PER_ROW_META=layout.axis == 1,
+            BLOCK=block,
+        )
     return out.view(layout.shape)

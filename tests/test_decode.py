@@ -20,7 +20,7 @@ pytestmark = [
 HALF = (torch.bfloat16, torch.float16)
 
 
-def cuda_layer(nbits, dtype, *, bias=True, size=(256, 512), group=64, axis=1):
+def cuda_layer(nbits, dtype, *, bias=True, size=(256, 512), group=64, axis=1, device="cuda"):
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
     gen = torch.Generator().manual_seed(nbits)
@@ -33,7 +33,7 @@ def cuda_layer(nbits, dtype, *, bias=True, size=(256, 512), group=64, axis=1):
         if bias:
             linear.bias.copy_(torch.randn(out_features, generator=gen))
     config = BaseQuantizeConfig(nbits=nbits, group_size=group, axis=axis)
-    return HQQLinear(linear, config, compute_dtype=dtype, device="cuda")
+    return HQQLinear(linear, config, compute_dtype=dtype, device=device)
 
 
 def cuda_adapter(layer, *, dtype=torch.float32, dora=False, seed=1, r=8):
@@ -262,3 +262,49 @@ def test_mixed_decode_out_of_range_index_gives_nan_rows_and_noncontiguous_norms_
     assert_close_rel(got[0], dense_reference(layer, adapters["a"], x[0]), torch.bfloat16, factor=2)
     assert_close_rel(got[2], dense_reference(layer, adapters["b"], x[2]), torch.bfloat16)
     assert_close_rel(got[3], _base_ref(layer, x[3]), torch.bfloat16)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_a_layer_on_another_gpu_than_the_current_one(monkeypatch):
+    # Triton launches on the current device: a layer on cuda:1 while cuda:0 is current
+    # (device_map="auto") must still run on cuda:1, ordered with PyTorch's work there.
+    dtype = torch.bfloat16
+    layer = cuda_layer(4, dtype, size=(256, 512), device="cuda:1")
+    adapters = {"a": cuda_adapter(layer, seed=1), "b": cuda_adapter(layer, dora=True, seed=2)}
+    adapters = {n: {k: v.to("cuda:1") for k, v in p.items()} for n, p in adapters.items()}
+    bank = hqqlora.stack_adapters(adapters)
+    norm = hqqlora.bank_weight_norm(layer, bank)
+    index = torch.tensor([1, -1, 0], device="cuda:1")
+    torch.cuda.set_device(0)
+    with torch.no_grad():  # the references' dequantization, against HQQ's own
+        assert torch.equal(hqqlora.dequantize(layer), layer.dequantize())
+    for _ in range(3):  # fresh values each time: a stale or unordered read shows
+        x = torch.randn(3, 512, device="cuda:1", dtype=dtype)
+        with torch.no_grad():
+            base = hqqlora.base_forward(layer, x)
+            exact = hqqlora.base_forward(layer, x, exact=True)
+            one, fused = uses_decode(
+                lambda x=x: hqqlora.apply_lora(layer, adapters["a"], x), monkeypatch
+            )
+            mixed = hqqlora.mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norm)
+        assert fused and base.device == x.device
+        assert_close_rel(base, _base_ref(layer, x), dtype)
+        assert_close_rel(exact, _base_ref(layer, x), dtype)
+        assert_close_rel(one, dense_reference(layer, adapters["a"], x), dtype)
+        assert_close_rel(mixed[0], dense_reference(layer, adapters["b"], x[0]), dtype, factor=2)
+        assert_close_rel(mixed[1], _base_ref(layer, x[1]), dtype)
+        assert_close_rel(mixed[2], dense_reference(layer, adapters["a"], x[2]), dtype)
+
+
+def test_split_k_reduction_is_stable_under_repetition(monkeypatch):
+    # The last split of a tile sums every split's stored partial: a partial read before
+    # it is stored (uninitialized workspace) shows as a call that differs from the others.
+    layer = cuda_layer(4, torch.bfloat16, size=(512, 512), group=32)
+    p = cuda_adapter(layer)
+    monkeypatch.setitem(_decode.TUNED, (512, 512, 2, 4), (8, 1, 16, 4, 3, 0))
+    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        first = hqqlora.apply_lora(layer, p, x)
+        outs = [hqqlora.apply_lora(layer, p, x) for _ in range(200)]
+    assert all(torch.equal(first, o) for o in outs)
+    assert_close_rel(first, dense_reference(layer, p, x), torch.bfloat16)

@@ -78,11 +78,12 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_decode_kernels_in_the_interpreter_match_float64():
+def _interpret(script):
+    """Runs ``script`` in a subprocess with Triton's interpreter on; asserts it succeeds."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
+        [sys.executable, "-c", script],
         env=env,
         cwd=root,
         capture_output=True,
@@ -90,3 +91,105 @@ def test_decode_kernels_in_the_interpreter_match_float64():
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_decode_kernels_in_the_interpreter_match_float64():
+    _interpret(SCRIPT)
+
+
+# A DoRA bank row whose index is past the bank: a NaN row, and no read outside the bank
+# (the interpreter reads raw memory, so such a read crashes or gives garbage there as on a GPU).
+OUT_OF_RANGE_DORA = textwrap.dedent(
+    r"""
+    import torch
+    import hqqlora
+    from hqqlora import _decode
+    from hqqlora._base import quant_layout, quant_tensors
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    layer = HQQLinear(lin, BaseQuantizeConfig(nbits=4, group_size=32, axis=1),
+                      compute_dtype=torch.float16, device="cpu")
+    layout = quant_layout(layer)
+    W_q, scale, zero = quant_tensors(layer)
+    n, r = 2, 4
+    A, B = torch.randn(n, r, 64) * 0.1, torch.randn(n, 32, r) * 0.1
+    s, is_dora = torch.tensor([0.5, 2.0]), torch.tensor([True, True])
+    mag, norm = torch.rand(n, 32) + 0.5, torch.rand(n, 32) + 0.5
+    x = torch.randn(2, 64).half()
+    W = hqqlora.dequantize(layer).double()
+    for big in (n, 2**40):
+        with torch.no_grad():
+            got = _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A, lora_B=B,
+                                      scaling=s, index=torch.tensor([1, big]), magnitude=mag,
+                                      weight_norm=norm, is_dora=is_dora, bias=layer.bias)
+        assert torch.isnan(got[1]).all(), big
+        ref = x[0].double() @ W.T + s[1].double() * (x[0].double() @ A[1].double().T) @ B[1].double().T
+        ref = ref * (mag[1] / norm[1]).double() + layer.bias.double()
+        assert ((got[0].double() - ref).norm() / ref.norm()) < 2e-3, big
+    """
+)
+
+
+def test_dora_bank_index_past_the_bank_gives_nan_without_reading_outside():
+    _interpret(OUT_OF_RANGE_DORA)
+
+
+# The public entry points with the decode path reachable on the CPU: `is_cuda` says yes for
+# CPU tensors, so `eligible` decides as on a GPU and the kernels run in the interpreter.
+DISPATCH_PRELUDE = textwrap.dedent(
+    r"""
+    import sys
+    import torch
+    torch.Tensor.is_cuda = property(lambda self: self.device.type == "cpu")
+    sys.path.insert(0, "tests")
+    import hqqlora
+    from hqqlora import _decode
+    from helpers import make_layer, random_adapter
+
+    real = _decode.lora_decode
+    fused = []
+
+    def spy(*args, **kwargs):
+        fused.append(1)
+        return real(*args, **kwargs)
+
+    _decode.lora_decode = spy
+    torch.manual_seed(0)
+    layer = make_layer(64, 32, group_size=32, dtype=torch.float16)
+    x = torch.randn(3, 64).half()
+    lora = random_adapter(layer, r=4)
+    dora = random_adapter(layer, r=4, dora=True, seed=2)
+    bank = hqqlora.stack_adapters({"a": lora, "b": dora})
+    index = torch.tensor([1, -1, 0])
+    calls = {
+        "base_forward": lambda: hqqlora.base_forward(layer, x),
+        "apply_lora": lambda: hqqlora.apply_lora(layer, lora, x),
+        "apply_lora dora": lambda: hqqlora.apply_lora(layer, dora, x),
+        "mixed_batch_indexed": lambda: hqqlora.mixed_batch_indexed(x, bank, index, base=layer),
+    }
+    """
+)
+
+# A bias that requires grad (HQQ's own bias does, as a non-leaf) with frozen adapters and
+# an `x` that wants none: the gradient reaches the bias, as on the dense path.
+BIAS_GRAD = DISPATCH_PRELUDE + textwrap.dedent(
+    r"""
+    frozen = layer.bias.detach()
+    for name, call in calls.items():
+        with torch.no_grad():
+            fused.clear()
+            call()
+            assert fused, name  # the decode path is reachable here
+        layer.bias = frozen.clone().requires_grad_()
+        call().float().sum().backward()
+        # d(sum y)/d bias = rows (DoRA's c cancels on the bias, up to float16 rounding)
+        assert (layer.bias.grad.double() - 3).abs().max() <= 3 * 2**-8, name
+        layer.bias = frozen
+    """
+)
+
+
+def test_bias_that_requires_grad_gets_its_gradient_at_decode():
+    _interpret(BIAS_GRAD)
