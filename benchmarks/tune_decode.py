@@ -19,7 +19,32 @@ SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 TOKENS = [1, 16, 64]
 
 
-def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True):
+def candidates(tokens, in_f, explore=False):
+    """Configurations to try: MODE 4 (CUDA-core GEMV) at one row, MODE 3 (tensor cores,
+    exponent-trick codes) above, a few of the older modes for comparison."""
+    steps = in_f // 64
+    if tokens == 1:
+        grid = [(b, g, sp, w, st) for b in (16, 32, 64) for g in (2, 4, 8) for sp in (8, 16, 32)
+                for w in (2, 4, 8) for st in (1,)] if explore else [
+            (b, g, sp, w, st) for b in (8, 16, 32) for g in (1, 4) for sp in (8, 16, 64)
+            for w in (2, 4) for st in (1, 3)]  # fmt: skip
+        configs = [(*c, 4) for c in grid if c[1] * c[2] <= steps]
+        if not explore:
+            configs += [(b, 1, sp, 4, st, 3) for b in (32, 64) for sp in (4, 8) for st in (2, 3)]
+        return configs
+    if explore:
+        configs = [(b, 1, sp, w, st, 5) for b in (32, 64, 128) for sp in (4, 8, 16)
+                   for w in (4, 8) for st in (3, 4)]  # fmt: skip
+        configs += [(b, 1, sp, 4, st, 3) for b in (64, 128) for sp in (4, 8) for st in (3, 4)]
+        return [c for c in configs if c[2] <= steps]
+    grid = [(b, g, sp, 4, st) for b in (16, 32, 64) for g in (1, 2) for sp in (2, 4, 8)
+            for st in (2, 3)]  # fmt: skip
+    configs = [(*c, 3) for c in grid if c[1] * c[2] <= steps]
+    configs += [(b, 1, sp, 4, 3, 0) for b in (32, 64) for sp in (4, 8)]
+    return configs
+
+
+def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True, explore=False):
     """Best ``(block_p, gps, split, warps, stages)`` per ``(out, in, per, tokens)``, with LoRA."""
     best = {}
     for out_f, in_f in shapes:
@@ -36,18 +61,7 @@ def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True):
             ref = x.double() @ W.T + (x.double() @ A.double().T) @ B.double().T
             key = (out_f, in_f, per, tokens)
             results = []
-            if tokens == 1:
-                configs = [
-                    (b, g, sp, 4, 2, 2)
-                    for b in (16, 32, 64)
-                    for g in (1, 2, 4)
-                    for sp in (4, 8, 16)
-                ]
-                configs += [(b, 1, sp, 4, 3, 1) for b in (32, 64) for sp in (4, 8)]
-            elif tokens <= 16:
-                configs = [(b, 1, sp, 4, 3, 1) for b in (16, 32, 64) for sp in (2, 4, 8)]
-            else:
-                configs = [(b, 1, sp, 4, 3, 1) for b in (16, 32) for sp in (1, 2, 4)]
+            configs = candidates(tokens, in_f, explore)
             if key in _decode.TUNED:
                 configs.append(_decode.TUNED[key])
             saved = _decode.TUNED.pop(key, None)
@@ -78,10 +92,29 @@ def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True):
                 results.sort()
                 best[key] = results[0][1]
                 if verbose:
-                    print(
-                        f"{key}: best {results[0][0]:.1f} us {results[0][1]}; next {results[1:3]}"
-                    )
+                    print(f"{key}: best {results[0][0]:.1f} us {results[0][1]}")
+                    for mode in sorted({c[-1] for _, c in results}):
+                        top = [(round(us, 1), c) for us, c in results if c[-1] == mode][:3]
+                        print(f"    MODE {mode}: {top}")
     return best
+
+
+def kernel_us(fn, calls=30):
+    """GPU time per call of each kernel ``fn`` launches, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {
+        e.key[:24]: round(e.self_device_time_total / calls, 2)
+        for e in prof.key_averages()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    }
 
 
 def profile_best(shapes, tokens_list):
@@ -104,9 +137,16 @@ def profile_best(shapes, tokens_list):
                     x.double() @ W.T + (x.double() @ A.double().T) @ B.double().T,
                 )
                 base = gpu_us(lambda x=x: gl(x)) if gl is not None else float("nan")
+                kernels = kernel_us(lambda x=x: hqqlora.apply_lora(layer, p, x))
+                default_rows = _decode.SHRINK_ROWS
+                for shrink_rows in (1, 2, 4, 8, 16):
+                    _decode.SHRINK_ROWS = shrink_rows
+                    shrink = kernel_us(lambda x=x: hqqlora.apply_lora(layer, p, x))
+                    print(f"    shrink rows {shrink_rows}: {shrink}")
+                _decode.SHRINK_ROWS = default_rows
             print(
                 f"{out_f}x{in_f} tokens {tokens}: ours LoRA fp32 {ours:.1f} us GPU (rel err {err:.1e}), "
-                f"gemlite base {base:.1f} us: {ours / base:.2f}x"
+                f"gemlite base {base:.1f} us: {ours / base:.2f}x; kernels {kernels}"
             )
 
 
@@ -117,10 +157,17 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="4096² and 14336×4096, 1 and 16 tokens"
     )
+    parser.add_argument("--explore", action="store_true", help="a wider grid")
+    parser.add_argument("--profile-only", action="store_true", help="no tuning: TUNED as is")
+    parser.add_argument("--tokens", type=int, nargs="*", help="these token counts only")
     args = parser.parse_args()
     print(environment("cuda"))
     shapes, tokens = ([(4096, 4096), (14336, 4096)], [1, 16]) if args.quick else (SHAPES, TOKENS)
-    best = tune(shapes, tokens)
+    tokens = args.tokens or tokens
+    if args.profile_only:
+        profile_best(shapes, tokens)
+        return
+    best = tune(shapes, tokens, explore=args.explore)
     print("TUNED = {")
     for key, config in sorted(best.items()):
         print(f"    {key}: {config},")

@@ -159,6 +159,8 @@ if triton is not None:
         HAS_DORA: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         MODE: tl.constexpr,
+        MAGIC: tl.constexpr,
+        OFFSET: tl.constexpr,
     ):
         # MODE 0: a tile holds every slot of its packed rows (one read of each byte),
         # multiplied on tensor cores; MODE 1: a program per (tile, slot), so no register
@@ -166,6 +168,7 @@ if triton is not None:
         # on CUDA cores (a GEMV), every slot of the tile.
         NB: tl.constexpr = BLOCK_P if MODE == 1 else PER * BLOCK_P
         BLOCK_K: tl.constexpr = GPS * GROUP
+        MASK: tl.constexpr = (1 << BITS) - 1
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         if MODE == 1:
@@ -178,7 +181,15 @@ if triton is not None:
         p_ok = p < rows_per_slot
         slot = tl.arange(0, PER)
         shifts = BITS * (PER - 1 - slot)
-        if MODE == 1:
+        if MODE >= 3:
+            # Output j of the tile is packed row pj of slot j // BLOCK_P: each byte is
+            # loaded once per slot (the repeats hit L1), no register reshape.
+            j = tl.arange(0, NB)
+            pj = tile * BLOCK_P + j % BLOCK_P
+            sh = BITS * (PER - 1 - j // BLOCK_P)
+            n = (j // BLOCK_P) * rows_per_slot + pj
+            n_ok = pj < rows_per_slot
+        elif MODE == 1:
             n = slot1 * rows_per_slot + p
             n_ok = p_ok
         else:
@@ -214,28 +225,99 @@ if triton is not None:
                 s = tl.load(scale_ptr + meta, mask=ok, other=0).to(tl.float32)
                 acc2 += tl.sum((d - x_sum[None, None, :] * z) * s, axis=2)
             acc = tl.reshape(acc2, (BLOCK_M, NB))
+        elif MODE == 4:
+            # One row of x on CUDA cores; codes to float32 by the exponent trick
+            # (``0x4B000000 | q`` is ``2²³ + q``), exact, no int-to-float conversion.
+            acc4 = tl.zeros((NB,), dtype=tl.float32)
+            for step in range(first, first + steps_per_split):
+                k = step * BLOCK_K + tl.arange(0, BLOCK_K)
+                packed = tl.load(
+                    packed_ptr + pj[:, None] * K + k[None, :],
+                    mask=n_ok[:, None],
+                    other=0,
+                    eviction_policy="evict_first",
+                ).to(tl.int32)
+                c = ((packed >> sh[:, None]) & MASK) | 0x4B000000
+                cf = c.to(tl.float32, bitcast=True) - 8388608.0
+                xv = tl.load(x_ptr + k).to(tl.float32)
+                if GPS == 1:
+                    d1 = tl.sum(cf * xv[None, :], axis=1)
+                    x_sum1 = tl.sum(xv, axis=0)
+                    meta = n * groups_per_row + step
+                    z = tl.load(zero_ptr + meta, mask=n_ok, other=0).to(tl.float32)
+                    s = tl.load(scale_ptr + meta, mask=n_ok, other=0).to(tl.float32)
+                    acc4 += (d1 - x_sum1 * z) * s
+                else:
+                    d = tl.sum(tl.reshape(cf * xv[None, :], (NB, GPS, GROUP)), axis=2)
+                    x_sum = tl.sum(tl.reshape(xv, (GPS, GROUP)), axis=1)
+                    g = step * GPS + tl.arange(0, GPS)
+                    meta = n[:, None] * groups_per_row + g[None, :]
+                    z = tl.load(zero_ptr + meta, mask=n_ok[:, None], other=0).to(tl.float32)
+                    s = tl.load(scale_ptr + meta, mask=n_ok[:, None], other=0).to(tl.float32)
+                    acc4 += tl.sum((d - x_sum[None, :] * z) * s, axis=1)
+            acc = tl.reshape(acc4, (BLOCK_M, NB))
+        elif MODE == 5:
+            # MODE 3 with the operands swapped, ``codes @ xᵀ``: the codes (in registers)
+            # are the wide operand and the few rows of x the narrow one, one group a step.
+            acc5 = tl.zeros((NB, BLOCK_M), dtype=tl.float32)
+            for step in range(first, first + steps_per_split):
+                k = step * BLOCK_K + tl.arange(0, BLOCK_K)
+                xs = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None], other=0)
+                packed = tl.load(
+                    packed_ptr + pj[:, None] * K + k[None, :],
+                    mask=n_ok[:, None],
+                    other=0,
+                    eviction_policy="evict_first",
+                ).to(tl.int32)
+                c = (packed >> sh[:, None]) & MASK
+                if MAGIC != 0:
+                    codes = (c | MAGIC).to(tl.int16).to(xs.dtype, bitcast=True)
+                else:
+                    codes = c.to(xs.dtype)
+                d5 = tl.dot(codes, tl.trans(xs))  # (NB, BLOCK_M), float32
+                x_sum = tl.sum(xs.to(tl.float32), axis=1)
+                meta = n * groups_per_row + step
+                z = tl.load(zero_ptr + meta, mask=n_ok, other=0).to(tl.float32) + OFFSET
+                s = tl.load(scale_ptr + meta, mask=n_ok, other=0).to(tl.float32)
+                acc5 += (d5 - z[:, None] * x_sum[None, :]) * s[:, None]
+            acc = tl.trans(acc5)
         else:
             acc = tl.zeros((BLOCK_M, NB), dtype=tl.float32)
             for step in range(first, first + steps_per_split):
                 k = step * BLOCK_K + tl.arange(0, BLOCK_K)
-                packed = tl.load(
-                    packed_ptr + p[:, None] * K + k[None, :],
-                    mask=p_ok[:, None],
-                    other=0,
-                    eviction_policy="evict_first",
-                ).to(tl.int32)
                 xs = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None], other=0)
-                if MODE == 1:
-                    shift1 = BITS * (PER - 1 - slot1)
-                    codes = ((packed >> shift1) & ((1 << BITS) - 1)).to(xs.dtype)
+                if MODE == 3:
+                    packed = tl.load(
+                        packed_ptr + pj[:, None] * K + k[None, :],
+                        mask=n_ok[:, None],
+                        other=0,
+                        eviction_policy="evict_first",
+                    ).to(tl.int32)
+                    c = (packed >> sh[:, None]) & MASK
+                    if MAGIC != 0:
+                        # ``MAGIC | q`` read as bf16/fp16 is ``OFFSET + q``, exact: no
+                        # int-to-float conversion; the offset leaves with the zero.
+                        codes = (c | MAGIC).to(tl.int16).to(xs.dtype, bitcast=True)
+                    else:
+                        codes = c.to(xs.dtype)
                 else:
-                    codes = (packed[None, :, :] >> shifts[:, None, None]) & ((1 << BITS) - 1)
-                    codes = tl.reshape(codes, (NB, BLOCK_K)).to(xs.dtype)
+                    packed = tl.load(
+                        packed_ptr + p[:, None] * K + k[None, :],
+                        mask=p_ok[:, None],
+                        other=0,
+                        eviction_policy="evict_first",
+                    ).to(tl.int32)
+                    if MODE == 1:
+                        shift1 = BITS * (PER - 1 - slot1)
+                        codes = ((packed >> shift1) & MASK).to(xs.dtype)
+                    else:
+                        codes = (packed[None, :, :] >> shifts[:, None, None]) & MASK
+                        codes = tl.reshape(codes, (NB, BLOCK_K)).to(xs.dtype)
                 if GPS == 1:
                     d = tl.dot(xs, tl.trans(codes))  # (BLOCK_M, NB), float32
                     x_sum = tl.sum(xs.to(tl.float32), axis=1)
                     meta = n * groups_per_row + step
-                    z = tl.load(zero_ptr + meta, mask=n_ok, other=0).to(tl.float32)
+                    z = tl.load(zero_ptr + meta, mask=n_ok, other=0).to(tl.float32) + OFFSET
                     s = tl.load(scale_ptr + meta, mask=n_ok, other=0).to(tl.float32)
                     acc += (d - x_sum[:, None] * z[None, :]) * s[None, :]
                 else:
@@ -246,6 +328,7 @@ if triton is not None:
                     g = step * GPS + tl.arange(0, GPS)
                     meta = n[None, :] * groups_per_row + g[:, None]  # (GPS, NB)
                     z = tl.load(zero_ptr + meta, mask=n_ok[None, :], other=0).to(tl.float32)
+                    z += OFFSET
                     s = tl.load(scale_ptr + meta, mask=n_ok[None, :], other=0).to(tl.float32)
                     acc += tl.sum((d3 - x_sum[:, :, None] * z[:, None, :]) * s[:, None, :], axis=0)
 
@@ -370,34 +453,44 @@ def eligible(
 
 # (packed rows per tile, groups per K step, K splits, warps, stages, MODE) by (out, in, codes
 # per byte, rows): the best of benchmarks/tune_decode.py on an H100 (CUDA-graph timing,
-# LoRA r=16); other shapes take decode_config's rule.
+# LoRA r=16, shrink included); other shapes take decode_config's rule, fitted to these.
 TUNED: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, int]] = {
-    (1024, 4096, 2, 1): (32, 1, 16, 4, 4, 0),
-    (1024, 4096, 2, 16): (32, 1, 8, 4, 4, 0),
-    (1024, 4096, 2, 64): (16, 1, 4, 4, 4, 0),
-    (4096, 4096, 2, 1): (64, 1, 8, 4, 2, 0),
-    (4096, 4096, 2, 16): (32, 1, 8, 4, 4, 0),
-    (4096, 4096, 2, 64): (16, 1, 2, 4, 4, 0),
-    (14336, 4096, 2, 1): (64, 1, 8, 4, 4, 0),
-    (14336, 4096, 2, 16): (128, 1, 4, 4, 2, 0),
-    (14336, 4096, 2, 64): (32, 1, 1, 4, 4, 0),
-    (4096, 14336, 2, 1): (64, 1, 16, 4, 4, 0),
+    (4096, 4096, 2, 1): (32, 4, 16, 4, 1, 4),
+    (4096, 4096, 2, 16): (32, 1, 8, 4, 4, 5),
+    (4096, 4096, 2, 64): (64, 1, 8, 4, 3, 5),
+    (14336, 4096, 2, 1): (32, 4, 16, 4, 1, 4),
+    (14336, 4096, 2, 16): (32, 1, 4, 4, 3, 5),
+    (14336, 4096, 2, 64): (64, 1, 4, 4, 3, 5),
 }
+
+SHRINK_ROWS = 4
+"""Rows of ``x`` per shrink program (more rows, fewer programs but larger register tiles)."""
 
 
 def decode_config(n_out: int, k_in: int, per: int, group: int, rows: int) -> tuple[int, ...]:
-    """Launch configuration for a layer of ``n_out × k_in`` at ``rows`` rows."""
+    """Launch configuration for a layer of ``n_out × k_in`` at ``rows`` rows.
+
+    One row: MODE 4, 64 outputs a tile, 256 inputs a step, up to 16 splits (one step a
+    program where the shape allows). More rows: MODE 5, 64 outputs a tile (128 above 16
+    rows), one group a step, splits until there are 512 programs (256 above 16 rows).
+    """
     key = (n_out, k_in, per, rows)
     if key in TUNED:
         return TUNED[key]
-    block_p = max(1, 64 // per) if rows <= 16 else max(1, 32 // per)
-    gps = 1
-    steps = k_in // group
+    groups = k_in // group
+    if rows == 1:
+        block_p, gps, mode, programs = max(1, 64 // per), max(1, 256 // group), 4, 1 << 30
+        while gps > 1 and groups % gps:
+            gps //= 2
+    else:
+        block_p = max(1, (64 if rows <= 16 else 128) // per)
+        gps, mode, programs = 1, 5, 512 if rows <= 16 else 256
+    steps = groups // gps
     tiles = -(-(n_out // per) // block_p)
     split = 1
-    while tiles * split < 264 and steps % (split * 2) == 0 and split < 16:
+    while tiles * split < programs and steps % (split * 2) == 0 and split < 16:
         split *= 2
-    return (block_p, gps, split, 4, 3, 0)
+    return (block_p, gps, split, 4, 3 if mode == 5 else 1, mode)
 
 
 def _launch(
@@ -419,9 +512,11 @@ def _launch(
     bits, per, group, n_out, k_in = meta
     rows = x.shape[0]
     block_p, gps, split, warps, stages, mode = decode_config(n_out, k_in, per, group, rows)
-    if mode == 2 and rows != 1:  # the GEMV takes one row
+    if mode in (2, 4) and rows != 1:  # the GEMVs take one row
         mode = 0
-    block_m = 1 if mode == 2 else max(16, triton.next_power_of_2(rows))
+    block_m = 1 if mode in (2, 4) else max(16, triton.next_power_of_2(rows))
+    if mode == 5:
+        gps = 1  # one group a step
     while gps > 1 and (k_in // group) % gps:
         gps //= 2
     steps = k_in // (group * gps)
@@ -442,7 +537,7 @@ def _launch(
         assert lora_A is not None and lora_B is not None and scaling is not None
         rank = lora_A.shape[-2]
         block_r = max(16, triton.next_power_of_2(rank))
-        t_block_m = min(16, triton.next_power_of_2(rows))
+        t_block_m = min(SHRINK_ROWS, triton.next_power_of_2(rows))
         t_block_k = 64 if block_r * t_block_m <= 256 else 32
         k_chunks = triton.cdiv(k_in, t_block_k)
         t_splits = min(64, k_chunks)
@@ -464,6 +559,12 @@ def _launch(
         if split > 1:
             counts.zero_()
     has_dora = magnitude is not None
+    # MODE 3's exponent trick: bf16 holds 128 + q exactly for q < 128, fp16 1024 + q.
+    magic, offset = 0, 0.0
+    if mode in (3, 5) and x.dtype == torch.float16:
+        magic, offset = 0x6400, 1024.0
+    elif mode in (3, 5) and bits < 8:
+        magic, offset = 0x4300, 128.0
     rows_per_split = triton.cdiv(rows, split)
     _main_kernel[(tiles, split)](
         x, W_q, scale, zero,
@@ -480,7 +581,7 @@ def _launch(
         BLOCK_R=block_r, SPLIT_K=split, ROWS_PER_SPLIT=rows_per_split,
         T_SPLITS=triton.next_power_of_2(t_splits),
         HAS_LORA=has_lora, HAS_IDX=has_idx, HAS_DORA=has_dora, HAS_BIAS=bias is not None,
-        MODE=mode,
+        MODE=mode, MAGIC=magic, OFFSET=offset,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out

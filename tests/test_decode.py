@@ -235,7 +235,9 @@ def test_supported_layouts():
 @pytest.mark.parametrize(
     "config",
     [(16, 1, 2, 4, 3, 0), (16, 2, 4, 4, 2, 0), (16, 1, 2, 4, 3, 1), (32, 1, 4, 4, 2, 1),
-     (16, 1, 2, 4, 3, 2), (32, 2, 4, 4, 2, 2), (64, 4, 1, 4, 2, 2)],
+     (16, 1, 2, 4, 3, 2), (32, 2, 4, 4, 2, 2), (64, 4, 1, 4, 2, 2),
+     (16, 1, 2, 4, 3, 3), (32, 2, 4, 4, 2, 3), (16, 1, 8, 4, 2, 4), (32, 4, 2, 2, 1, 4),
+     (16, 1, 2, 4, 3, 5), (32, 1, 4, 8, 4, 5)],
 )  # fmt: skip
 @pytest.mark.parametrize("tokens", [1, 4])
 def test_every_kernel_mode_matches_the_reference(config, tokens, monkeypatch):
@@ -247,6 +249,23 @@ def test_every_kernel_mode_matches_the_reference(config, tokens, monkeypatch):
     with torch.no_grad():
         got = hqqlora.apply_lora(layer, p, x, weight_norm=norm)
     assert_close_rel(got, dense_reference(layer, p, x), torch.bfloat16, factor=2)
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", [3, 4, 5])
+def test_exponent_trick_modes_at_every_width(nbits, dtype, mode, monkeypatch):
+    # MODE 3 reads codes as bf16 128 + q / fp16 1024 + q (not for 8-bit bf16), MODE 4 as
+    # float32 2^23 + q: every width and dtype against the float64 product.
+    layer = cuda_layer(nbits, dtype, size=(256, 512))
+    p = cuda_adapter(layer)
+    per = quant_layout(layer).packing_bits[1]
+    tokens = 1 if mode == 4 else 5
+    monkeypatch.setitem(_decode.TUNED, (256, 512, per, tokens), (16, 2, 2, 4, 2, mode))
+    x = torch.randn(tokens, 512, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        got = hqqlora.apply_lora(layer, p, x)
+    assert_close_rel(got, dense_reference(layer, p, x), dtype, factor=2)
 
 
 def test_mixed_decode_out_of_range_index_gives_nan_rows_and_noncontiguous_norms_are_read_right():

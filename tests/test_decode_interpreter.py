@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     failures = []
     for mode, nbits, group, rows, bias in itertools.product(
-        (0, 1, 2), (1, 2, 4, 8), (32, 64), (1, 3), (False, True)
+        (0, 1, 2, 3, 4, 5, None), (1, 2, 4, 8), (32, 64), (1, 3), (False, True)
     ):
         lin = torch.nn.Linear(256, 64, bias=bias)
         layer = HQQLinear(lin, BaseQuantizeConfig(nbits=nbits, group_size=group, axis=1),
@@ -43,7 +43,8 @@ SCRIPT = textwrap.dedent(
         is_dora = torch.tensor([True, False, True])
         per = layout.packing_bits[1]
         _decode.TUNED.clear()
-        _decode.TUNED[(64, 256, per, rows)] = (16, 2 if group == 32 else 1, 2, 4, 3, mode)
+        if mode is not None:  # None: decode_config's rule
+            _decode.TUNED[(64, 256, per, rows)] = (16, 2 if group == 32 else 1, 2, 4, 3, mode)
         x = torch.randn(rows, 256).half()
         idx = [5, 0, -1][:rows] if rows > 1 else [2]
         index = torch.tensor(idx)
