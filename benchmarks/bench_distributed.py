@@ -17,7 +17,11 @@ hidden states, loss = mean square of the output), with AdamW, in three modes:
   ``hqqlora.all_reduce_mean`` over the gradients, AdamW on the adapter leaves;
 * ``ddp``: shims (``inject_adapter``) in ``DistributedDataParallel``;
 * ``fsdp2``: shims sharded by ``hqqlora.distributed.shard_quantized`` (codes, scales,
-  zeros and adapters sharded; FSDP2 gathers each layer for its forward and backward).
+  zeros and adapters sharded), one FSDP2 unit per block (its default): FSDP2 gathers a
+  block for its forward and again for its backward;
+* ``fsdp2-layers`` (on request): one unit per HQQ layer (``units="layers"``);
+* ``fsdp2-keep`` (on request): per layer, gathered once per step
+  (``reshard_after_forward=False``).
 
 Each mode gets its own copy of the same quantized weights (quantized once, kept on the
 host between modes), ``--warmup`` untimed steps, then ``--steps`` steps timed between
@@ -44,10 +48,14 @@ from torch import nn
 from torch.nn import functional as F
 
 import hqqlora
-from hqqlora.distributed import all_reduce_mean, quantized_bytes, shard_quantized
+from hqqlora.distributed import (
+    all_reduce_mean,
+    quantized_bytes,
+    shard_quantized,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MODES = ("functional", "ddp", "fsdp2")
+MODES = ("functional", "ddp", "fsdp2", "fsdp2-layers", "fsdp2-keep")
 
 
 class Block(nn.Module):
@@ -160,7 +168,10 @@ def build_mode(mode, stack, x, args, device, dtype):
         ids = [device.index] if device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         return model, module_step(wrapped, x)
-    shard_quantized(model)
+    # fsdp2: shard_quantized's default, one FSDP2 unit per block; fsdp2-layers: one per
+    # HQQ layer; fsdp2-keep: per layer, gathered once per step (not again for backward).
+    units = "blocks" if mode == "fsdp2" else "layers"
+    shard_quantized(model, units=units, reshard_after_forward=mode != "fsdp2-keep")
     return model, module_step(model, x)
 
 
@@ -186,6 +197,19 @@ def run_mode(mode, stack, args, device, dtype, world):
         loss = step()
     synchronize(device)
     elapsed = time.perf_counter() - start
+    if args.profile and device.type == "cuda":  # every rank steps (collectives), rank 0 prints
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            synchronize(device)
+    if args.profile and device.type == "cuda" and dist.get_rank() == 0:
+        print(f"## {mode}, rank 0, one step")
+        print(
+            prof.key_averages().table(
+                sort_by="cuda_time_total", row_limit=12, max_name_column_width=50
+            )
+        )
     if not torch.isfinite(loss):
         raise RuntimeError(f"{mode}: the loss is not finite ({loss.item()})")
     stats = torch.tensor(
@@ -213,7 +237,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(MODES[:3]))
+    parser.add_argument("--profile", action="store_true", help="profile one step per mode")
     args = parser.parse_args()
     # The LoRA term comes back as a view (addmm on the flattened rows); these blocks add
     # out of place, so the in-place hazard FSDP2 warns about does not arise here.

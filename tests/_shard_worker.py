@@ -54,6 +54,16 @@ def build() -> torch.nn.Module:
     return model
 
 
+def glue() -> torch.nn.Linear:
+    """A frozen 16 → 32 linear, so that built models stack."""
+    linear = torch.nn.Linear(16, 32)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(32, 16, generator=torch.Generator().manual_seed(5)) / 4)
+        linear.bias.zero_()
+    linear.requires_grad_(False)
+    return linear
+
+
 def fsdp2_runs_under_torch_func() -> bool:
     """Whether this torch's FSDP2 supports torch.func transforms (2.13 does, 2.11 does not).
 
@@ -209,6 +219,17 @@ def run(rank: int, world: int, init_file: str, out: str) -> None:
     hqqlora.set_adapter(model, "dora")
     with torch.no_grad():
         seen["eval_loaded"] = model.eval()(x)
+
+    # Block units (shard_quantized's default on a stack): two blocks, each gathered whole.
+    blocked = torch.nn.Sequential(*(torch.nn.Sequential(build(), glue()) for _ in range(2)))
+    blocked_ref = copy.deepcopy(blocked)
+    shard_quantized(blocked)
+    seen["blocked_units"] = sorted(
+        p for p, m in blocked.named_modules() if isinstance(m, FSDPModule)
+    )
+    seen["blocked_bytes"] = quantized_bytes(blocked), quantized_bytes(blocked_ref)
+    seen["blocked_ref"] = step(blocked_ref, x, rows=slice(None), world=1, name="dora")
+    seen["blocked"] = step(blocked, x, rows=rows, world=world, name="dora")
 
     # A write that fails on rank 0 raises on every rank, with no hang.
     (out / "a_file").touch()

@@ -116,6 +116,24 @@ def test_two_ranks_on_their_rows_give_the_whole_batch_forward_and_gradients(rank
     _assert_adapters_equal(rank0["sharded", name][1], rank1["sharded", name][1])
 
 
+def test_block_units_hold_half_and_train_like_the_whole_batch(ranks):
+    (rank0, rank1), _ = ranks
+    # A stack of two blocks: one unit per block (not per layer), and the root.
+    assert rank0["blocked_units"] == ["", "0", "1"]
+    for seen in (rank0, rank1):
+        local, whole_bytes = seen["blocked_bytes"]
+        assert 2 * local == pytest.approx(whole_bytes, rel=0.05)
+    y_ref, grads_ref = rank0["blocked_ref"]
+    rows = torch.tensor_split(torch.arange(worker.ROWS), 2)
+    for k, seen in enumerate((rank0, rank1)):
+        y, grads = seen["blocked"]
+        assert_close_rel(y, y_ref[rows[k]], torch.float32)
+        assert sorted(grads) == sorted(grads_ref) and len(grads) == 4
+        for path in grads_ref:
+            for key in grads_ref[path]:
+                assert_close_rel(grads[path][key], grads_ref[path][key], torch.float32)
+
+
 def test_sharded_eval_forward_equals_the_whole_model(ranks):
     (rank0, rank1), _ = ranks
     for seen in (rank0, rank1):
@@ -283,6 +301,77 @@ def test_shard_quantized_world_of_one_is_the_whole_model(world_of_one):
     assert quantized_bytes(model) == whole
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def _stack():
+    """Two blocks of three HQQ layers in a ModuleList, and a plain HQQ head outside it."""
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(
+                nn.Sequential(_tiny_with_shims(dora=False), nn.Linear(16, 32)) for _ in range(2)
+            )
+            self.head = make_model().fc1
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return self.head(x)
+
+    return Stack()
+
+
+def _units(model):
+    fsdp = torch.distributed.fsdp.FSDPModule
+    return sorted(p for p, m in model.named_modules() if isinstance(m, fsdp))
+
+
+@pytest.mark.parametrize(
+    ("units", "expected"),
+    [
+        ("blocks", ["", "head", "layers.0", "layers.1"]),
+        ("layers", ["", "head"] + [f"layers.{i}.0.{p}" for i in (0, 1) for p in ("block.fc2", "fc1", "fc3")]),
+        ("first", ["", "head", "layers.0", "layers.1.0.block.fc2", "layers.1.0.fc1", "layers.1.0.fc3"]),
+    ],
+)  # fmt: skip
+def test_shard_quantized_units(world_of_one, units, expected):
+    model = _stack()
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        before = model(x)
+    chosen = [model.layers[0]] if units == "first" else units
+    shard_quantized(model, units=chosen)
+    assert _units(model) == expected
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_a_model_without_a_stack_gets_a_unit_per_layer(world_of_one):
+    model = shard_quantized(_tiny_with_shims())
+    assert _units(model) == ["", "block.fc2", "fc1", "fc3"]
+
+
+@pytest.mark.parametrize("units", ["block", ["layers.0"], "self"])
+def test_shard_quantized_refuses_bad_units_and_changes_nothing(world_of_one, units):
+    model = _stack()
+    units = [model] if units == "self" else units
+    with pytest.raises(ValueError, match=r"Expected `units` to be"):
+        shard_quantized(model, units=units)
+    assert "scale" in model.head.meta and _units(model) == []
+
+
+def test_gathered_takes_the_unit_that_holds_a_layer(world_of_one):
+    model = _stack()
+    whole = hqqlora.dequantize(model.layers[0][0].fc1.get_base_layer())
+    shard_quantized(model)
+    with (
+        pytest.raises(ValueError, match=r"pass the unit that holds it"),
+        gathered(model.layers[0][0].fc1),
+    ):
+        pass
+    with gathered(model.layers[0]) as block:
+        assert torch.equal(hqqlora.dequantize(block[0].fc1.get_base_layer()), whole)
 
 
 def test_gathered_refuses_an_unsharded_module():
