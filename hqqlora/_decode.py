@@ -9,20 +9,28 @@ its cost is the bytes it reads. Two Triton kernels read each of them once:
    the cache), so a bank is never copied per row. It also zeroes the second kernel's
    counters, so no memset runs.
 2. ``_main_kernel``: HQQ's packed codes, read in HQQ's own layout (one byte gives the
-   output rows of all its slots), times ``x`` on tensor cores with float32
-   accumulation; per group, the scale and zero are applied to the partial sums,
-   ``s · (Σ x·q − z · Σ x)``, which is the product with the unrounded ``(q − z)·s``.
-   Split along ``in``: each split writes its float32 partial and adds the adapter
-   term ``s_k · t[i] @ B[k_i]ᵀ`` of a share of the rows; the last split of each
-   column tile (a counter) sums the partials in split order and writes
-   ``c ⊙ (base + term) + bias`` in the output dtype (``c`` = DoRA's
-   ``magnitude / weight_norm``, 1 for LoRA rows).
+   output rows of all its slots), times ``x`` with float32 accumulation; per group,
+   the scale and zero are applied to the partial sums, ``s · (Σ x·q − z · Σ x)``,
+   which is the product with the unrounded ``(q − z)·s``. Split along ``in``: each
+   split writes its float32 partial and adds the adapter term ``s_k · t[i] @ B[k_i]ᵀ``
+   of a share of the rows; the last split of each column tile (a counter) sums the
+   partials in split order and writes ``c ⊙ (base + term) + bias`` in the output
+   dtype (``c`` = DoRA's ``magnitude / weight_norm``, 1 for LoRA rows).
 
-Three variants of the second kernel (``MODE``, chosen per shape in :data:`TUNED`): 0,
-measured on an H100 and the default; 1 (a program per packed slot, no register
-reshape) and 2 (a CUDA-core GEMV for one row) are checked in Triton's interpreter only
-so far and are picked only by ``benchmarks/tune_decode.py`` results written into
-:data:`TUNED`.
+Variants of the second kernel (``MODE``, per shape in :data:`TUNED`, else
+:func:`decode_config`'s rule), all measured on an H100:
+
+- 4, the default at one row: a CUDA-core GEMV. Codes become float32 by the exponent
+  trick (``0x4B000000 | q`` read as float32 is ``2²³ + q``; minus ``2²³``, exact), no
+  int-to-float conversion; 256 inputs a program in one step (a one-shot split-K).
+- 5, the default above one row: tensor cores with the operands swapped,
+  ``codes @ xᵀ``, so the codes are the wide operand and the few rows of ``x`` the narrow
+  one; codes become bf16 ``128 + q`` (fp16 ``1024 + q``) by the same trick and the
+  offset leaves with the zero (8-bit codes in bf16 are converted instead: ``128 + q``
+  is not exact above 127).
+- 3: as 5 with ``x @ codesᵀ``; 0: every slot of the tile unpacked and reshaped in
+  registers; 1: a program per slot; 2: MODE 4 with a register reshape. Slower on the
+  H100 (``benchmarks/tune_decode.py``), kept for other GPUs' tuning.
 
 The result does not depend on the launch order (partials are summed in a fixed
 order): the same inputs give the same bits on every call.
@@ -32,7 +40,10 @@ Precision: the base product is exact up to float32 accumulation of exact product
 ``x @ dequantize(W)ᵀ`` it differs by HQQ's two roundings of each weight (the dense
 path rounds ``q − z`` and ``(q − z)·s`` to the compute dtype; this one does not). The
 adapter term is computed in float32 from the adapters' own values (a float32
-adapter is not rounded to bf16). One rounding to the output dtype at the end.
+adapter is not rounded to bf16). One rounding to the output dtype at the end. MODE 3
+and 5 accumulate ``(128 + q)·x`` and subtract ``128·Σ x`` after, so their float32
+accumulation error is up to ~10× larger relative to ``Σ q·x`` at 4 bits: about 1e-6,
+far below the output's bf16/fp16 rounding (measured 2.3e-3 in bf16 in every mode).
 """
 
 from __future__ import annotations
