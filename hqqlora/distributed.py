@@ -21,9 +21,9 @@ holds the same base (or, sharded by FSDP2, its share of it) and the same adapter
 (same seed, or broadcast once), and only the adapters' gradients cross ranks.
 
 The module way shards the quantized base too: :func:`shard_quantized` applies
-FSDP2's ``fully_shard`` to every HQQ layer, codes, scales and zeros included
-(:func:`register_quant_params`), :func:`gathered` gives whole layers back for a
-merge, and :func:`~hqqlora.save_adapter` / :func:`assign_adapter` write and load
+FSDP2's ``fully_shard`` to each repeated block (or each HQQ layer), codes, scales and
+zeros included (:func:`register_quant_params`), :func:`gathered` gives whole units
+back for a merge, and :func:`~hqqlora.save_adapter` / :func:`assign_adapter` write and load
 one PEFT-format adapter from and into the shards.
 """
 
