@@ -25,6 +25,7 @@ next forward, never misread.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import sys
 from collections.abc import Iterator, Mapping
@@ -259,7 +260,8 @@ def shard_quantized(
 
     Raises:
         RuntimeError: no initialized process group.
-        TypeError: ``model`` is not a module.
+        TypeError: ``model`` is not a module, or a keyword ``fully_shard`` does not
+            take.
         ValueError: no HQQ layer, a layer with ``offload_meta``, a model or
             layer already sharded, a ``model`` that is an ``nn.ModuleList`` or
             ``nn.ModuleDict``, an ``mp_policy`` with a ``param_dtype``, or ``units``
@@ -286,6 +288,12 @@ def shard_quantized(
             "takes no ModuleList or ModuleDict as the root (shard the module that holds it)."
         )
     chosen = _shard_units(model, layers, units)
+    try:  # a misspelt keyword would raise at the first fully_shard, after changes
+        inspect.signature(fully_shard).bind(model, **fully_shard_kwargs)
+    except TypeError as error:
+        raise TypeError(
+            f"Expected keyword arguments of fully_shard, got {sorted(fully_shard_kwargs)}: {error}."
+        ) from None
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if sharded:
         raise ValueError(

@@ -381,6 +381,14 @@ def test_shard_quantized_refuses_units_it_cannot_shard_and_changes_nothing(world
     assert all("scale" in m.meta for m in hqq_layers(model).values())
 
 
+def test_shard_quantized_refuses_a_keyword_fully_shard_does_not_take(world_of_one):
+    model = _stack()
+    with pytest.raises(TypeError, match=r"reshard_after_foward"):
+        shard_quantized(model, reshard_after_foward=False)
+    assert _units(model) == []
+    assert all("scale" in m.meta for m in hqq_layers(model).values())
+
+
 def _blocks_of(model):
     """A forward through a container of blocks (the container itself has none)."""
 
