@@ -18,11 +18,13 @@ its cost is the bytes it reads. Two Triton kernels read each of them once:
    ``c ⊙ (base + term) + bias`` in the output dtype (``c`` = DoRA's
    ``magnitude / weight_norm``, 1 for LoRA rows).
 
-Three variants of the second kernel (``MODE``, chosen per shape in :data:`TUNED`): 0,
-measured on an H100 and the default; 1 (a program per packed slot, no register
-reshape) and 2 (a CUDA-core GEMV for one row) are checked in Triton's interpreter only
-so far and are picked only by ``benchmarks/tune_decode.py`` results written into
-:data:`TUNED`.
+Six variants of the second kernel (``MODE``, per shape in :data:`TUNED`, else
+:func:`decode_config`'s rule): 4 (a CUDA-core GEMV, codes to float32 by the exponent
+trick) at one row and 5 (tensor cores, ``codes @ xᵀ``, codes to bf16/fp16 by the
+exponent trick) above are the defaults, measured on an H100; 0 (every slot of a tile
+in one register tile), 1 (a program per packed slot), 2 (a GEMV without the trick) and
+3 (MODE 0 with the trick) are picked only by ``benchmarks/tune_decode.py`` results
+written into :data:`TUNED`.
 
 The result does not depend on the launch order (partials are summed in a fixed
 order): the same inputs give the same bits on every call.
@@ -30,9 +32,13 @@ order): the same inputs give the same bits on every call.
 Precision: the base product is exact up to float32 accumulation of exact products
 (codes and bf16/fp16 ``x`` are exact in the compute dtype); against HQQ's dense
 ``x @ dequantize(W)ᵀ`` it differs by HQQ's two roundings of each weight (the dense
-path rounds ``q − z`` and ``(q − z)·s`` to the compute dtype; this one does not). The
-adapter term is computed in float32 from the adapters' own values (a float32
-adapter is not rounded to bf16). One rounding to the output dtype at the end.
+path rounds ``q − z`` and ``(q − z)·s`` to the compute dtype; this one does not).
+MODES 3 and 5 multiply ``OFFSET + q`` (128 in bf16, 1024 in fp16) and take
+``OFFSET · Σ x`` off with the zero, so their float32 sums carry terms up to 1024 times
+larger: in a float32 simulation about 1e-4 of the largest output for 1-bit fp16 codes
+(less at more bits), below the output's rounding. The adapter term is computed in
+float32 from the adapters' own values (a float32 adapter is not rounded to bf16). One
+rounding to the output dtype at the end.
 """
 
 from __future__ import annotations
