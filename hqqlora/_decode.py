@@ -29,8 +29,9 @@ Variants of the second kernel (``MODE``, per shape in :data:`TUNED`, else
   offset leaves with the zero (8-bit codes in bf16 are converted instead: ``128 + q``
   is not exact above 127).
 - 3: as 5 with ``x @ codesᵀ``; 0: every slot of the tile unpacked and reshaped in
-  registers; 1: a program per slot; 2: MODE 4 with a register reshape. Slower on the
-  H100 (``benchmarks/tune_decode.py``), kept for other GPUs' tuning.
+  registers; 1: a program per slot; 2: a GEMV without the trick, with a register
+  reshape. Slower on the H100 (``benchmarks/tune_decode.py``), kept for other GPUs'
+  tuning.
 
 The result does not depend on the launch order (partials are summed in a fixed
 order): the same inputs give the same bits on every call.
@@ -38,12 +39,13 @@ order): the same inputs give the same bits on every call.
 Precision: the base product is exact up to float32 accumulation of exact products
 (codes and bf16/fp16 ``x`` are exact in the compute dtype); against HQQ's dense
 ``x @ dequantize(W)ᵀ`` it differs by HQQ's two roundings of each weight (the dense
-path rounds ``q − z`` and ``(q − z)·s`` to the compute dtype; this one does not). The
-adapter term is computed in float32 from the adapters' own values (a float32
-adapter is not rounded to bf16). One rounding to the output dtype at the end. MODE 3
-and 5 accumulate ``(128 + q)·x`` and subtract ``128·Σ x`` after, so their float32
-accumulation error is up to ~10× larger relative to ``Σ q·x`` at 4 bits: about 1e-6,
-far below the output's bf16/fp16 rounding (measured 2.3e-3 in bf16 in every mode).
+path rounds ``q − z`` and ``(q − z)·s`` to the compute dtype; this one does not).
+MODES 3 and 5 multiply ``OFFSET + q`` (128 in bf16, 1024 in fp16) and take
+``OFFSET · Σ x`` off with the zero, so their float32 sums carry terms up to 1024 times
+larger: in a float32 simulation about 1e-4 of the largest output for 1-bit fp16 codes
+(less at more bits), below the output's rounding. The adapter term is computed in
+float32 from the adapters' own values (a float32 adapter is not rounded to bf16). One
+rounding to the output dtype at the end.
 """
 
 from __future__ import annotations

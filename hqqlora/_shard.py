@@ -25,6 +25,7 @@ next forward, never misread.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import sys
 from collections.abc import Iterator, Mapping
@@ -137,6 +138,14 @@ def register_quant_params(model: nn.Module, /) -> nn.Module:
     return model
 
 
+def _without_forward(module: nn.Module) -> bool:
+    """A container ``fully_shard`` refuses (a ``ModuleList``/``ModuleDict`` has no forward)."""
+    return (
+        isinstance(module, (nn.ModuleList, nn.ModuleDict))
+        and type(module).forward is nn.Module.forward
+    )
+
+
 def _shard_units(model: nn.Module, layers: dict[str, HQQLinear], units: object) -> list[nn.Module]:
     """The modules :func:`shard_quantized` gives to ``fully_shard`` (before the root)."""
     modules = dict(model.named_modules())
@@ -155,22 +164,43 @@ def _shard_units(model: nn.Module, layers: dict[str, HQQLinear], units: object) 
                 for child in container.children()
                 if any(id(m) in layer_ids for m in child.modules())
             ]
+            if any(_without_forward(child) for child in holding):
+                continue  # blocks held in lists of their own: those lists are looked at
             if len(holding) >= 2 and len(holding) > len(chosen):
                 chosen = holding
         given = chosen
     elif isinstance(units, (list, tuple)) and all(isinstance(u, nn.Module) for u in units):
-        inside = {id(m) for m in modules.values() if m is not model}
+        paths = {id(m): path for path, m in modules.items() if m is not model}
+        # A shim's forward reads its base layer's tensors without calling it, so
+        # nothing inside a shim can be a unit of its own.
+        in_shim = {id(m) for layer in per_layer for m in layer.modules() if m is not layer}
+        seen: set[int] = set()
         for unit in units:
-            if id(unit) not in inside:
+            if id(unit) not in paths:
                 raise ValueError(
                     "Expected `units` to be submodules of `model` (not `model` itself), "
                     f"got a {type(unit).__name__} that is not."
                 )
+            where = f"the {type(unit).__name__} at {paths[id(unit)]!r}"
+            if id(unit) in seen:
+                raise ValueError(f"Expected `units` without repeats, got {where} twice.")
+            if id(unit) in in_shim:
+                raise ValueError(
+                    f"Expected `units` outside the HQQ layers' shims, got {where}: a layer "
+                    "is sharded whole with its shim (pass the shim or a module above it)."
+                )
+            if _without_forward(unit):
+                raise ValueError(
+                    f"Expected `units` with a forward of their own, got {where}: fully_shard "
+                    "takes no ModuleList or ModuleDict (pass its children)."
+                )
+            seen.add(id(unit))
         given = list(units)
     else:
+        got = f"a {type(units).__name__}" if isinstance(units, nn.Module) else repr(units)
         raise ValueError(
             "Expected `units` to be 'blocks', 'layers' or a list of submodules of `model`, "
-            f"got {units!r}."
+            f"got {got}."
         )
     # Layers outside every unit get a unit each; a unit inside another is sharded first.
     covered = {id(m) for unit in given for m in unit.modules()}
@@ -188,15 +218,17 @@ def shard_quantized(
     on each unit of ``units``, then on ``model`` for the remaining parameters. A unit
     is gathered whole before its forward (and backward) and freed after:
 
-    - ``"blocks"`` (the default): the repeated blocks, the children of the
-      ``nn.ModuleList``/``nn.Sequential`` of ``model`` whose children hold the most HQQ
-      layers (a transformer's layers), at least two; none: as ``"layers"``. Fewer,
+    - ``"blocks"`` (the default): the repeated blocks, the children that hold HQQ
+      layers of the ``nn.ModuleList``/``nn.Sequential`` in ``model`` with the most
+      such children (a transformer's layers), at least two; none: as ``"layers"``. Fewer,
       larger all-gathers: on 2 H100s this scaled 1.84× from 1 GPU where ``"layers"``
       scaled 1.22× (``benchmarks/bench_distributed.py``).
     - ``"layers"``: each HQQ layer (its shim, for a layer inside an
       :class:`~hqqlora.HqqLoraLinear`, so that adapters and base are gathered
       together); at most one layer gathered at a time.
-    - a list of submodules of ``model``, as torchtune's per-layer policies.
+    - a list of submodules of ``model``, as torchtune's per-layer policies: each
+      once, none inside a shim (a shim's forward reads its base layer's tensors) and
+      no ``nn.ModuleList``/``nn.ModuleDict`` (``fully_shard`` needs a forward).
 
     HQQ layers outside every unit get a unit each.
     Each rank then holds about 1/N of the quantized base (:func:`quantized_bytes`)
@@ -228,10 +260,12 @@ def shard_quantized(
 
     Raises:
         RuntimeError: no initialized process group.
-        TypeError: ``model`` is not a module.
+        TypeError: ``model`` is not a module, or a keyword ``fully_shard`` does not
+            take.
         ValueError: no HQQ layer, a layer with ``offload_meta``, a model or
-            layer already sharded, an ``mp_policy`` with a ``param_dtype``, or
-            ``units`` not as above. Nothing changes then.
+            layer already sharded, a ``model`` that is an ``nn.ModuleList`` or
+            ``nn.ModuleDict``, an ``mp_policy`` with a ``param_dtype``, or ``units``
+            not as above. Nothing changes then.
 
     Example::
 
@@ -248,7 +282,18 @@ def shard_quantized(
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     layers = _check_model(model)
+    if _without_forward(model):
+        raise ValueError(
+            f"Expected `model` to have a forward, got a {type(model).__name__}: fully_shard "
+            "takes no ModuleList or ModuleDict as the root (shard the module that holds it)."
+        )
     chosen = _shard_units(model, layers, units)
+    try:  # a misspelt keyword would raise at the first fully_shard, after changes
+        inspect.signature(fully_shard).bind(model, **fully_shard_kwargs)
+    except TypeError as error:
+        raise TypeError(
+            f"Expected keyword arguments of fully_shard, got {sorted(fully_shard_kwargs)}: {error}."
+        ) from None
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if sharded:
         raise ValueError(

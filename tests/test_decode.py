@@ -268,6 +268,28 @@ def test_exponent_trick_modes_at_every_width(nbits, dtype, mode, monkeypatch):
     assert_close_rel(got, dense_reference(layer, p, x), dtype, factor=2)
 
 
+@pytest.mark.parametrize("tokens", [1, 17, 64])
+@pytest.mark.parametrize("nbits", [1, 4, 8])
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", [(96, 192, 64), (80, 320, 32), (96, 384, 128)])
+def test_default_rule_at_shapes_that_do_not_tile_evenly(shape, dtype, nbits, tokens, monkeypatch):
+    # decode_config's rule (no TUNED entry): out not a multiple of a tile's outputs, groups
+    # per row not a multiple of 4 (MODE 4's groups a step) nor of 16 splits; bf16 too
+    # (the interpreter's checks run in float16 only).
+    out_features, in_features, group = shape
+    layer = cuda_layer(nbits, dtype, size=(out_features, in_features), group=group)
+    p = cuda_adapter(layer, dora=True)
+    norm = hqqlora.dora_weight_norm(layer, p)
+    monkeypatch.setattr(_decode, "TUNED", {})
+    x = torch.randn(tokens, in_features, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        got, fused = uses_decode(
+            lambda: hqqlora.apply_lora(layer, p, x, weight_norm=norm), monkeypatch
+        )
+    assert fused
+    assert_close_rel(got, dense_reference(layer, p, x), dtype, factor=2)
+
+
 def test_mixed_decode_out_of_range_index_gives_nan_rows_and_noncontiguous_norms_are_read_right():
     layer = cuda_layer(4, torch.bfloat16)
     adapters = {"a": cuda_adapter(layer, dora=True, seed=1), "b": cuda_adapter(layer, seed=2)}

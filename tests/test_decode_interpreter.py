@@ -194,3 +194,66 @@ BIAS_GRAD = DISPATCH_PRELUDE + textwrap.dedent(
 
 def test_bias_that_requires_grad_gets_its_gradient_at_decode():
     _interpret(BIAS_GRAD)
+
+
+# Shapes that do not tile evenly: out not a multiple of the tile's outputs, groups per row
+# not a multiple of the groups per step (gps halved) nor of the splits, in the exponent-trick
+# modes and decode_config's own rule (TUNED cleared), at 1 to 64 rows.
+EDGE_SHAPES = textwrap.dedent(
+    r"""
+    import torch
+    import hqqlora
+    from hqqlora import _decode
+    from hqqlora._base import quant_layout, quant_tensors
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    torch.manual_seed(0)
+    failures = []
+    cases = []
+    for out_f, in_f, group in ((96, 192, 64), (80, 320, 32), (96, 384, 128)):
+        for nbits in (1, 2, 4, 8):
+            for rows, config in ((1, (32, 4, 16, 4, 1, 4)), (1, None), (2, (32, 1, 3, 4, 3, 5)),
+                                 (17, None), (64, None), (3, (16, 2, 3, 4, 3, 3))):
+                cases.append((out_f, in_f, group, nbits, rows, config))
+    for out_f, in_f, group, nbits, rows, config in cases:
+        lin = torch.nn.Linear(in_f, out_f)
+        layer = HQQLinear(lin, BaseQuantizeConfig(nbits=nbits, group_size=group, axis=1),
+                          compute_dtype=torch.float16, device="cpu")
+        layout = quant_layout(layer)
+        W_q, scale, zero = quant_tensors(layer)
+        W = hqqlora.dequantize(layer).double()
+        n, r = 3, 8
+        A, B = torch.randn(n, r, in_f) * 0.1, torch.randn(n, out_f, r) * 0.1
+        s, is_dora = torch.tensor([0.5, 2.0, 1.0]), torch.tensor([True, False, True])
+        mag, norm = torch.rand(n, out_f) + 0.5, torch.rand(n, out_f) + 0.5
+        per = layout.packing_bits[1]
+        _decode.TUNED.clear()
+        if config is not None:
+            _decode.TUNED[(out_f, in_f, per, rows)] = config
+        x = torch.randn(rows, in_f).half()
+        idx = [(2 + 3 * i) % 5 - 1 for i in range(rows)]  # 1, -1, 2, 0, 3 (past the bank), ...
+        got = _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A, lora_B=B, scaling=s,
+                                  index=torch.tensor(idx), magnitude=mag, weight_norm=norm,
+                                  is_dora=is_dora, bias=layer.bias)
+        case = (out_f, in_f, group, nbits, rows, config)
+        for i, k in enumerate(idx):
+            ref = x[i].double() @ W.T
+            if k == n:
+                if not torch.isnan(got[i]).all():
+                    failures.append(case + ("index past the bank", i))
+                continue
+            if k >= 0:
+                ref = ref + s[k].double() * (x[i].double() @ A[k].double().T) @ B[k].double().T
+                if is_dora[k]:
+                    ref = ref * (mag[k] / norm[k]).double()
+            ref = ref + layer.bias.double()
+            if not ((got[i].double() - ref).norm() / ref.norm()) <= 2e-3:
+                failures.append(case + (i, k))
+    print("FAILURES", failures)
+    assert not failures
+    """
+)
+
+
+def test_decode_kernels_at_shapes_that_do_not_tile_evenly():
+    _interpret(EDGE_SHAPES)

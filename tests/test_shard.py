@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import hqqlora
+from hqqlora._model import hqq_layers
 from hqqlora.distributed import (
     assign_adapter,
     gathered,
@@ -359,6 +360,72 @@ def test_shard_quantized_refuses_bad_units_and_changes_nothing(world_of_one, uni
     with pytest.raises(ValueError, match=r"Expected `units` to be"):
         shard_quantized(model, units=units)
     assert "scale" in model.head.meta and _units(model) == []
+
+
+_UNSHARDABLE = {
+    "twice": lambda m: [m.layers[0], m.layers[0]],
+    "inside a shim": lambda m: [m.layers[0][0].fc1.base_layer],
+    "an adapter dict": lambda m: [m.layers[0][0].fc1.lora_A],
+    "a list without forward": lambda m: [m.layers, m.layers[1]],
+}
+
+
+@pytest.mark.parametrize("case", sorted(_UNSHARDABLE))
+def test_shard_quantized_refuses_units_it_cannot_shard_and_changes_nothing(world_of_one, case):
+    # fully_shard would fail half way (a repeat, a ModuleList/ModuleDict without forward)
+    # or shard a layer apart from the shim whose forward reads it: refused before any change.
+    model = _stack()
+    with pytest.raises(ValueError, match=r"Expected `units`"):
+        shard_quantized(model, units=_UNSHARDABLE[case](model))
+    assert _units(model) == []
+    assert all("scale" in m.meta for m in hqq_layers(model).values())
+
+
+def test_shard_quantized_refuses_a_keyword_fully_shard_does_not_take(world_of_one):
+    model = _stack()
+    with pytest.raises(TypeError, match=r"reshard_after_foward"):
+        shard_quantized(model, reshard_after_foward=False)
+    assert _units(model) == []
+    assert all("scale" in m.meta for m in hqq_layers(model).values())
+
+
+def _blocks_of(model):
+    """A forward through a container of blocks (the container itself has none)."""
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stages = model
+
+        def forward(self, x):
+            for stage in self.stages:
+                for block in stage if isinstance(stage, nn.ModuleList) else [stage]:
+                    x = block(x)
+            return x
+
+    return Holder()
+
+
+def test_shard_quantized_refuses_a_model_without_forward_and_changes_nothing(world_of_one):
+    model = _stack().layers  # a ModuleList: fully_shard cannot take it as the root
+    with pytest.raises(ValueError, match=r"Expected `model` to have a forward"):
+        shard_quantized(model)
+    assert _units(model) == []
+    assert all("scale" in m.meta for m in hqq_layers(model).values())
+
+
+def test_blocks_inside_lists_without_forward_are_sharded(world_of_one):
+    # Stages of blocks, each stage a ModuleList (no forward, so no unit of its own).
+    stage = [_stack().layers for _ in range(3)]
+    model = _blocks_of(nn.ModuleList(stage))
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        before = model(x)
+    shard_quantized(model)
+    assert {"", "stages.0.0", "stages.0.1"} <= set(_units(model))
+    assert not {"stages", "stages.0", "stages.1"} & set(_units(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
 def test_gathered_takes_the_unit_that_holds_a_layer(world_of_one):
