@@ -525,8 +525,8 @@ def _launch(
     bits, per, group, n_out, k_in = meta
     rows = x.shape[0]
     block_p, gps, split, warps, stages, mode = decode_config(n_out, k_in, per, group, rows)
-    if mode in (2, 4) and rows != 1:  # the GEMVs take one row
-        mode = 0
+    if mode in (2, 4) and rows != 1:  # the GEMVs take one row; the default above
+        mode = 5
     block_m = 1 if mode in (2, 4) else max(16, triton.next_power_of_2(rows))
     if mode == 5:
         gps = 1  # one group a step
@@ -572,7 +572,7 @@ def _launch(
         if split > 1:
             counts.zero_()
     has_dora = magnitude is not None
-    # MODE 3's exponent trick: bf16 holds 128 + q exactly for q < 128, fp16 1024 + q.
+    # MODE 3/5's exponent trick: bf16 holds 128 + q exactly for q < 128, fp16 1024 + q.
     magic, offset = 0, 0.0
     if mode in (3, 5) and x.dtype == torch.float16:
         magic, offset = 0x6400, 1024.0
