@@ -42,8 +42,9 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / (ms * 1e-3)
 
 
-def gpu_us(fn, calls: int = 30) -> float:
-    """Sum of CUDA kernel (and memset/memcpy) times per call, from torch.profiler."""
+def kernel_us(fn, calls: int = 30) -> dict[str, float]:
+    """GPU time per call of each CUDA kernel (and memset/memcpy) ``fn`` launches, by
+    name, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
@@ -53,8 +54,16 @@ def gpu_us(fn, calls: int = 30) -> float:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.self_device_time_total for e in events) / calls
+    return {
+        e.key: e.self_device_time_total / calls
+        for e in prof.key_averages()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    }
+
+
+def gpu_us(fn, calls: int = 30) -> float:
+    """Sum of CUDA kernel (and memset/memcpy) times per call, from torch.profiler."""
+    return sum(kernel_us(fn, calls).values())
 
 
 def wall_us(fn) -> float:

@@ -99,22 +99,11 @@ def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True, explore=False
     return best
 
 
-def kernel_us(fn, calls=30):
-    """GPU time per call of each kernel ``fn`` launches, from the profiler."""
-    from torch.profiler import ProfilerActivity, profile
+def kernel_table(fn):
+    """Each kernel's GPU time per call (µs, names cut short), from the profiler."""
+    from bench_decode import kernel_us
 
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return {
-        e.key[:24]: round(e.self_device_time_total / calls, 2)
-        for e in prof.key_averages()
-        if e.device_type == torch.autograd.DeviceType.CUDA
-    }
+    return {name[:24]: round(us, 2) for name, us in kernel_us(fn).items()}
 
 
 def profile_best(shapes, tokens_list):
@@ -137,16 +126,16 @@ def profile_best(shapes, tokens_list):
                     x.double() @ W.T + (x.double() @ A.double().T) @ B.double().T,
                 )
                 base = gpu_us(lambda x=x: gl(x)) if gl is not None else float("nan")
-                kernels = kernel_us(lambda x=x: hqqlora.apply_lora(layer, p, x))
+                per_kernel = kernel_table(lambda x=x: hqqlora.apply_lora(layer, p, x))
                 default_rows = _decode.SHRINK_ROWS
                 for shrink_rows in (1, 2, 4, 8, 16):
                     _decode.SHRINK_ROWS = shrink_rows
-                    shrink = kernel_us(lambda x=x: hqqlora.apply_lora(layer, p, x))
+                    shrink = kernel_table(lambda x=x: hqqlora.apply_lora(layer, p, x))
                     print(f"    shrink rows {shrink_rows}: {shrink}")
                 _decode.SHRINK_ROWS = default_rows
             print(
                 f"{out_f}x{in_f} tokens {tokens}: ours LoRA fp32 {ours:.1f} us GPU (rel err {err:.1e}), "
-                f"gemlite base {base:.1f} us: {ours / base:.2f}x; kernels {kernels}"
+                f"gemlite base {base:.1f} us: {ours / base:.2f}x; kernels {per_kernel}"
             )
 
 
