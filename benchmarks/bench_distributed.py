@@ -21,7 +21,9 @@ hidden states, loss = mean square of the output), with AdamW, in three modes:
   block for its forward and again for its backward;
 * ``fsdp2-layers`` (on request): one unit per HQQ layer (``units="layers"``);
 * ``fsdp2-keep`` (on request): per layer, gathered once per step
-  (``reshard_after_forward=False``).
+  (``reshard_after_forward=False``);
+* ``fsdp2-prefetch`` (on request): per block, with FSDP2's explicit prefetching (each
+  block's forward issues the next block's all-gather, its backward the previous one's).
 
 Each mode gets its own copy of the same quantized weights (quantized once, kept on the
 host between modes), ``--warmup`` untimed steps, then ``--steps`` steps timed between
@@ -37,6 +39,7 @@ import argparse
 import copy
 import datetime
 import gc
+import itertools
 import os
 import time
 import warnings
@@ -55,7 +58,7 @@ from hqqlora.distributed import (
 )
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MODES = ("functional", "ddp", "fsdp2", "fsdp2-layers", "fsdp2-keep")
+MODES = ("functional", "ddp", "fsdp2", "fsdp2-layers", "fsdp2-keep", "fsdp2-prefetch")
 
 
 class Block(nn.Module):
@@ -170,8 +173,13 @@ def build_mode(mode, stack, x, args, device, dtype):
         return model, module_step(wrapped, x)
     # fsdp2: shard_quantized's default, one FSDP2 unit per block; fsdp2-layers: one per
     # HQQ layer; fsdp2-keep: per layer, gathered once per step (not again for backward).
-    units = "blocks" if mode == "fsdp2" else "layers"
+    units = "blocks" if mode in ("fsdp2", "fsdp2-prefetch") else "layers"
     shard_quantized(model, units=units, reshard_after_forward=mode != "fsdp2-keep")
+    if mode == "fsdp2-prefetch":
+        blocks = list(model)
+        for before, after in itertools.pairwise(blocks):
+            before.set_modules_to_forward_prefetch([after])
+            after.set_modules_to_backward_prefetch([before])
     return model, module_step(model, x)
 
 

@@ -221,8 +221,8 @@ def shard_quantized(
     - ``"blocks"`` (the default): the repeated blocks, the children that hold HQQ
       layers of the ``nn.ModuleList``/``nn.Sequential`` in ``model`` with the most
       such children (a transformer's layers), at least two; none: as ``"layers"``. Fewer,
-      larger all-gathers: on 2 H100s this scaled 1.84× from 1 GPU where ``"layers"``
-      scaled 1.22× (``benchmarks/bench_distributed.py``).
+      larger all-gathers: on 2 H100s this scaled 1.84–1.95× from 1 GPU where
+      ``"layers"`` scaled 1.22× (``benchmarks/bench_distributed.py``).
     - ``"layers"``: each HQQ layer (its shim, for a layer inside an
       :class:`~hqqlora.HqqLoraLinear`, so that adapters and base are gathered
       together); at most one layer gathered at a time.
