@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hqqlora import _decode
+from hqqlora import _decode, _prefill
 from hqqlora._base import (
     HQQLinear,
     _eager,
@@ -543,6 +543,9 @@ def mixed_batch_indexed(
 
     if base is not None and not exact:
         fused = _decode_mixed(x, bank, index, base, weight_norm)
+        if fused is None:
+            norm = cast(Tensor, weight_norm) if any(bank.dora) else None  # checked above
+            fused = _prefill.mixed_prefill(x, bank, index, base, norm)
         if fused is not None:
             return fused
     rows_of = _rows_by_slot(index.tolist()) if _loop_allowed(x) else None

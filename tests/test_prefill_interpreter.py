@@ -1,0 +1,147 @@
+"""The prefill kernels in Triton's interpreter, on the CPU (no GPU needed).
+
+Skipped where Triton is not installed (CI installs none). Triton's interpreter emulates
+bf16 badly, so these run in float16. A subprocess: the interpreter is chosen when the
+kernels are defined (``TRITON_INTERPRET=1`` before ``hqqlora._prefill`` is imported).
+
+The interpreter computes every ``tl.dot`` in float32 whatever its ``input_precision``;
+the prelude makes it round as a GPU does (TF32: 10-bit mantissas; TF32x3: a TF32 head
+and tail of each operand, three products), so a kernel that asked for plain TF32 fails
+here as it would lose precision on a GPU.
+
+Each output is checked elementwise against the float64 value computed from the same
+float16 base output: at most half a unit in the last place of float16 (the one
+rounding) plus ``2⁻¹⁸`` of the sum of the absolute terms (float32 accumulation, with
+room; TF32's ``2⁻¹¹`` does not fit).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+PRELUDE = textwrap.dedent(
+    r"""
+    import sys
+    import numpy as np
+    import torch
+    from triton._C.libtriton import ir as _ir
+    from triton.runtime import interpreter as _interp
+
+    _real_dot = _interp.InterpreterBuilder.create_dot
+
+    def _tf32(a):
+        bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+        return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+    def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.data.dtype != np.float32 or input_precision == _ir.INPUT_PRECISION.IEEE:
+            return _real_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        ha, hb = _tf32(a.data), _tf32(b.data)
+        prod = np.matmul(ha, hb)
+        if input_precision == _ir.INPUT_PRECISION.TF32x3:
+            la, lb = _tf32(a.data - ha), _tf32(b.data - hb)
+            prod = np.matmul(la, hb) + np.matmul(ha, lb) + prod
+        return _interp.TensorHandle((prod + d.data).astype(np.float32), d.dtype.scalar)
+
+    _interp.InterpreterBuilder.create_dot = _create_dot
+    sys.path.insert(0, "tests")
+    from hqqlora import _prefill
+
+    def ulp16(v):
+        _, e = torch.frexp(v)
+        return torch.clamp(torch.ldexp(torch.ones_like(v), e - 11), min=2.0**-24)
+
+    def check(got, ref, bound, what, failures):
+        # half an ulp of float16 at the larger of the two, plus float32 accumulation
+        big = torch.maximum(ref.abs(), got.double().abs())
+        err = (got.double() - ref).abs()
+        ok = err <= 0.5 * ulp16(big) + 2.0**-18 * bound
+        if not bool(ok.all()):
+            failures.append((*what, float(err.max()), int((~ok).sum())))
+
+    def reference(x, res, index, A, B, s, mag, norm, is_dora, bias):
+        # float64 from the same float16 base output; also the sum of absolute terms.
+        refs, bounds = [], []
+        b = 0 if bias is None else bias.double()
+        for i, k in enumerate(index.tolist()):
+            r = res[i].double()
+            if k < 0:
+                refs.append(r)
+                bounds.append(r.abs())
+                continue
+            xa, Aa, Ba = x[i].double(), A[k].double(), B[k].double()
+            term = s[k].double() * (xa @ Aa.T) @ Ba.T
+            absterm = s[k].double().abs() * (xa.abs() @ Aa.abs().T) @ Ba.abs().T
+            if is_dora is not None and bool(is_dora[k]):
+                c = mag[k].double() / norm[k].double()
+                refs.append(c * (r - b + term) + b)
+                bounds.append(c.abs() * (r.abs() + abs(b) + absterm) + abs(b))
+            else:
+                refs.append(r + term)
+                bounds.append(r.abs() + absterm)
+        return torch.stack(refs), torch.stack(bounds)
+    """
+)
+
+KERNELS = PRELUDE + textwrap.dedent(
+    r"""
+    import itertools
+    torch.manual_seed(0)
+    failures = []
+    shapes = ((64, 64), (96, 80), (320, 72), (136, 320))  # (in, out), most not multiples of a tile
+    layouts = ((1, 65, [2]), (2, 100, [1, -1]), (3, 70, [0, 0, -1]), (2, 150, [2, 2]))
+    cases = itertools.product(shapes, (1, 8, 16, 24), (torch.float32, torch.float16),
+                              (False, True), (False, True))
+    for i_case, ((k_in, n_out), r, dtype, dora, has_bias) in enumerate(cases):
+        batch, L, idx = layouts[i_case % len(layouts)]
+        # One case in three: small tiles, so the rank takes several tiles (r = 24), `in`
+        # several shrink splits (the last one partial), and tiles end inside the shapes.
+        _prefill.TUNED.clear()
+        if i_case % 3 == 1 and L < 150:
+            _prefill.TUNED[(L, r, k_in, n_out)] = (16, 16, 16, 4, 2, 16, 32, 4, 2)
+        n = 3
+        A = (torch.randn(n, r, k_in) / k_in**0.5).to(dtype)
+        B = (torch.randn(n, n_out, r) / r**0.5).to(dtype)
+        s = torch.tensor([0.5, 2.0, 1.25])
+        x = torch.randn(batch, L, k_in).half()
+        res = torch.randn(batch, L, n_out).half()
+        bias = torch.randn(n_out).half() if has_bias else None
+        mag = norm = is_dora = None
+        if dora:  # a mixed bank: entries 0 and 2 DoRA, 1 LoRA
+            mag = (torch.rand(n, n_out) + 0.5).to(dtype)
+            norm = (torch.rand(n, n_out) + 0.5).to(dtype)
+            is_dora = torch.tensor([True, False, True])
+        index = torch.tensor(idx)
+        got = _prefill.lora_prefill(x, res, index, lora_A=A, lora_B=B, scaling=s,
+                                    magnitude=mag, weight_norm=norm, is_dora=is_dora, bias=bias)
+        ref, bound = reference(x, res, index, A, B, s, mag, norm, is_dora, bias)
+        assert got.shape == res.shape and got.dtype == torch.float16
+        check(got, ref, bound, (k_in, n_out, r, str(dtype), dora, has_bias, batch, L), failures)
+    print("FAILURES", failures)
+    assert not failures
+    """
+)
+
+
+def _interpret(script):
+    """Runs ``script`` in a subprocess with Triton's interpreter on; asserts it succeeds."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_prefill_kernels_in_the_interpreter_match_float64():
+    _interpret(KERNELS)
