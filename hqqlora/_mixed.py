@@ -483,7 +483,12 @@ def mixed_batch_indexed(
     distinct adapter of the batch once (rows that share one hit the cache; nothing
     is gathered per row), with :func:`apply_lora`'s decode precision. There an index
     value outside ``[-1, n)`` on the GPU (not checked without a host sync) gives NaN
-    rows, where the dense path stops on a device-side assert.
+    rows, where the dense path stops on a device-side assert. Above 64 tokens (prefill),
+    or for a layout the decode kernels do not read, under the same conditions, HQQ's
+    base output and then two Triton kernels (SGMV-style shrink and expand) add each
+    row's term, read from the bank where it lies, with float32-grade products (TF32x3
+    tensor cores) and float32 sums, rounded once to the output dtype; index values
+    outside ``[-1, n)`` give NaN rows there too.
 
     Args:
         x: input of shape ``(batch, ..., in)``.

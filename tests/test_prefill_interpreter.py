@@ -145,3 +145,112 @@ def _interpret(script):
 
 def test_prefill_kernels_in_the_interpreter_match_float64():
     _interpret(KERNELS)
+
+
+# An index outside [-1, n) (past the bank, far past it): a NaN row, and no read outside the
+# bank (the interpreter reads raw memory, so such a read crashes or gives garbage there).
+OUT_OF_RANGE = PRELUDE + textwrap.dedent(
+    r"""
+    torch.manual_seed(0)
+    n, r, k_in, n_out, L = 2, 4, 64, 48, 40
+    A, B = torch.randn(n, r, k_in) * 0.1, torch.randn(n, n_out, r) * 0.1
+    s, is_dora = torch.tensor([0.5, 2.0]), torch.tensor([True, False])
+    mag, norm = torch.rand(n, n_out) + 0.5, torch.rand(n, n_out) + 0.5
+    x, res = torch.randn(4, L, k_in).half(), torch.randn(4, L, n_out).half()
+    bias = torch.randn(n_out).half()
+    failures = []
+    for big in (n, 2**40, -2):
+        index = torch.tensor([0, big, 1, -1])
+        got = _prefill.lora_prefill(x, res, index, lora_A=A, lora_B=B, scaling=s, magnitude=mag,
+                                    weight_norm=norm, is_dora=is_dora, bias=bias)
+        assert torch.isnan(got[1]).all(), big
+        keep = torch.tensor([0, 2, 3])
+        ref, bound = reference(x[keep], res[keep], index[keep], A, B, s, mag, norm, is_dora, bias)
+        check(got[keep], ref, bound, ("out of range", big), failures)
+    print("FAILURES", failures)
+    assert not failures
+    """
+)
+
+
+def test_index_outside_the_bank_gives_nan_rows_without_reading_outside():
+    _interpret(OUT_OF_RANGE)
+
+
+# mixed_batch_indexed with the kernels reachable on the CPU: `is_cuda` says yes for CPU
+# tensors, so the eligibility checks decide as on a GPU and the kernels run in the
+# interpreter. Above the decode kernels' 64 tokens the prefill kernels take the call
+# (LoRA and a mixed LoRA/DoRA bank, strided norms); at 64 tokens the decode kernels do;
+# `exact=True`, a gradient wanted, autocast, or an x in another dtype: the dense path.
+DISPATCH = PRELUDE + textwrap.dedent(
+    r"""
+    torch.Tensor.is_cuda = property(lambda self: self.device.type == "cpu")
+    import hqqlora
+    from hqqlora import _decode
+    from helpers import make_layer, random_adapter
+
+    taken = []
+    for module, name in ((_prefill, "lora_prefill"), (_decode, "lora_decode")):
+        def spy(*args, _real=getattr(module, name), _name=name, **kwargs):
+            taken.append(_name)
+            return _real(*args, **kwargs)
+        setattr(module, name, spy)
+
+    torch.manual_seed(0)
+    layer = make_layer(96, 80, group_size=32, dtype=torch.float16)
+    lora = random_adapter(layer, r=4, seed=1)
+    dora = random_adapter(layer, r=6, dora=True, seed=2)
+    failures = []
+    for adapters in ({"a": lora}, {"a": lora, "b": dora}):
+        bank = hqqlora.stack_adapters(adapters)
+        has_dora = len(adapters) == 2
+        norm = hqqlora.bank_weight_norm(layer, bank).t().contiguous().t() if has_dora else None
+        index = torch.tensor([len(adapters) - 1, -1, 0])
+        for tokens, path in ((30, "lora_prefill"), (21, "lora_decode")):
+            x = torch.randn(3, tokens, 96).half()
+            with torch.no_grad():
+                taken.clear()
+                got = hqqlora.mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norm)
+                assert taken == [path], (taken, path)
+                if path == "lora_decode":
+                    continue
+                taken.clear()
+                res = hqqlora.base_forward(layer, x)
+                dense = hqqlora.mixed_batch_indexed(x, bank, index, base=layer,
+                                                    weight_norm=norm, exact=True)
+                assert taken == [], taken
+            A, B, s = bank.lora_A, bank.lora_B, bank.scaling
+            mag, is_dora = bank.magnitude, bank.is_dora if has_dora else None
+            ref, bound = reference(x, res, index, A, B, s, mag, norm, is_dora, layer.bias)
+            check(got, ref, bound, (len(adapters), tokens), failures)
+            check(dense, ref, bound, (len(adapters), tokens, "dense"), failures)
+    # Where the kernels do not apply: the dense path, with the same values.
+    bank = hqqlora.stack_adapters({"a": lora, "b": dora})
+    index = torch.tensor([1, -1, 0])
+    x = torch.randn(3, 30, 96).half()
+    with torch.no_grad():
+        want = hqqlora.mixed_batch_indexed(x, bank, index, base=layer, exact=True)
+    cases = {
+        "grad": lambda: hqqlora.mixed_batch_indexed(x.clone().requires_grad_(), bank, index,
+                                                    base=layer),
+        "x float32": lambda: hqqlora.mixed_batch_indexed(x.float(), bank, index, base=layer),
+        "float64 bank": lambda: hqqlora.mixed_batch_indexed(
+            x, hqqlora.stack_adapters({"a": {k: v.double() for k, v in lora.items()}}),
+            torch.tensor([0, -1, 0]), base=layer),
+    }
+    for name, call in cases.items():
+        taken.clear()
+        got = call()
+        if taken:
+            failures.append((name, taken))
+        if name == "grad":
+            got.float().sum().backward()
+            assert torch.allclose(got.detach().double(), want.double(), atol=1e-2), name
+    print("FAILURES", failures)
+    assert not failures
+    """
+)
+
+
+def test_mixed_batch_indexed_takes_the_prefill_kernels_above_64_tokens():
+    _interpret(DISPATCH)
