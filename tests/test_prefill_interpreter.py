@@ -91,13 +91,21 @@ PRELUDE = textwrap.dedent(
 KERNELS = PRELUDE + textwrap.dedent(
     r"""
     import itertools
+
+    def fenced(bank, dtype):
+        # The bank as a view between two NaN entries: a read outside it shows as NaN.
+        buf = torch.full((bank.shape[0] + 2, *bank.shape[1:]), float("nan"), dtype=dtype)
+        buf[1:-1] = bank
+        return buf[1:-1]
+
     torch.manual_seed(0)
     failures = []
     shapes = ((64, 64), (96, 80), (320, 72), (136, 320))  # (in, out), most not multiples of a tile
     layouts = ((1, 65, [2]), (2, 100, [1, -1]), (3, 70, [0, 0, -1]), (2, 150, [2, 2]))
+    # (DoRA bank, bias): a DoRA bank also holds a LoRA entry, which covers LoRA without bias.
     cases = itertools.product(shapes, (1, 8, 16, 24), (torch.float32, torch.float16),
-                              (False, True), (False, True))
-    for i_case, ((k_in, n_out), r, dtype, dora, has_bias) in enumerate(cases):
+                              ((False, True), (True, False), (True, True)))
+    for i_case, ((k_in, n_out), r, dtype, (dora, has_bias)) in enumerate(cases):
         batch, L, idx = layouts[i_case % len(layouts)]
         # One case in three: small tiles, so the rank takes several tiles (r = 24), `in`
         # several shrink splits (the last one partial), and tiles end inside the shapes.
@@ -105,16 +113,16 @@ KERNELS = PRELUDE + textwrap.dedent(
         if i_case % 3 == 1 and L < 150:
             _prefill.TUNED[(L, r, k_in, n_out)] = (16, 16, 16, 4, 2, 16, 32, 4, 2)
         n = 3
-        A = (torch.randn(n, r, k_in) / k_in**0.5).to(dtype)
-        B = (torch.randn(n, n_out, r) / r**0.5).to(dtype)
+        A = fenced(torch.randn(n, r, k_in) / k_in**0.5, dtype)
+        B = fenced(torch.randn(n, n_out, r) / r**0.5, dtype)
         s = torch.tensor([0.5, 2.0, 1.25])
         x = torch.randn(batch, L, k_in).half()
         res = torch.randn(batch, L, n_out).half()
         bias = torch.randn(n_out).half() if has_bias else None
         mag = norm = is_dora = None
         if dora:  # a mixed bank: entries 0 and 2 DoRA, 1 LoRA
-            mag = (torch.rand(n, n_out) + 0.5).to(dtype)
-            norm = (torch.rand(n, n_out) + 0.5).to(dtype)
+            mag = fenced(torch.rand(n, n_out) + 0.5, dtype)
+            norm = fenced(torch.rand(n, n_out) + 0.5, dtype)
             is_dora = torch.tensor([True, False, True])
         index = torch.tensor(idx)
         got = _prefill.lora_prefill(x, res, index, lora_A=A, lora_B=B, scaling=s,
