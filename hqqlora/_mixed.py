@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hqqlora import _decode
+from hqqlora import _decode, _prefill
 from hqqlora._base import (
     HQQLinear,
     _eager,
@@ -483,7 +483,12 @@ def mixed_batch_indexed(
     distinct adapter of the batch once (rows that share one hit the cache; nothing
     is gathered per row), with :func:`apply_lora`'s decode precision. There an index
     value outside ``[-1, n)`` on the GPU (not checked without a host sync) gives NaN
-    rows, where the dense path stops on a device-side assert.
+    rows, where the dense path stops on a device-side assert. Above 64 tokens (prefill),
+    or for a layout the decode kernels do not read, under the same conditions, HQQ's
+    base output and then two Triton kernels (SGMV-style shrink and expand) add each
+    row's term, read from the bank where it lies, with float32-grade products (TF32x3
+    tensor cores) and float32 sums, rounded once to the output dtype; index values
+    outside ``[-1, n)`` give NaN rows there too.
 
     Args:
         x: input of shape ``(batch, ..., in)``.
@@ -543,6 +548,9 @@ def mixed_batch_indexed(
 
     if base is not None and not exact:
         fused = _decode_mixed(x, bank, index, base, weight_norm)
+        if fused is None:
+            norm = cast(Tensor, weight_norm) if any(bank.dora) else None  # checked above
+            fused = _prefill.mixed_prefill(x, bank, index, base, norm)
         if fused is not None:
             return fused
     rows_of = _rows_by_slot(index.tolist()) if _loop_allowed(x) else None

@@ -1,0 +1,265 @@
+"""The prefill kernels in Triton's interpreter, on the CPU (no GPU needed).
+
+Skipped where Triton is not installed (CI installs none). Triton's interpreter emulates
+bf16 badly, so these run in float16. A subprocess: the interpreter is chosen when the
+kernels are defined (``TRITON_INTERPRET=1`` before ``hqqlora._prefill`` is imported).
+
+The interpreter computes every ``tl.dot`` in float32 whatever its ``input_precision``;
+the prelude makes it round as a GPU does (TF32: 10-bit mantissas; TF32x3: a TF32 head
+and tail of each operand, three products), so a kernel that asked for plain TF32 fails
+here as it would lose precision on a GPU.
+
+Each output is checked elementwise against the float64 value computed from the same
+float16 base output: at most half a unit in the last place of float16 (the one
+rounding) plus ``2⁻¹⁸`` of the sum of the absolute terms (float32 accumulation, with
+room; TF32's ``2⁻¹¹`` does not fit).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+PRELUDE = textwrap.dedent(
+    r"""
+    import sys
+    import numpy as np
+    import torch
+    from triton._C.libtriton import ir as _ir
+    from triton.runtime import interpreter as _interp
+
+    _real_dot = _interp.InterpreterBuilder.create_dot
+
+    def _tf32(a):
+        bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+        return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+    def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.data.dtype != np.float32 or input_precision == _ir.INPUT_PRECISION.IEEE:
+            return _real_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        ha, hb = _tf32(a.data), _tf32(b.data)
+        prod = np.matmul(ha, hb)
+        if input_precision == _ir.INPUT_PRECISION.TF32x3:
+            la, lb = _tf32(a.data - ha), _tf32(b.data - hb)
+            prod = np.matmul(la, hb) + np.matmul(ha, lb) + prod
+        return _interp.TensorHandle((prod + d.data).astype(np.float32), d.dtype.scalar)
+
+    _interp.InterpreterBuilder.create_dot = _create_dot
+    sys.path.insert(0, "tests")
+    from hqqlora import _prefill
+
+    def ulp16(v):
+        _, e = torch.frexp(v)
+        return torch.clamp(torch.ldexp(torch.ones_like(v), e - 11), min=2.0**-24)
+
+    def check(got, ref, bound, what, failures):
+        # half an ulp of float16 at the larger of the two, plus float32 accumulation
+        big = torch.maximum(ref.abs(), got.double().abs())
+        err = (got.double() - ref).abs()
+        ok = err <= 0.5 * ulp16(big) + 2.0**-18 * bound
+        if not bool(ok.all()):
+            failures.append((*what, float(err.max()), int((~ok).sum())))
+
+    def reference(x, res, index, A, B, s, mag, norm, is_dora, bias):
+        # float64 from the same float16 base output; also the sum of absolute terms.
+        refs, bounds = [], []
+        b = 0 if bias is None else bias.double()
+        for i, k in enumerate(index.tolist()):
+            r = res[i].double()
+            if k < 0:
+                refs.append(r)
+                bounds.append(r.abs())
+                continue
+            xa, Aa, Ba = x[i].double(), A[k].double(), B[k].double()
+            term = s[k].double() * (xa @ Aa.T) @ Ba.T
+            absterm = s[k].double().abs() * (xa.abs() @ Aa.abs().T) @ Ba.abs().T
+            if is_dora is not None and bool(is_dora[k]):
+                c = mag[k].double() / norm[k].double()
+                refs.append(c * (r - b + term) + b)
+                bounds.append(c.abs() * (r.abs() + abs(b) + absterm) + abs(b))
+            else:
+                refs.append(r + term)
+                bounds.append(r.abs() + absterm)
+        return torch.stack(refs), torch.stack(bounds)
+    """
+)
+
+KERNELS = PRELUDE + textwrap.dedent(
+    r"""
+    import itertools
+
+    def fenced(bank, dtype):
+        # The bank as a view between two NaN entries: a read outside it shows as NaN.
+        buf = torch.full((bank.shape[0] + 2, *bank.shape[1:]), float("nan"), dtype=dtype)
+        buf[1:-1] = bank
+        return buf[1:-1]
+
+    torch.manual_seed(0)
+    failures = []
+    shapes = ((64, 64), (96, 80), (320, 72), (136, 320))  # (in, out), most not multiples of a tile
+    layouts = ((1, 65, [2]), (2, 100, [1, -1]), (3, 70, [0, 0, -1]), (2, 150, [2, 2]))
+    # (DoRA bank, bias): a DoRA bank also holds a LoRA entry, which covers LoRA without bias.
+    cases = itertools.product(shapes, (1, 8, 16, 24), (torch.float32, torch.float16),
+                              ((False, True), (True, False), (True, True)))
+    for i_case, ((k_in, n_out), r, dtype, (dora, has_bias)) in enumerate(cases):
+        batch, L, idx = layouts[i_case % len(layouts)]
+        # One case in three: small tiles, so the rank takes several tiles (r = 24), `in`
+        # several shrink splits (the last one partial), and tiles end inside the shapes.
+        _prefill.TUNED.clear()
+        if i_case % 3 == 1 and L < 150:
+            _prefill.TUNED[(L, r, k_in, n_out)] = (16, 16, 16, 4, 2, 16, 32, 4, 2)
+        n = 3
+        A = fenced(torch.randn(n, r, k_in) / k_in**0.5, dtype)
+        B = fenced(torch.randn(n, n_out, r) / r**0.5, dtype)
+        s = torch.tensor([0.5, 2.0, 1.25])
+        x = torch.randn(batch, L, k_in).half()
+        res = torch.randn(batch, L, n_out).half()
+        bias = torch.randn(n_out).half() if has_bias else None
+        mag = norm = is_dora = None
+        if dora:  # a mixed bank: entries 0 and 2 DoRA, 1 LoRA
+            mag = fenced(torch.rand(n, n_out) + 0.5, dtype)
+            norm = fenced(torch.rand(n, n_out) + 0.5, dtype)
+            is_dora = torch.tensor([True, False, True])
+        index = torch.tensor(idx)
+        got = _prefill.lora_prefill(x, res, index, lora_A=A, lora_B=B, scaling=s,
+                                    magnitude=mag, weight_norm=norm, is_dora=is_dora, bias=bias)
+        ref, bound = reference(x, res, index, A, B, s, mag, norm, is_dora, bias)
+        assert got.shape == res.shape and got.dtype == torch.float16
+        check(got, ref, bound, (k_in, n_out, r, str(dtype), dora, has_bias, batch, L), failures)
+    print("FAILURES", failures)
+    assert not failures
+    """
+)
+
+
+def _interpret(script):
+    """Runs ``script`` in a subprocess with Triton's interpreter on; asserts it succeeds."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_prefill_kernels_in_the_interpreter_match_float64():
+    _interpret(KERNELS)
+
+
+# An index outside [-1, n) (past the bank, far past it): a NaN row, and no read outside the
+# bank (the interpreter reads raw memory, so such a read crashes or gives garbage there).
+OUT_OF_RANGE = PRELUDE + textwrap.dedent(
+    r"""
+    torch.manual_seed(0)
+    n, r, k_in, n_out, L = 2, 4, 64, 48, 40
+    A, B = torch.randn(n, r, k_in) * 0.1, torch.randn(n, n_out, r) * 0.1
+    s, is_dora = torch.tensor([0.5, 2.0]), torch.tensor([True, False])
+    mag, norm = torch.rand(n, n_out) + 0.5, torch.rand(n, n_out) + 0.5
+    x, res = torch.randn(4, L, k_in).half(), torch.randn(4, L, n_out).half()
+    bias = torch.randn(n_out).half()
+    failures = []
+    for big in (n, 2**40, -2):
+        index = torch.tensor([0, big, 1, -1])
+        got = _prefill.lora_prefill(x, res, index, lora_A=A, lora_B=B, scaling=s, magnitude=mag,
+                                    weight_norm=norm, is_dora=is_dora, bias=bias)
+        assert torch.isnan(got[1]).all(), big
+        keep = torch.tensor([0, 2, 3])
+        ref, bound = reference(x[keep], res[keep], index[keep], A, B, s, mag, norm, is_dora, bias)
+        check(got[keep], ref, bound, ("out of range", big), failures)
+    print("FAILURES", failures)
+    assert not failures
+    """
+)
+
+
+def test_index_outside_the_bank_gives_nan_rows_without_reading_outside():
+    _interpret(OUT_OF_RANGE)
+
+
+# mixed_batch_indexed with the kernels reachable on the CPU: `is_cuda` says yes for CPU
+# tensors, so the eligibility checks decide as on a GPU and the kernels run in the
+# interpreter. Above the decode kernels' 64 tokens the prefill kernels take the call
+# (LoRA and a mixed LoRA/DoRA bank, strided norms); at 64 tokens the decode kernels do;
+# `exact=True`, a gradient wanted, autocast, or an x in another dtype: the dense path.
+DISPATCH = PRELUDE + textwrap.dedent(
+    r"""
+    torch.Tensor.is_cuda = property(lambda self: self.device.type == "cpu")
+    import hqqlora
+    from hqqlora import _decode
+    from helpers import make_layer, random_adapter
+
+    taken = []
+    for module, name in ((_prefill, "lora_prefill"), (_decode, "lora_decode")):
+        def spy(*args, _real=getattr(module, name), _name=name, **kwargs):
+            taken.append(_name)
+            return _real(*args, **kwargs)
+        setattr(module, name, spy)
+
+    torch.manual_seed(0)
+    layer = make_layer(96, 80, group_size=32, dtype=torch.float16)
+    lora = random_adapter(layer, r=4, seed=1)
+    dora = random_adapter(layer, r=6, dora=True, seed=2)
+    failures = []
+    for adapters in ({"a": lora}, {"a": lora, "b": dora}):
+        bank = hqqlora.stack_adapters(adapters)
+        has_dora = len(adapters) == 2
+        norm = hqqlora.bank_weight_norm(layer, bank).t().contiguous().t() if has_dora else None
+        index = torch.tensor([len(adapters) - 1, -1, 0])
+        for tokens, path in ((30, "lora_prefill"), (21, "lora_decode")):
+            x = torch.randn(3, tokens, 96).half()
+            with torch.no_grad():
+                taken.clear()
+                got = hqqlora.mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norm)
+                assert taken == [path], (taken, path)
+                if path == "lora_decode":
+                    continue
+                taken.clear()
+                res = hqqlora.base_forward(layer, x)
+                dense = hqqlora.mixed_batch_indexed(x, bank, index, base=layer,
+                                                    weight_norm=norm, exact=True)
+                assert taken == [], taken
+            A, B, s = bank.lora_A, bank.lora_B, bank.scaling
+            mag, is_dora = bank.magnitude, bank.is_dora if has_dora else None
+            ref, bound = reference(x, res, index, A, B, s, mag, norm, is_dora, layer.bias)
+            check(got, ref, bound, (len(adapters), tokens), failures)
+            check(dense, ref, bound, (len(adapters), tokens, "dense"), failures)
+    # Where the kernels do not apply: the dense path, with the same values.
+    bank = hqqlora.stack_adapters({"a": lora, "b": dora})
+    index = torch.tensor([1, -1, 0])
+    x = torch.randn(3, 30, 96).half()
+    with torch.no_grad():
+        want = hqqlora.mixed_batch_indexed(x, bank, index, base=layer, exact=True)
+    cases = {
+        "grad": lambda: hqqlora.mixed_batch_indexed(x.clone().requires_grad_(), bank, index,
+                                                    base=layer),
+        "x float32": lambda: hqqlora.mixed_batch_indexed(x.float(), bank, index, base=layer),
+        "float64 bank": lambda: hqqlora.mixed_batch_indexed(
+            x, hqqlora.stack_adapters({"a": {k: v.double() for k, v in lora.items()}}),
+            torch.tensor([0, -1, 0]), base=layer),
+    }
+    for name, call in cases.items():
+        taken.clear()
+        with torch.enable_grad() if name == "grad" else torch.no_grad():
+            got = call()
+        if taken:
+            failures.append((name, taken))
+        if name == "grad":
+            got.float().sum().backward()
+            assert torch.allclose(got.detach().double(), want.double(), atol=1e-2), name
+    print("FAILURES", failures)
+    assert not failures
+    """
+)
+
+
+def test_mixed_batch_indexed_takes_the_prefill_kernels_above_64_tokens():
+    _interpret(DISPATCH)
