@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=128)
     args = parser.parse_args()
-    print(environment())
+    print(environment("cuda"))
     for shape in args.shapes.split(","):
         out_f, in_f = (int(v) for v in shape.split("x"))
         layer = make_hqq_layer(in_f, out_f, device="cuda")

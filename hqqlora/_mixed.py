@@ -474,8 +474,9 @@ def mixed_batch_indexed(
     the CPU, and ``weight_norm``'s DoRA rows (positive, finite) also on an
     accelerator, at the cost of one host sync; to skip it in a hot loop, compile.
 
-    Dtypes follow :func:`apply_lora`: the term is computed in the bank's dtype, the
-    layer output comes back in the base output's dtype.
+    Dtypes follow :func:`apply_lora`: the term is computed in the bank's dtype (in
+    float32 on the CUDA kernel paths below, whatever the bank's dtype), the layer
+    output comes back in the base output's dtype.
 
     Decode with ``base`` (at most 64 tokens in all on CUDA, ``x`` in the layer's
     bf16/fp16 compute dtype, no gradient wanted), eager or compiled, unless

@@ -282,10 +282,19 @@ def test_default_rule_at_shapes_that_do_not_tile_evenly(shape, dtype, nbits, tok
     norm = hqqlora.dora_weight_norm(layer, p)
     monkeypatch.setattr(_decode, "TUNED", {})
     x = torch.randn(tokens, in_features, device="cuda", dtype=dtype)
+    if tokens <= 16:  # apply_lora's decode reach
+
+        def call():
+            return hqqlora.apply_lora(layer, p, x, weight_norm=norm)
+    else:  # mixed_batch_indexed's: up to 64 rows
+
+        def call():
+            bank = hqqlora.stack_adapters({"a": p})
+            index = torch.zeros(tokens, dtype=torch.int64, device="cuda")
+            return hqqlora.mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norm[None])
+
     with torch.no_grad():
-        got, fused = uses_decode(
-            lambda: hqqlora.apply_lora(layer, p, x, weight_norm=norm), monkeypatch
-        )
+        got, fused = uses_decode(call, monkeypatch)
     assert fused
     assert_close_rel(got, dense_reference(layer, p, x), dtype, factor=2)
 
