@@ -388,6 +388,8 @@ def mixed_prefill(
     prefill kernels, or ``None`` if they do not apply (:func:`eligible`, a bank dtype
     other than float32/bf16/fp16). ``weight_norm``: the checked ``(n, out)`` norms when
     the bank has a DoRA entry, else ``None``."""
+    if triton is None or not x.is_cuda:  # the CPU's common case, before any other work
+        return None
     layout = quant_layout(base)
     dora = any(bank.dora)
     held = (bank.lora_A, bank.lora_B, bank.scaling, bank.magnitude, base.bias, weight_norm)
