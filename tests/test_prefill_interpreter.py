@@ -263,3 +263,54 @@ DISPATCH = PRELUDE + textwrap.dedent(
 
 def test_mixed_batch_indexed_takes_the_prefill_kernels_above_64_tokens():
     _interpret(DISPATCH)
+
+
+# A bank built by hand (AdapterBank is a NamedTuple: `bank._replace(...)`) whose tensors do
+# not agree: the kernels index them by the shapes of lora_A alone, so they read outside the
+# shorter tensors or with the wrong rank stride and answer without an error, where the dense
+# path stops. Every call refuses it with a ValueError, before any kernel runs.
+MALFORMED_BANK = PRELUDE + textwrap.dedent(
+    r"""
+    torch.Tensor.is_cuda = property(lambda self: self.device.type == "cpu")
+    import hqqlora
+    from helpers import make_layer, random_adapter
+
+    torch.manual_seed(0)
+    layer = make_layer(96, 80, group_size=32, dtype=torch.float16)
+    lora = random_adapter(layer, r=4, seed=1)
+    bank = hqqlora.stack_adapters({"a": lora, "b": random_adapter(layer, r=4, seed=5)})
+    dbank = hqqlora.stack_adapters({"a": lora, "d": random_adapter(layer, r=6, dora=True)})
+    x = torch.randn(3, 30, 96).half()
+    index = torch.tensor([1, -1, 0])
+    broken = {
+        "scaling short": bank._replace(scaling=bank.scaling[:1]),
+        "lora_B short": bank._replace(lora_B=bank.lora_B[:1]),
+        "lora_A rank short": bank._replace(lora_A=bank.lora_A[:, :2]),
+        "lora_B rank short": bank._replace(lora_B=bank.lora_B[:, :, :2]),
+        "lora_A 2-D": bank._replace(lora_A=bank.lora_A[0]),
+        "is_dora short": dbank._replace(is_dora=dbank.is_dora[:1]),
+        "magnitude short": dbank._replace(magnitude=dbank.magnitude[:1]),
+        "dora flags short": dbank._replace(dora=dbank.dora[:1]),
+        "names short": dbank._replace(names=dbank.names[:1]),
+    }
+    failures = []
+    for name, b in broken.items():
+        for exact in (False, True):
+            try:
+                with torch.no_grad():
+                    hqqlora.mixed_batch_indexed(x, b, index, base=layer, exact=exact)
+            except ValueError as e:
+                if not str(e).startswith("Expected"):
+                    failures.append((name, exact, str(e)))
+            except Exception as e:
+                failures.append((name, exact, type(e).__name__, str(e)[:80]))
+            else:
+                failures.append((name, exact, "no error"))
+    print("FAILURES", failures)
+    assert not failures
+    """
+)
+
+
+def test_a_malformed_bank_is_refused_before_the_kernels_read_it():
+    _interpret(MALFORMED_BANK)
