@@ -314,3 +314,44 @@ MALFORMED_BANK = PRELUDE + textwrap.dedent(
 
 def test_a_malformed_bank_is_refused_before_the_kernels_read_it():
     _interpret(MALFORMED_BANK)
+
+
+# Offsets into x, the base output and the output are row × width: 64 rows × 4096 tokens ×
+# 14336 features is 3.8e9 elements, past int32. A test cannot hold such tensors, so it checks
+# the arithmetic instead: every pointer step taken from the start of these tensors (the row
+# offset, `flat * K` or `flat * N`) is computed in int64. (The other offsets are bounded: an
+# adapter's own r × in or out × r, the shrink partials' split × tokens × r_pad below 1024 ×
+# BLOCK_T × BLOCK_R since splits are only taken while programs × splits < 512.)
+INT64_OFFSETS = PRELUDE + textwrap.dedent(
+    r"""
+    steps = []
+    _real_addptr = _interp.InterpreterBuilder.create_addptr
+
+    def _addptr(self, ptr, offset):
+        steps.append((int(ptr.data.min()), int(ptr.data.max()), offset.data.dtype))
+        return _real_addptr(self, ptr, offset)
+
+    _interp.InterpreterBuilder.create_addptr = _addptr
+    torch.manual_seed(0)
+    n, r, k_in, n_out = 2, 4, 64, 48
+    A, B = torch.randn(n, r, k_in) * 0.1, torch.randn(n, n_out, r) * 0.1
+    s, is_dora = torch.tensor([0.5, 2.0]), torch.tensor([True, False])
+    mag, norm = torch.rand(n, n_out) + 0.5, torch.rand(n, n_out) + 0.5
+    x, res = torch.randn(3, 20, k_in).half(), torch.randn(3, 20, n_out).half()
+    index = torch.tensor([0, 1, -1], dtype=torch.int32)
+    got = _prefill.lora_prefill(x, res, index, lora_A=A, lora_B=B, scaling=s, magnitude=mag,
+                                weight_norm=norm, is_dora=is_dora, bias=None)
+    failures = []
+    for name, t in (("x", x), ("result", res), ("out", got)):
+        base = t.data_ptr()
+        dtypes = {str(d) for lo, hi, d in steps if lo == hi == base}
+        if dtypes != {"int64"}:
+            failures.append((name, dtypes))
+    print("FAILURES", failures)
+    assert not failures
+    """
+)
+
+
+def test_row_offsets_into_activations_are_int64():
+    _interpret(INT64_OFFSETS)
