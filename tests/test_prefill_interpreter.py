@@ -263,3 +263,170 @@ DISPATCH = PRELUDE + textwrap.dedent(
 
 def test_mixed_batch_indexed_takes_the_prefill_kernels_above_64_tokens():
     _interpret(DISPATCH)
+
+
+# A bank built by hand (AdapterBank is a NamedTuple: `bank._replace(...)`) whose tensors do
+# not agree: the kernels index them by the shapes of lora_A alone, so they read outside the
+# shorter tensors or with the wrong rank stride and answer without an error, where the dense
+# path stops. Every call refuses it with a ValueError, before any kernel runs.
+MALFORMED_BANK = PRELUDE + textwrap.dedent(
+    r"""
+    torch.Tensor.is_cuda = property(lambda self: self.device.type == "cpu")
+    import hqqlora
+    from helpers import make_layer, random_adapter
+
+    torch.manual_seed(0)
+    layer = make_layer(96, 80, group_size=32, dtype=torch.float16)
+    lora = random_adapter(layer, r=4, seed=1)
+    bank = hqqlora.stack_adapters({"a": lora, "b": random_adapter(layer, r=4, seed=5)})
+    dbank = hqqlora.stack_adapters({"a": lora, "d": random_adapter(layer, r=6, dora=True)})
+    x = torch.randn(3, 30, 96).half()
+    index = torch.tensor([1, -1, 0])
+    broken = {
+        "scaling short": bank._replace(scaling=bank.scaling[:1]),
+        "lora_B short": bank._replace(lora_B=bank.lora_B[:1]),
+        "lora_A rank short": bank._replace(lora_A=bank.lora_A[:, :2]),
+        "lora_B rank short": bank._replace(lora_B=bank.lora_B[:, :, :2]),
+        "lora_A 2-D": bank._replace(lora_A=bank.lora_A[0]),
+        "is_dora short": dbank._replace(is_dora=dbank.is_dora[:1]),
+        "magnitude short": dbank._replace(magnitude=dbank.magnitude[:1]),
+        "dora flags short": dbank._replace(dora=dbank.dora[:1]),
+        "names short": dbank._replace(names=dbank.names[:1]),
+    }
+    failures = []
+    for name, b in broken.items():
+        for exact in (False, True):
+            try:
+                with torch.no_grad():
+                    hqqlora.mixed_batch_indexed(x, b, index, base=layer, exact=exact)
+            except ValueError as e:
+                if not str(e).startswith("Expected"):
+                    failures.append((name, exact, str(e)))
+            except Exception as e:
+                failures.append((name, exact, type(e).__name__, str(e)[:80]))
+            else:
+                failures.append((name, exact, "no error"))
+    print("FAILURES", failures)
+    assert not failures
+    """
+)
+
+
+def test_a_malformed_bank_is_refused_before_the_kernels_read_it():
+    _interpret(MALFORMED_BANK)
+
+
+# Offsets into x, the base output and the output are row × width: 64 rows × 4096 tokens ×
+# 14336 features is 3.8e9 elements, past int32. A test cannot hold such tensors, so it checks
+# the arithmetic instead: every pointer step taken from the start of these tensors (the row
+# offset, `flat * K` or `flat * N`) is computed in int64. (The other offsets are bounded: an
+# adapter's own r × in or out × r, the shrink partials' split × tokens × r_pad below 1024 ×
+# BLOCK_T × BLOCK_R since splits are only taken while programs × splits < 512.)
+INT64_OFFSETS = PRELUDE + textwrap.dedent(
+    r"""
+    steps = []
+    _real_addptr = _interp.InterpreterBuilder.create_addptr
+
+    def _addptr(self, ptr, offset):
+        steps.append((int(ptr.data.min()), int(ptr.data.max()), offset.data.dtype))
+        return _real_addptr(self, ptr, offset)
+
+    _interp.InterpreterBuilder.create_addptr = _addptr
+    torch.manual_seed(0)
+    n, r, k_in, n_out = 2, 4, 64, 48
+    A, B = torch.randn(n, r, k_in) * 0.1, torch.randn(n, n_out, r) * 0.1
+    s, is_dora = torch.tensor([0.5, 2.0]), torch.tensor([True, False])
+    mag, norm = torch.rand(n, n_out) + 0.5, torch.rand(n, n_out) + 0.5
+    x, res = torch.randn(3, 20, k_in).half(), torch.randn(3, 20, n_out).half()
+    index = torch.tensor([0, 1, -1], dtype=torch.int32)
+    got = _prefill.lora_prefill(x, res, index, lora_A=A, lora_B=B, scaling=s, magnitude=mag,
+                                weight_norm=norm, is_dora=is_dora, bias=None)
+    failures = []
+    for name, t in (("x", x), ("result", res), ("out", got)):
+        base = t.data_ptr()
+        dtypes = {str(d) for lo, hi, d in steps if lo == hi == base}
+        if dtypes != {"int64"}:
+            failures.append((name, dtypes))
+    print("FAILURES", failures)
+    assert not failures
+    """
+)
+
+
+def test_row_offsets_into_activations_are_int64():
+    _interpret(INT64_OFFSETS)
+
+
+# mixed_batch_indexed on the prefill path for inputs the other tests do not build: x with
+# two token dims, transposed, expanded, or a slice of wider rows; an int32 index that is a
+# strided view; a bank of ranks 4 and 70 (padded: two rank tiles, the second half zeros),
+# an fp16 bank; DoRA norms as a dict; and layers the decode kernels do not read (3 bits,
+# axis 0), at 1 token a row (which decode declines for them) and at 30. Each against
+# float64 from the same base output, and no input changed.
+EDGES = PRELUDE + textwrap.dedent(
+    r"""
+    torch.Tensor.is_cuda = property(lambda self: self.device.type == "cpu")
+    import hqqlora
+    from helpers import make_layer, random_adapter
+
+    taken = []
+    def spy(*args, _real=_prefill.lora_prefill, **kwargs):
+        taken.append("lora_prefill")
+        return _real(*args, **kwargs)
+    _prefill.lora_prefill = spy
+
+    def run(what, x, bank, index, layer, weight_norm=None):
+        inputs = [x, index, *(t for t in bank if isinstance(t, torch.Tensor))]
+        before = [t.clone() for t in inputs]
+        with torch.no_grad():
+            taken.clear()
+            got = hqqlora.mixed_batch_indexed(x, bank, index, base=layer, weight_norm=weight_norm)
+            if taken != ["lora_prefill"]:
+                failures.append((*what, "path", taken))
+            res = hqqlora.base_forward(layer, x)
+            norm = None
+            if any(bank.dora):
+                norm = hqqlora.bank_weight_norm(layer, bank, weight_norm)
+        for t, t0 in zip(inputs, before):
+            if not torch.equal(t, t0):
+                failures.append((*what, "mutated"))
+        x3, res3 = x.reshape(x.shape[0], -1, x.shape[-1]), res.reshape(x.shape[0], -1, res.shape[-1])
+        is_dora = bank.is_dora if any(bank.dora) else None
+        ref, bound = reference(x3, res3, index, bank.lora_A, bank.lora_B, bank.scaling,
+                               bank.magnitude, norm, is_dora, layer.bias)
+        assert got.shape == res.shape, (what, got.shape)
+        check(got.reshape(ref.shape), ref, bound, what, failures)
+
+    torch.manual_seed(0)
+    failures = []
+    layer = make_layer(96, 80, group_size=32, dtype=torch.float16)
+    small = random_adapter(layer, r=4, seed=1)
+    wide = random_adapter(layer, r=70, seed=3, scaling=0.5)
+    dora = random_adapter(layer, r=6, dora=True, seed=2)
+    bank = hqqlora.stack_adapters({"small": small, "wide": wide, "dora": dora})
+    x = torch.randn(3, 5, 7, 96).half()
+    index = torch.tensor([2, 1, 0])
+    run(("4-D x",), x, bank, index, layer)
+    run(("4-D x transposed",), x.transpose(1, 2), bank, index, layer)
+    run(("x expanded",), x[:1].expand(3, 5, 7, 96), bank, index, layer)
+    run(("x sliced",), torch.randn(3, 30, 128).half()[..., 16:112], bank, index, layer)
+    strided = torch.tensor([1, 7, -1, 7, 2, 7], dtype=torch.int32)[::2]
+    run(("int32 strided index",), x, bank, strided, layer)
+    run(("norm dict",), x, bank, index, layer, weight_norm={"dora": torch.rand(80) + 0.5})
+    half = {k: {n: (t if n == "scaling" else t.half()) for n, t in p.items()}
+            for k, p in {"small": small, "wide": wide, "dora": dora}.items()}
+    run(("fp16 bank",), x, hqqlora.stack_adapters(half), index, layer)
+    for kw in ({"nbits": 3}, {"axis": 0}):
+        other = make_layer(96, 80, group_size=32, dtype=torch.float16, **kw)
+        b = hqqlora.stack_adapters({"a": random_adapter(other, r=4),
+                                    "d": random_adapter(other, r=6, dora=True, seed=2)})
+        for shape in ((3, 96), (3, 30, 96)):
+            run((str(kw), shape), torch.randn(shape).half(), b, torch.tensor([1, -1, 0]), other)
+    print("FAILURES", failures)
+    assert not failures
+    """
+)
+
+
+def test_prefill_path_edge_inputs_match_float64():
+    _interpret(EDGES)
