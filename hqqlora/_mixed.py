@@ -643,7 +643,7 @@ def _decode_mixed(
     """The whole layer through the decode kernels, or ``None`` if they don't apply."""
     layout = quant_layout(base)
     dora = any(bank.dora)
-    held = (bank.lora_A, bank.lora_B, bank.scaling, bank.magnitude, base.bias)
+    held = (bank.lora_A, bank.lora_B, bank.scaling, bank.magnitude, bank.is_dora, base.bias)
     norm = cast(Tensor, weight_norm) if dora else None  # a tensor once checked
     if not _decode.eligible(x, base.W_q, layout, _decode.MAX_ROWS, *held, norm):
         return None

@@ -392,7 +392,15 @@ def mixed_prefill(
         return None
     layout = quant_layout(base)
     dora = any(bank.dora)
-    held = (bank.lora_A, bank.lora_B, bank.scaling, bank.magnitude, base.bias, weight_norm)
+    held = (
+        bank.lora_A,
+        bank.lora_B,
+        bank.scaling,
+        bank.magnitude,
+        bank.is_dora,
+        base.bias,
+        weight_norm,
+    )
     if bank.lora_A.dtype not in _BANK_DTYPES or not eligible(x, layout, base.W_q, *held):
         return None
     result = base_forward(base, x, layout)
