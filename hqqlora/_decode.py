@@ -445,6 +445,17 @@ def eligible(
     transform, and no gradient wanted through ``x`` or ``held`` (the kernels have no
     backward; callers pass every tensor the result depends on, the layer's bias
     included: HQQ's bias is a non-leaf that requires grad by default)."""
+    if not kernel_call_allowed(x, layout, W_q, *held):
+        return False
+    rows = x.numel() // max(layout.in_features, 1)
+    return rows <= max_rows and supported(W_q, layout, rows)
+
+
+def kernel_call_allowed(x: Tensor, layout: QuantLayout, *held: Tensor | None) -> bool:
+    """The conditions every Triton path shares: Triton, ``x`` on CUDA in the layer's
+    compute dtype, no autocast, no ``torch.func`` transform, no gradient wanted through
+    ``x`` or ``held``, and everything on ``x``'s device (else the dense path names the
+    mismatch)."""
     if triton is None or not x.is_cuda or x.dtype != layout.compute_dtype:
         return False
     if (
@@ -458,10 +469,7 @@ def eligible(
         x.requires_grad or any(t is not None and t.requires_grad for t in held)
     ):
         return False
-    if W_q.device != x.device or any(t is not None and t.device != x.device for t in held):
-        return False  # the dense path names the mismatch
-    rows = x.numel() // max(layout.in_features, 1)
-    return rows <= max_rows and supported(W_q, layout, rows)
+    return all(t is None or t.device == x.device for t in held)
 
 
 # (packed rows per tile, groups per K step, K splits, warps, stages, MODE) by (out, in, codes

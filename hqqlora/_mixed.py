@@ -190,15 +190,14 @@ def _check_stackable(names: Sequence[str], adapters: Sequence[Mapping[str, Tenso
             )
 
 
-def _check_bank(bank: object) -> AdapterBank:
+def check_bank_fields(bank: AdapterBank, name: str = "`bank`") -> None:
     """Checks that ``bank``'s fields agree in shape (a bank built by hand may not): the
-    CUDA kernels index every field by ``lora_A``'s shape, reading outside a shorter one."""
-    if not isinstance(bank, AdapterBank):
-        raise TypeError(f"Expected `bank` to be an AdapterBank, got {type(bank).__name__}.")
+    CUDA kernels index every field by ``lora_A``'s shape, reading outside a shorter one.
+    ``name`` is how the messages call the bank."""
     A, B = bank.lora_A, bank.lora_B
     if not (isinstance(A, Tensor) and isinstance(B, Tensor) and A.ndim == 3 and B.ndim == 3):
         raise ValueError(
-            "Expected `bank.lora_A` of shape (n, r, in) and `bank.lora_B` of shape (n, out, r), "
+            f"Expected {name}.lora_A of shape (n, r, in) and .lora_B of shape (n, out, r), "
             f"got {getattr(A, 'shape', type(A).__name__)} and {getattr(B, 'shape', type(B).__name__)}."
         )
     n, rank, _ = A.shape
@@ -214,14 +213,20 @@ def _check_bank(bank: object) -> AdapterBank:
         if not isinstance(value, Tensor) or tuple(value.shape) != shape:
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(
-                f"Expected `bank.{field}` of shape {shape} (lora_A: {tuple(A.shape)}), got "
-                f"{got}; build banks with stack_adapters."
+                f"Expected {name}.{field} of shape {shape} (lora_A: {tuple(A.shape)}), got "
+                f"{got}; build banks with hqqlora.stack_adapters."
             )
     if len(bank.names) != n or len(bank.dora) != n:
         raise ValueError(
-            f"Expected {n} `bank.names` and `bank.dora` flags (lora_A: {tuple(A.shape)}), "
+            f"Expected {n} {name}.names and {name}.dora flags (lora_A: {tuple(A.shape)}), "
             f"got {len(bank.names)} and {len(bank.dora)}."
         )
+
+
+def _check_bank(bank: object) -> AdapterBank:
+    if not isinstance(bank, AdapterBank):
+        raise TypeError(f"Expected `bank` to be an AdapterBank, got {type(bank).__name__}.")
+    check_bank_fields(bank)
     return bank
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from hqqlora._base import HQQLinear, quant_layout
 from hqqlora._dora import dora_weight_norm
-from hqqlora._mixed import BASE, AdapterBank, bank_weight_norm
+from hqqlora._mixed import BASE, AdapterBank, bank_weight_norm, check_bank_fields
 from hqqlora._params import check_params
 from hqqlora._route import (
     Routed,
@@ -78,31 +78,8 @@ def hqq_layers(model: nn.Module) -> dict[str, HQQLinear]:
 
 def _check_bank(bank: AdapterBank, layout: Any, device: torch.device, name: str) -> None:
     """A bank's structure, and its fit to the layer of ``layout`` on ``device``."""
-    A, B = bank.lora_A, bank.lora_B
-    n = len(bank.names)
-    if not (isinstance(A, Tensor) and isinstance(B, Tensor) and A.ndim == 3 and B.ndim == 3):
-        raise ValueError(
-            f"Expected {name}.lora_A of shape (n, r, in) and .lora_B of shape (n, out, r), got "
-            f"{getattr(A, 'shape', A)!r} and {getattr(B, 'shape', B)!r}."
-        )
-    out_features = B.shape[1]
-    expected = {
-        "lora_A": (n, A.shape[1], A.shape[2]),
-        "lora_B": (n, out_features, A.shape[1]),
-        "scaling": (n,),
-        "magnitude": (n, out_features),
-        "is_dora": (n,),
-    }
-    for field, shape in expected.items():
-        value = getattr(bank, field)
-        if not isinstance(value, Tensor) or tuple(value.shape) != shape:
-            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(
-                f"Expected {name}.{field} of shape {shape} ({n} names), got {got}; "
-                "build banks with hqqlora.stack_adapters."
-            )
-    if len(bank.dora) != n:
-        raise ValueError(f"Expected {name}.dora to hold {n} flags, got {len(bank.dora)}.")
+    check_bank_fields(bank, name)
+    A, out_features = bank.lora_A, bank.lora_B.shape[1]
     if (out_features, A.shape[2]) != layout.shape:
         raise ValueError(
             f"Expected {name} of (out, in) = {layout.shape} to fit its layer, got "

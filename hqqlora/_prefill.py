@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from hqqlora import _decode
 from hqqlora._base import base_forward, quant_layout
 from hqqlora._triton import device_of
 
@@ -201,22 +202,9 @@ def eligible(x: Tensor, layout: QuantLayout, *held: Tensor | None) -> bool:
     base output, not the codes): CUDA, ``x`` in the layer's bf16/fp16 compute dtype,
     no autocast, no ``torch.func`` transform, no gradient wanted through ``x`` or
     ``held``, everything on ``x``'s device, at least one token."""
-    if triton is None or not x.is_cuda or x.dtype != layout.compute_dtype:
-        return False
     if layout.compute_dtype not in (torch.float16, torch.bfloat16) or x.numel() == 0:
         return False
-    if (
-        not torch.compiler.is_compiling()
-        and torch._C._functorch.peek_interpreter_stack() is not None
-    ):
-        return False
-    if torch.is_autocast_enabled("cuda"):
-        return False
-    if torch.is_grad_enabled() and (
-        x.requires_grad or any(t is not None and t.requires_grad for t in held)
-    ):
-        return False
-    return all(t is None or t.device == x.device for t in held)
+    return _decode.kernel_call_allowed(x, layout, *held)
 
 
 # (shrink: tokens a tile, rank a tile, inputs a step, warps, stages;
