@@ -7,6 +7,8 @@ Each configuration is checked against the float64 product before it is timed.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton.testing
 from common import environment, make_hqq_layer
@@ -17,6 +19,55 @@ from hqqlora._base import quant_layout, quant_tensors
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 TOKENS = [1, 16, 64]
+
+
+def mode6_candidates(tokens, in_f):
+    """MODE 6 (HQQ's weights dequantized in registers, several groups a tensor-core step)."""
+    steps = in_f // 64
+    grid = [(b, g, sp, w, st, 6) for b in (16, 32, 64) for g in (1, 2, 4) for sp in (1, 2, 4, 8)
+            for w in (4, 8) for st in (3, 4)]  # fmt: skip
+    return [c for c in grid if c[1] * c[2] <= steps and (tokens > 16 or c[0] <= 32)]
+
+
+def _warm(job):
+    """Runs each configuration of ``job`` once (a worker process): Triton compiles it into
+    its on-disk cache, so the timing process finds it there."""
+    (out_f, in_f), tokens, rank, bank, configs = job
+    torch.manual_seed(0)
+    layer = make_hqq_layer(in_f, out_f, device="cuda")
+    layout = quant_layout(layer)
+    W_q, scale, zero = quant_tensors(layer)
+    _, per = layout.packing_bits
+    x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
+    A, B, s, index = _adapters(in_f, out_f, rank, bank, tokens)
+    for config in configs:
+        _decode.TUNED[(out_f, in_f, per, tokens)] = config
+        with contextlib.suppress(Exception):  # the timing process reports failures
+            _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A, lora_B=B, scaling=s,
+                                index=index)  # fmt: skip
+    torch.cuda.synchronize()
+
+
+def _adapters(in_f, out_f, rank, bank, tokens):
+    """One adapter (``bank`` 0) or a bank of ``bank`` adapters, row i reading i mod bank."""
+    n = max(bank, 1)
+    A = torch.randn(n, rank, in_f, device="cuda") / in_f**0.5
+    B = torch.randn(n, out_f, rank, device="cuda") * 0.01
+    s = torch.ones(n, device="cuda")
+    if bank == 0:
+        return A[0], B[0], s[:1], None
+    return A, B, s, torch.arange(tokens, device="cuda") % bank
+
+
+def precompile(jobs, workers=12):
+    """Compiles every configuration in parallel worker processes (Triton's compile is
+    CPU-bound and serial in one process)."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        list(pool.map(_warm, jobs))
 
 
 def candidates(tokens, in_f, explore=False):
@@ -44,24 +95,46 @@ def candidates(tokens, in_f, explore=False):
     return configs
 
 
-def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True, explore=False):
-    """Best ``(block_p, gps, split, warps, stages)`` per ``(out, in, per, tokens)``, with LoRA."""
+def _configs(tokens, in_f, explore, modes):
+    configs = [] if modes == [6] else candidates(tokens, in_f, explore)
+    if 6 in modes and tokens > 1:
+        configs += mode6_candidates(tokens, in_f)
+    return configs
+
+
+def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True, explore=False, modes=(),
+         bank=0, workers=12):  # fmt: skip
+    """Best ``(block_p, gps, split, warps, stages, MODE)`` per ``(out, in, per, tokens)``,
+    with LoRA (one adapter, or a bank of ``bank`` adapters read through an index)."""
+    modes = list(modes)
+    if workers > 1:  # compiled kernels do not depend on the shape: compile on the first
+        jobs = []
+        for tokens in tokens_list:
+            configs = _configs(tokens, shapes[0][1], explore, modes)
+            chunk = -(-len(configs) // workers)
+            jobs += [(shapes[0], tokens, rank, bank, configs[i : i + chunk])
+                     for i in range(0, len(configs), chunk)]  # fmt: skip
+        precompile(jobs, workers)
     best = {}
     for out_f, in_f in shapes:
+        torch.manual_seed(0)
         layer = make_hqq_layer(in_f, out_f, device="cuda")
         layout = quant_layout(layer)
         W_q, scale, zero = quant_tensors(layer)
         W = hqqlora.dequantize(layer).double()
-        A = torch.randn(rank, in_f, device="cuda") / in_f**0.5
-        B = torch.randn(out_f, rank, device="cuda") * 0.01
-        s = torch.ones(1, device="cuda")
         _, per = layout.packing_bits
         for tokens in tokens_list:
             x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
-            ref = x.double() @ W.T + (x.double() @ A.double().T) @ B.double().T
+            A, B, s, index = _adapters(in_f, out_f, rank, bank, tokens)
+            if index is None:
+                ref = x.double() @ W.T + (x.double() @ A.double().T) @ B.double().T
+            else:
+                Ak, Bk = A[index].double(), B[index].double()
+                t = torch.einsum("mk,mrk->mr", x.double(), Ak)
+                ref = x.double() @ W.T + torch.einsum("mr,mnr->mn", t, Bk)
             key = (out_f, in_f, per, tokens)
             results = []
-            configs = candidates(tokens, in_f, explore)
+            configs = _configs(tokens, in_f, explore, modes)
             if key in _decode.TUNED:
                 configs.append(_decode.TUNED[key])
             saved = _decode.TUNED.pop(key, None)
@@ -69,9 +142,9 @@ def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True, explore=False
             for config in configs:
                 _decode.TUNED[key] = config
 
-                def run(x=x):
+                def run(x=x, A=A, B=B, s=s, index=index):
                     return _decode.lora_decode(
-                        x, W_q, scale, zero, layout, lora_A=A, lora_B=B, scaling=s
+                        x, W_q, scale, zero, layout, lora_A=A, lora_B=B, scaling=s, index=index
                     )
 
                 try:
@@ -85,14 +158,21 @@ def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True, explore=False
                     print(f"{key} {config}: {type(exc).__name__}: {str(exc)[:80]}")
                     continue
                 results.append((us, config))
+            if results:
+                results.sort()
+                # The best configuration without programmatic dependent launch, for comparison.
+                _decode.TUNED[key] = results[0][1]
+                _decode.PDL = False
+                no_pdl = 1e3 * triton.testing.do_bench_cudagraph(run, rep=20, return_mode="median")
+                _decode.PDL = True
             _decode.TUNED.pop(key, None)
             if saved is not None:
                 _decode.TUNED[key] = saved
             if results:
-                results.sort()
                 best[key] = results[0][1]
                 if verbose:
-                    print(f"{key}: best {results[0][0]:.1f} us {results[0][1]}")
+                    print(f"{key}: best {results[0][0]:.1f} us {results[0][1]} "
+                          f"(without PDL {no_pdl:.1f} us)", flush=True)  # fmt: skip
                     for mode in sorted({c[-1] for _, c in results}):
                         top = [(round(us, 1), c) for us, c in results if c[-1] == mode][:3]
                         print(f"    MODE {mode}: {top}")
@@ -107,8 +187,11 @@ def kernel_table(fn):
 
 
 def profile_best(shapes, tokens_list):
-    """GPU time (profiler) of gemlite's base and of our LoRA layer, with the tuned configs."""
-    from bench_decode import gemlite_of, gpu_us, rel
+    """GPU time (profiler: the sum of kernel times) and CUDA-graph replay time of gemlite's
+    base and of our LoRA layer, with the tuned configurations. With programmatic dependent
+    launch the main kernel starts before the shrink kernel ends, so the sum of kernel
+    times counts the overlap twice: the replay time is the figure to compare."""
+    from bench_decode import gemlite_of, gpu_us, graphed, rel, wall_us
 
     for out_f, in_f in shapes:
         layer = make_hqq_layer(in_f, out_f, device="cuda")
@@ -120,22 +203,29 @@ def profile_best(shapes, tokens_list):
         for tokens in tokens_list:
             x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
             with torch.no_grad():
-                ours = gpu_us(lambda x=x: hqqlora.apply_lora(layer, p, x))
-                err = rel(
-                    hqqlora.apply_lora(layer, p, x),
-                    x.double() @ W.T + (x.double() @ A.double().T) @ B.double().T,
-                )
-                base = gpu_us(lambda x=x: gl(x)) if gl is not None else float("nan")
-                per_kernel = kernel_table(lambda x=x: hqqlora.apply_lora(layer, p, x))
-                default_rows = _decode.SHRINK_ROWS
-                for shrink_rows in (1, 2, 4, 8, 16):
-                    _decode.SHRINK_ROWS = shrink_rows
-                    shrink = kernel_table(lambda x=x: hqqlora.apply_lora(layer, p, x))
-                    print(f"    shrink rows {shrink_rows}: {shrink}")
-                _decode.SHRINK_ROWS = default_rows
+
+                def ours(x=x):
+                    return hqqlora.apply_lora(layer, p, x)
+
+                def base(x=x):
+                    return gl(x)
+
+                ref = x.double() @ W.T + (x.double() @ A.double().T) @ B.double().T
+                err = rel(ours(), ref)
+                ours_gpu, ours_graph = gpu_us(ours), wall_us(graphed(ours)[0])
+                per_kernel = kernel_table(ours)
+                if gl is not None:
+                    base_gpu, base_graph = gpu_us(base), wall_us(graphed(base)[0])
+                    base_err = rel(base(), x.double() @ W.T)
+                else:
+                    base_gpu = base_graph = base_err = float("nan")
             print(
-                f"{out_f}x{in_f} tokens {tokens}: ours LoRA fp32 {ours:.1f} us GPU (rel err {err:.1e}), "
-                f"gemlite base {base:.1f} us: {ours / base:.2f}x; kernels {per_kernel}"
+                f"{out_f}x{in_f} tokens {tokens}: ours LoRA fp32 {ours_gpu:.1f} us GPU, "
+                f"{ours_graph:.1f} us graph replay (rel err {err:.1e}); gemlite base "
+                f"{base_gpu:.1f} us GPU, {base_graph:.1f} us graph (rel err {base_err:.1e}): "
+                f"{ours_gpu / base_gpu:.2f}x GPU, {ours_graph / base_graph:.2f}x graph; "
+                f"kernels {per_kernel}",
+                flush=True,
             )
 
 
@@ -149,6 +239,9 @@ def main() -> None:
     parser.add_argument("--explore", action="store_true", help="a wider grid")
     parser.add_argument("--profile-only", action="store_true", help="no tuning: TUNED as is")
     parser.add_argument("--tokens", type=int, nargs="*", help="these token counts only")
+    parser.add_argument("--modes", type=int, nargs="*", default=[], help="6: MODE 6's grid too")
+    parser.add_argument("--bank", type=int, default=0, help="a bank of N adapters, one per row")
+    parser.add_argument("--workers", type=int, default=12, help="compile processes")
     args = parser.parse_args()
     print(environment("cuda"))
     shapes, tokens = ([(4096, 4096), (14336, 4096)], [1, 16]) if args.quick else (SHAPES, TOKENS)
@@ -156,7 +249,9 @@ def main() -> None:
     if args.profile_only:
         profile_best(shapes, tokens)
         return
-    best = tune(shapes, tokens, explore=args.explore)
+    best = tune(
+        shapes, tokens, explore=args.explore, modes=args.modes, bank=args.bank, workers=args.workers
+    )
     print("TUNED = {")
     for key, config in sorted(best.items()):
         print(f"    {key}: {config},")

@@ -50,6 +50,7 @@ rounding to the output dtype at the end.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -70,6 +71,10 @@ __all__ = ["MAX_ROWS", "decode_config", "eligible", "lora_decode", "supported"]
 
 MAX_ROWS = 64
 """Rows (tokens) at most per call: the whole row block is one tile."""
+
+PDL = os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True")
+"""Whether the main kernel may use programmatic dependent launch on Hopper and later
+(Triton's interpreter has no grid dependency control)."""
 
 _SUPPORTED_PACKINGS = {"8bit_u8": (8, 1), "4bit_u8": (4, 2), "2bit_u8": (2, 4), "1bit_u8": (1, 8)}
 
@@ -94,7 +99,12 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        if USE_PDL:
+            # The main kernel may start now: it reads the codes while this one runs, and
+            # waits (``gdc_wait``) before it reads ``t`` or the counters.
+            tl.extra.cuda.gdc_launch_dependents()
         pid_m = tl.program_id(0)
         split = tl.program_id(1)
         # Zero the main kernel's counters, 1024 per program (the caller sizes the grid).
@@ -174,6 +184,7 @@ if triton is not None:
         MODE: tl.constexpr,
         MAGIC: tl.constexpr,
         OFFSET: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
         # MODE 0: a tile holds every slot of its packed rows (one read of each byte),
         # multiplied on tensor cores; MODE 1: a program per (tile, slot), so no register
@@ -294,6 +305,35 @@ if triton is not None:
                 s = tl.load(scale_ptr + meta, mask=n_ok, other=0).to(tl.float32)
                 acc5 += (d5 - z[:, None] * x_sum[None, :]) * s[:, None]
             acc = tl.trans(acc5)
+        elif MODE == 6:
+            # HQQ's own weights, dequantized in registers: ``(q − z)`` rounded to the
+            # compute dtype, times ``s`` rounded (as HQQ's dense path and _triton.py do),
+            # then ``w @ xᵀ`` on tensor cores, GPS groups a step, no per-group rescale.
+            acc6 = tl.zeros((NB, BLOCK_M), dtype=tl.float32)
+            for step in range(first, first + steps_per_split):
+                k = step * BLOCK_K + tl.arange(0, BLOCK_K)
+                xs = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None], other=0)
+                packed = tl.load(
+                    packed_ptr + pj[:, None] * K + k[None, :],
+                    mask=n_ok[:, None],
+                    other=0,
+                    eviction_policy="evict_first",
+                ).to(tl.int32)
+                c = ((packed >> sh[:, None]) & MASK) | 0x4B000000
+                cf = c.to(tl.float32, bitcast=True) - 8388608.0  # q, exact
+                if GPS == 1:
+                    meta = n * groups_per_row + step
+                    z = tl.load(zero_ptr + meta, mask=n_ok, other=0).to(tl.float32)
+                    s = tl.load(scale_ptr + meta, mask=n_ok, other=0)
+                    w = (cf - z[:, None]).to(xs.dtype) * s[:, None].to(xs.dtype)
+                else:
+                    g = step * GPS + tl.arange(0, BLOCK_K) // GROUP
+                    meta = n[:, None] * groups_per_row + g[None, :]
+                    z = tl.load(zero_ptr + meta, mask=n_ok[:, None], other=0).to(tl.float32)
+                    s = tl.load(scale_ptr + meta, mask=n_ok[:, None], other=0)
+                    w = (cf - z).to(xs.dtype) * s.to(xs.dtype)
+                acc6 = tl.dot(w, tl.trans(xs), acc6)  # (NB, BLOCK_M), float32
+            acc = tl.trans(acc6)
         else:
             acc = tl.zeros((BLOCK_M, NB), dtype=tl.float32)
             for step in range(first, first + steps_per_split):
@@ -345,6 +385,10 @@ if triton is not None:
                     s = tl.load(scale_ptr + meta, mask=n_ok[None, :], other=0).to(tl.float32)
                     acc += tl.sum((d3 - x_sum[:, :, None] * z[:, None, :]) * s[:, None, :], axis=0)
 
+        if USE_PDL:
+            # Launched early (programmatic dependent launch): wait for the shrink kernel's
+            # ``t`` and zeroed counters before reading either.
+            tl.extra.cuda.gdc_wait()
         r = tl.arange(0, BLOCK_R)
         r_ok = r < R
         if HAS_IDX:  # noqa: SIM108 - Triton wants a plain branch on a constexpr
@@ -552,6 +596,9 @@ def _launch(
     counts = torch.empty(tiles, dtype=torch.int32, device=device)
     has_lora = lora_A is not None
     has_idx = index is not None
+    # Programmatic dependent launch (Hopper on): the main kernel starts while the shrink
+    # kernel runs and waits for it only before the adapter term.
+    pdl = has_lora and PDL and torch.cuda.get_device_capability(device)[0] >= 9
     n_bank = lora_A.shape[0] if lora_A is not None and lora_A.ndim == 3 else 1
     dummy = out
     if has_lora:
@@ -573,7 +620,7 @@ def _launch(
             x, lora_A, index if has_idx else x, t, counts, tiles, rows, k_in, rank,
             lora_A.stride(0) if lora_A.ndim == 3 else 0, k_per_split, n_bank,
             HAS_IDX=has_idx, BLOCK_M=t_block_m, BLOCK_R=block_r, BLOCK_K=t_block_k,
-            num_warps=4,
+            USE_PDL=pdl, num_warps=4,
         )  # fmt: skip
     else:
         rank, block_r, t_splits, t = 0, 16, 1, dummy
@@ -602,8 +649,8 @@ def _launch(
         BLOCK_R=block_r, SPLIT_K=split, ROWS_PER_SPLIT=rows_per_split,
         T_SPLITS=triton.next_power_of_2(t_splits),
         HAS_LORA=has_lora, HAS_IDX=has_idx, HAS_DORA=has_dora, HAS_BIAS=bias is not None,
-        MODE=mode, MAGIC=magic, OFFSET=offset,
-        num_warps=warps, num_stages=stages,
+        MODE=mode, MAGIC=magic, OFFSET=offset, USE_PDL=pdl,
+        num_warps=warps, num_stages=stages, launch_pdl=pdl,
     )  # fmt: skip
     return out
 

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     failures = []
     for mode, nbits, group, rows, bias in itertools.product(
-        (0, 1, 2, 3, 4, 5, None), (1, 2, 4, 8), (32, 64), (1, 3), (False, True)
+        (0, 1, 2, 3, 4, 5, 6, None), (1, 2, 4, 8), (32, 64), (1, 3), (False, True)
     ):
         lin = torch.nn.Linear(256, 64, bias=bias)
         layer = HQQLinear(lin, BaseQuantizeConfig(nbits=nbits, group_size=group, axis=1),
@@ -213,7 +213,8 @@ EDGE_SHAPES = textwrap.dedent(
     for out_f, in_f, group in ((96, 192, 64), (80, 320, 32), (96, 384, 128)):
         for nbits in (1, 2, 4, 8):
             for rows, config in ((1, (32, 4, 16, 4, 1, 4)), (1, None), (2, (32, 1, 3, 4, 3, 5)),
-                                 (17, None), (64, None), (3, (16, 2, 3, 4, 3, 3))):
+                                 (17, None), (64, None), (3, (16, 2, 3, 4, 3, 3)),
+                                 (5, (16, 2, 3, 4, 3, 6)), (64, (32, 4, 2, 4, 3, 6))):
                 cases.append((out_f, in_f, group, nbits, rows, config))
     for out_f, in_f, group, nbits, rows, config in cases:
         lin = torch.nn.Linear(in_f, out_f)
@@ -257,3 +258,37 @@ EDGE_SHAPES = textwrap.dedent(
 
 def test_decode_kernels_at_shapes_that_do_not_tile_evenly():
     _interpret(EDGE_SHAPES)
+
+
+# MODE 6 multiplies HQQ's own weights: ``(q − z)`` rounded to the compute dtype, then
+# ``· s`` rounded. With one-hot rows of x each output is one weight, exactly: the result
+# equals HQQ's dequantized column bit for bit (an unrounded weight would differ in some).
+MODE6_BITS = textwrap.dedent(
+    r"""
+    import torch
+    import hqqlora
+    from hqqlora import _decode
+    from hqqlora._base import quant_layout, quant_tensors
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    torch.manual_seed(0)
+    for nbits, group, gps in ((4, 64, 1), (2, 32, 2), (8, 32, 4), (1, 64, 2)):
+        lin = torch.nn.Linear(256, 64, bias=False)
+        layer = HQQLinear(lin, BaseQuantizeConfig(nbits=nbits, group_size=group, axis=1),
+                          compute_dtype=torch.float16, device="cpu")
+        layout = quant_layout(layer)
+        W_q, scale, zero = quant_tensors(layer)
+        W = hqqlora.dequantize(layer)
+        cols = torch.tensor([0, 5, 63, 64, 130, 255, 31, 200])
+        x = torch.nn.functional.one_hot(cols, 256).half()
+        per = layout.packing_bits[1]
+        _decode.TUNED.clear()
+        _decode.TUNED[(64, 256, per, len(cols))] = (16, gps, 2, 4, 3, 6)
+        got = _decode.lora_decode(x, W_q, scale, zero, layout)
+        assert torch.equal(got, W[:, cols].T), (nbits, (got != W[:, cols].T).sum())
+    """
+)
+
+
+def test_mode6_multiplies_hqqs_own_weights_bit_for_bit():
+    _interpret(MODE6_BITS)
