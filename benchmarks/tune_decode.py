@@ -242,6 +242,7 @@ def main() -> None:
     parser.add_argument("--modes", type=int, nargs="*", default=[], help="6: MODE 6's grid too")
     parser.add_argument("--bank", type=int, default=0, help="a bank of N adapters, one per row")
     parser.add_argument("--workers", type=int, default=12, help="compile processes")
+    parser.add_argument("--no-profile", action="store_true", help="tune only")
     args = parser.parse_args()
     print(environment("cuda"))
     shapes, tokens = ([(4096, 4096), (14336, 4096)], [1, 16]) if args.quick else (SHAPES, TOKENS)
@@ -257,7 +258,8 @@ def main() -> None:
         print(f"    {key}: {config},")
     print("}", flush=True)
     _decode.TUNED.update(best)
-    profile_best(shapes, tokens)
+    if not args.no_profile:
+        profile_best(shapes, tokens)
 
 
 if __name__ == "__main__":
