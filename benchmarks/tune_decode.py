@@ -111,7 +111,7 @@ def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True, explore=False
         jobs = []
         for tokens in tokens_list:
             configs = _configs(tokens, shapes[0][1], explore, modes)
-            chunk = -(-len(configs) // workers)
+            chunk = max(1, -(-len(configs) // workers))
             jobs += [(shapes[0], tokens, rank, bank, configs[i : i + chunk])
                      for i in range(0, len(configs), chunk)]  # fmt: skip
         precompile(jobs, workers)
@@ -229,6 +229,34 @@ def profile_best(shapes, tokens_list):
             )
 
 
+def breakdown(shapes, tokens_list, rank=16):
+    """Each kernel's GPU time (profiler, programmatic dependent launch off) of the base
+    alone, with one adapter and with a bank of 64 (one per row), at the tuned
+    configurations."""
+    from bench_decode import kernel_us
+
+    pdl, _decode.PDL = _decode.PDL, False
+    for out_f, in_f in shapes:
+        layer = make_hqq_layer(in_f, out_f, device="cuda")
+        layout = quant_layout(layer)
+        W_q, scale, zero = quant_tensors(layer)
+        for tokens in tokens_list:
+            x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
+            for bank in (None, 0, 64):
+                if bank is None:
+                    kw = {}
+                else:
+                    A, B, s, index = _adapters(in_f, out_f, rank, bank, tokens)
+                    kw = {"lora_A": A, "lora_B": B, "scaling": s, "index": index}
+                times = kernel_us(
+                    lambda x=x, kw=kw: _decode.lora_decode(x, W_q, scale, zero, layout, **kw)
+                )
+                what = "base" if bank is None else ("1 adapter" if bank == 0 else "64 adapters")
+                times = {k[:20]: round(v, 1) for k, v in times.items()}
+                print(f"{out_f}x{in_f} tokens {tokens} {what}: {times}", flush=True)
+    _decode.PDL = pdl
+
+
 def main() -> None:
     import argparse
 
@@ -243,6 +271,7 @@ def main() -> None:
     parser.add_argument("--bank", type=int, default=0, help="a bank of N adapters, one per row")
     parser.add_argument("--workers", type=int, default=12, help="compile processes")
     parser.add_argument("--no-profile", action="store_true", help="tune only")
+    parser.add_argument("--breakdown", action="store_true", help="per-kernel times after tuning")
     args = parser.parse_args()
     print(environment("cuda"))
     shapes, tokens = ([(4096, 4096), (14336, 4096)], [1, 16]) if args.quick else (SHAPES, TOKENS)
@@ -258,6 +287,8 @@ def main() -> None:
         print(f"    {key}: {config},")
     print("}", flush=True)
     _decode.TUNED.update(best)
+    if args.breakdown:
+        breakdown(shapes, tokens)
     if not args.no_profile:
         profile_best(shapes, tokens)
 
