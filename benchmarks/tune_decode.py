@@ -26,6 +26,10 @@ def mode6_candidates(tokens, in_f):
     steps = in_f // 64
     grid = [(b, g, sp, w, st, 6) for b in (16, 32, 64) for g in (1, 2, 4) for sp in (1, 2, 4, 8)
             for w in (4, 8) for st in (3, 4)]  # fmt: skip
+    if tokens <= 16:  # one step a program or nearly (a one-shot split-K, as MODE 4's)
+        grid += [(b, g, 16, w, st, 6) for b in (16, 32) for g in (1, 2, 4) for w in (4, 8)
+                 for st in (1, 2, 3)]  # fmt: skip
+        grid += [(32, 1, 16, 4, st, 5) for st in (1, 2, 3)]
     return [c for c in grid if c[1] * c[2] <= steps and (tokens > 16 or c[0] <= 32)]
 
 
@@ -236,13 +240,15 @@ def breakdown(shapes, tokens_list, rank=16):
     from bench_decode import kernel_us
 
     pdl, _decode.PDL = _decode.PDL, False
+    programs = _decode.SHRINK_PROGRAMS
     for out_f, in_f in shapes:
         layer = make_hqq_layer(in_f, out_f, device="cuda")
         layout = quant_layout(layer)
         W_q, scale, zero = quant_tensors(layer)
         for tokens in tokens_list:
             x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
-            for bank in (None, 0, 64):
+            for bank, shrink in ((None, programs), (0, programs), (64, programs), (64, 1024)):
+                _decode.SHRINK_PROGRAMS = shrink
                 if bank is None:
                     kw = {}
                 else:
@@ -253,8 +259,10 @@ def breakdown(shapes, tokens_list, rank=16):
                 )
                 what = "base" if bank is None else ("1 adapter" if bank == 0 else "64 adapters")
                 times = {k[:20]: round(v, 1) for k, v in times.items()}
-                print(f"{out_f}x{in_f} tokens {tokens} {what}: {times}", flush=True)
-    _decode.PDL = pdl
+                print(
+                    f"{out_f}x{in_f} tokens {tokens} {what} (shrink {shrink}): {times}", flush=True
+                )
+    _decode.PDL, _decode.SHRINK_PROGRAMS = pdl, programs
 
 
 def main() -> None:

@@ -155,6 +155,7 @@ if triton is not None:
         is_dora_ptr,
         bias_ptr,
         ws_ptr,
+        lt_ptr,
         count_ptr,
         out_ptr,
         M,
@@ -176,6 +177,7 @@ if triton is not None:
         BLOCK_R: tl.constexpr,
         SPLIT_K: tl.constexpr,
         ROWS_PER_SPLIT: tl.constexpr,
+        TERM_ROWS: tl.constexpr,
         T_SPLITS: tl.constexpr,
         HAS_LORA: tl.constexpr,
         HAS_IDX: tl.constexpr,
@@ -396,26 +398,43 @@ if triton is not None:
         else:
             k_rows = tl.where(m_ok, 0, -1)
         if HAS_LORA:
-            # This split's share of the rows: their adapter terms, each row reading the
-            # column tile of its own B.
-            for i in tl.static_range(ROWS_PER_SPLIT):
-                row = split * ROWS_PER_SPLIT + i
-                k_row = tl.sum(tl.where(m == row, k_rows, 0))
-                if (row < M) & (k_row >= 0) & (k_row < n_bank):
-                    ts = tl.arange(0, T_SPLITS)
-                    t_part = tl.load(
-                        t_ptr + (ts[:, None] * M + row) * BLOCK_R + r[None, :],
-                        mask=(ts[:, None] < t_splits) & r_ok[None, :],
-                        other=0,
-                    )
-                    t_row = tl.sum(t_part, axis=0) * tl.load(scaling_ptr + k_row).to(tl.float32)
-                    b = tl.load(
-                        b_ptr + k_row.to(tl.int64) * stride_b_bank + n[:, None] * R + r[None, :],
-                        mask=n_ok[:, None] & r_ok[None, :],
-                        other=0,
-                    ).to(tl.float32)
-                    term = tl.sum(b * t_row[None, :], axis=1)  # (NB,)
-                    acc += tl.where(m[:, None] == row, term[None, :], 0.0)
+            # This split's share of the rows, TERM_ROWS at a time: their adapter terms,
+            # each row reading the column tile of its own B (one gathered load, no branch),
+            # stored apart (``lt``) for the last split to add.
+            i = tl.arange(0, TERM_ROWS)
+            ts = tl.arange(0, T_SPLITS)
+            for c0 in range(0, ROWS_PER_SPLIT, TERM_ROWS):
+                rows = split * ROWS_PER_SPLIT + c0 + i
+                mine = (c0 + i < ROWS_PER_SPLIT) & (rows < M)
+                if HAS_IDX:
+                    k_i = tl.load(idx_ptr + rows, mask=mine, other=-1)
+                else:
+                    k_i = tl.where(mine, 0, -1)
+                use = mine & (k_i >= 0) & (k_i < n_bank)
+                k_safe = tl.where(use, k_i, 0).to(tl.int64)
+                t_part = tl.load(
+                    t_ptr
+                    + (ts[None, :, None] * M + rows[:, None, None]) * BLOCK_R
+                    + r[None, None, :],
+                    mask=use[:, None, None] & (ts[None, :, None] < t_splits) & r_ok[None, None, :],
+                    other=0,
+                )
+                s_k = tl.load(scaling_ptr + k_safe, mask=use, other=0).to(tl.float32)
+                t_rows = tl.sum(t_part, axis=1) * s_k[:, None]  # (TERM_ROWS, BLOCK_R)
+                b = tl.load(
+                    b_ptr
+                    + k_safe[:, None, None] * stride_b_bank
+                    + n[None, :, None] * R
+                    + r[None, None, :],
+                    mask=use[:, None, None] & n_ok[None, :, None] & r_ok[None, None, :],
+                    other=0,
+                ).to(tl.float32)
+                terms = tl.sum(b * t_rows[:, None, :], axis=2)  # (TERM_ROWS, NB); 0 without
+                tl.store(
+                    lt_ptr + rows[:, None] * N + n[None, :],
+                    terms,
+                    mask=mine[:, None] & n_ok[None, :],
+                )
 
         if SPLIT_K > 1:
             ws = ws_ptr + (split * BLOCK_M + m[:, None]) * N + n[None, :]
@@ -439,6 +458,15 @@ if triton is not None:
                     )
             else:
                 total = acc
+            if HAS_LORA:
+                if SPLIT_K == 1:
+                    tl.debug_barrier()  # this program's own ``lt`` stores, by other threads
+                total += tl.load(
+                    lt_ptr + m[:, None] * N + n[None, :],
+                    mask=m_ok[:, None] & n_ok[None, :],
+                    other=0,
+                    cache_modifier=".cg",
+                )
             if HAS_DORA:
                 # Only rows with an index in [0, n) read the bank (an index outside gives NaN).
                 valid = (k_rows >= 0) & (k_rows < n_bank)
@@ -531,6 +559,9 @@ TUNED: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, int]] = {
 SHRINK_ROWS = 4
 """Rows of ``x`` per shrink program (more rows, fewer programs but larger register tiles)."""
 
+SHRINK_PROGRAMS = 256
+"""Shrink programs at most (splits along ``in`` are halved until they fit)."""
+
 
 def decode_config(n_out: int, k_in: int, per: int, group: int, rows: int) -> tuple[int, ...]:
     """Launch configuration for a layer of ``n_out × k_in`` at ``rows`` rows.
@@ -609,7 +640,7 @@ def _launch(
         t_block_k = 64 if block_r * t_block_m <= 256 else 32
         k_chunks = triton.cdiv(k_in, t_block_k)
         t_splits = min(64, k_chunks)
-        while t_splits > 1 and triton.cdiv(rows, t_block_m) * t_splits > 256:
+        while t_splits > 1 and triton.cdiv(rows, t_block_m) * t_splits > SHRINK_PROGRAMS:
             t_splits //= 2
         k_per_split = triton.cdiv(k_chunks, t_splits) * t_block_k
         t_splits = triton.cdiv(k_in, k_per_split)
@@ -634,19 +665,24 @@ def _launch(
     elif mode in (3, 5) and bits < 8:
         magic, offset = 0x4300, 128.0
     rows_per_split = triton.cdiv(rows, split)
+    # Rows of adapter terms at a time: a gathered (rows, outputs, rank) tile of B of at
+    # most 8192 floats.
+    nb = block_p * (1 if mode == 1 else per)
+    term_rows = min(triton.next_power_of_2(rows_per_split), max(1, 8192 // (nb * block_r)))
+    lt = torch.empty(rows, n_out, dtype=torch.float32, device=device) if has_lora else dummy
     _main_kernel[(tiles, split)](
         x, W_q, scale, zero,
         t, lora_B if has_lora else dummy, index if has_idx else dummy,
         scaling if has_lora else dummy,
         magnitude if has_dora else dummy, weight_norm if has_dora else dummy,
         is_dora if has_dora and has_idx and is_dora is not None else dummy, bias if bias is not None else dummy,
-        ws, counts, out,
+        ws, lt, counts, out,
         rows, n_out, k_in, n_out // per, rank, t_splits, steps // split,
         lora_B.stride(0) if has_lora and lora_B is not None and lora_B.ndim == 3 else 0,
         magnitude.stride(0) if has_dora and magnitude is not None and magnitude.ndim == 2 else 0,
         n_bank,
         BITS=bits, PER=per, GROUP=group, GPS=gps, BLOCK_M=block_m, BLOCK_P=block_p,
-        BLOCK_R=block_r, SPLIT_K=split, ROWS_PER_SPLIT=rows_per_split,
+        BLOCK_R=block_r, SPLIT_K=split, ROWS_PER_SPLIT=rows_per_split, TERM_ROWS=term_rows,
         T_SPLITS=triton.next_power_of_2(t_splits),
         HAS_LORA=has_lora, HAS_IDX=has_idx, HAS_DORA=has_dora, HAS_BIAS=bias is not None,
         MODE=mode, MAGIC=magic, OFFSET=offset, USE_PDL=pdl,
