@@ -397,7 +397,26 @@ if triton is not None:
             k_rows = tl.load(idx_ptr + m, mask=m_ok, other=-1)
         else:
             k_rows = tl.where(m_ok, 0, -1)
-        if HAS_LORA:
+        if HAS_LORA and ROWS_PER_SPLIT == 1:
+            # One row to this split (one token, or as many splits as rows): its adapter
+            # term, reading the column tile of its own B, added to the partial.
+            k_row = tl.sum(tl.where(m == split, k_rows, 0))
+            if (split < M) & (k_row >= 0) & (k_row < n_bank):
+                ts = tl.arange(0, T_SPLITS)
+                t_part = tl.load(
+                    t_ptr + (ts[:, None] * M + split) * BLOCK_R + r[None, :],
+                    mask=(ts[:, None] < t_splits) & r_ok[None, :],
+                    other=0,
+                )
+                t_row = tl.sum(t_part, axis=0) * tl.load(scaling_ptr + k_row).to(tl.float32)
+                b = tl.load(
+                    b_ptr + k_row.to(tl.int64) * stride_b_bank + n[:, None] * R + r[None, :],
+                    mask=n_ok[:, None] & r_ok[None, :],
+                    other=0,
+                ).to(tl.float32)
+                term = tl.sum(b * t_row[None, :], axis=1)  # (NB,)
+                acc += tl.where(m[:, None] == split, term[None, :], 0.0)
+        elif HAS_LORA:
             # This split's share of the rows, TERM_ROWS at a time: their adapter terms,
             # each row reading the column tile of its own B (one gathered load, no branch),
             # stored apart (``lt``) for the last split to add.
@@ -458,7 +477,7 @@ if triton is not None:
                     )
             else:
                 total = acc
-            if HAS_LORA:
+            if HAS_LORA and ROWS_PER_SPLIT > 1:
                 if SPLIT_K == 1:
                     tl.debug_barrier()  # this program's own ``lt`` stores, by other threads
                 total += tl.load(
@@ -549,11 +568,11 @@ def kernel_call_allowed(x: Tensor, layout: QuantLayout, *held: Tensor | None) ->
 # LoRA r=16, shrink included); other shapes take decode_config's rule, fitted to these.
 TUNED: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, int]] = {
     (4096, 4096, 2, 1): (32, 4, 16, 4, 1, 4),
-    (4096, 4096, 2, 16): (32, 1, 8, 4, 4, 5),
-    (4096, 4096, 2, 64): (64, 1, 8, 4, 3, 5),
+    (4096, 4096, 2, 16): (32, 1, 16, 4, 2, 5),
+    (4096, 4096, 2, 64): (64, 1, 4, 8, 3, 6),
     (14336, 4096, 2, 1): (32, 4, 16, 4, 1, 4),
     (14336, 4096, 2, 16): (32, 1, 4, 4, 3, 5),
-    (14336, 4096, 2, 64): (64, 1, 4, 4, 3, 5),
+    (14336, 4096, 2, 64): (64, 1, 2, 4, 3, 6),
 }
 
 SHRINK_ROWS = 4
@@ -567,8 +586,9 @@ def decode_config(n_out: int, k_in: int, per: int, group: int, rows: int) -> tup
     """Launch configuration for a layer of ``n_out × k_in`` at ``rows`` rows.
 
     One row: MODE 4, 64 outputs a tile, 256 inputs a step, up to 16 splits (one step a
-    program where the shape allows). More rows: MODE 5, 64 outputs a tile (128 above 16
-    rows), one group a step, splits until there are 512 programs (256 above 16 rows).
+    program where the shape allows). Up to 16 rows: MODE 5, 64 outputs a tile, one group
+    a step, splits while the programs stay at most 1024. More rows: MODE 6, 128 outputs
+    a tile, splits while the programs stay at most 256.
     """
     key = (n_out, k_in, per, rows)
     if key in TUNED:
@@ -578,15 +598,20 @@ def decode_config(n_out: int, k_in: int, per: int, group: int, rows: int) -> tup
         block_p, gps, mode, programs = max(1, 64 // per), max(1, 256 // group), 4, 1 << 30
         while gps > 1 and groups % gps:
             gps //= 2
+    elif rows <= 16:
+        block_p, gps, mode, programs = max(1, 64 // per), 1, 5, 1024
     else:
-        block_p = max(1, (64 if rows <= 16 else 128) // per)
-        gps, mode, programs = 1, 5, 512 if rows <= 16 else 256
+        block_p, gps, mode, programs = max(1, 128 // per), 1, 6, 256
     steps = groups // gps
     tiles = -(-(n_out // per) // block_p)
     split = 1
-    while tiles * split < programs and steps % (split * 2) == 0 and split < 16:
-        split *= 2
-    return (block_p, gps, split, 4, 3 if mode == 5 else 1, mode)
+    if rows == 1:
+        while tiles * split < programs and steps % (split * 2) == 0 and split < 16:
+            split *= 2
+    else:
+        while tiles * split * 2 <= programs and steps % (split * 2) == 0 and split < 16:
+            split *= 2
+    return (block_p, gps, split, 4, 1 if mode == 4 else 3, mode)
 
 
 def _launch(
@@ -669,7 +694,9 @@ def _launch(
     # most 8192 floats.
     nb = block_p * (1 if mode == 1 else per)
     term_rows = min(triton.next_power_of_2(rows_per_split), max(1, 8192 // (nb * block_r)))
-    lt = torch.empty(rows, n_out, dtype=torch.float32, device=device) if has_lora else dummy
+    lt = dummy
+    if has_lora and rows_per_split > 1:
+        lt = torch.empty(rows, n_out, dtype=torch.float32, device=device)
     _main_kernel[(tiles, split)](
         x, W_q, scale, zero,
         t, lora_B if has_lora else dummy, index if has_idx else dummy,
