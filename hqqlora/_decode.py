@@ -397,9 +397,10 @@ if triton is not None:
             k_rows = tl.load(idx_ptr + m, mask=m_ok, other=-1)
         else:
             k_rows = tl.where(m_ok, 0, -1)
-        if HAS_LORA and ROWS_PER_SPLIT == 1:
-            # One row to this split (one token, or as many splits as rows): its adapter
-            # term, reading the column tile of its own B, added to the partial.
+        if HAS_LORA and BLOCK_M == 1:
+            # One token (the GEMVs): split 0's adapter term, reading the column tile of
+            # B, added to its partial (measured faster than the stored-apart term here,
+            # and slower at 16 rows).
             k_row = tl.sum(tl.where(m == split, k_rows, 0))
             if (split < M) & (k_row >= 0) & (k_row < n_bank):
                 ts = tl.arange(0, T_SPLITS)
@@ -477,7 +478,7 @@ if triton is not None:
                     )
             else:
                 total = acc
-            if HAS_LORA and ROWS_PER_SPLIT > 1:
+            if HAS_LORA and BLOCK_M > 1:
                 if SPLIT_K == 1:
                     tl.debug_barrier()  # this program's own ``lt`` stores, by other threads
                 total += tl.load(
@@ -695,7 +696,7 @@ def _launch(
     nb = block_p * (1 if mode == 1 else per)
     term_rows = min(triton.next_power_of_2(rows_per_split), max(1, 8192 // (nb * block_r)))
     lt = dummy
-    if has_lora and rows_per_split > 1:
+    if has_lora and block_m > 1:
         lt = torch.empty(rows, n_out, dtype=torch.float32, device=device)
     _main_kernel[(tiles, split)](
         x, W_q, scale, zero,
