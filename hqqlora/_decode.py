@@ -9,13 +9,17 @@ its cost is the bytes it reads. Two Triton kernels read each of them once:
    the cache), so a bank is never copied per row. It also zeroes the second kernel's
    counters, so no memset runs.
 2. ``_main_kernel``: HQQ's packed codes, read in HQQ's own layout (one byte gives the
-   output rows of all its slots), times ``x`` with float32 accumulation; per group,
-   the scale and zero are applied to the partial sums, ``s · (Σ x·q − z · Σ x)``,
-   which is the product with the unrounded ``(q − z)·s``. Split along ``in``: each
-   split writes its float32 partial and adds the adapter term ``s_k · t[i] @ B[k_i]ᵀ``
-   of a share of the rows; the last split of each column tile (a counter) sums the
-   partials in split order and writes ``c ⊙ (base + term) + bias`` in the output
-   dtype (``c`` = DoRA's ``magnitude / weight_norm``, 1 for LoRA rows).
+   output rows of all its slots), times ``x`` with float32 accumulation. Split along
+   ``in``: each split writes its float32 partial and computes the adapter term
+   ``s_k · t[i] @ B[k_i]ᵀ`` of its share of the rows, each row reading the column tile
+   of its own B (at one token added to the partial; above, a few rows at a time in one
+   gathered load, stored apart); the last split of each column tile (a counter) sums
+   the partials in split order, adds the terms and writes ``c ⊙ (base + term) + bias``
+   in the output dtype (``c`` = DoRA's ``magnitude / weight_norm``, 1 for LoRA rows).
+
+On Hopper and later the second kernel is a programmatic dependent launch: it starts
+while the shrink kernel runs, reads the codes, and waits (``gdc_wait``) only before it
+reads ``t`` or the counters (1 µs of 10 at one token on an H100).
 
 Variants of the second kernel (``MODE``, per shape in :data:`TUNED`, else
 :func:`decode_config`'s rule), all measured on an H100:
@@ -23,11 +27,17 @@ Variants of the second kernel (``MODE``, per shape in :data:`TUNED`, else
 - 4, the default at one row: a CUDA-core GEMV. Codes become float32 by the exponent
   trick (``0x4B000000 | q`` read as float32 is ``2²³ + q``; minus ``2²³``, exact), no
   int-to-float conversion; 256 inputs a program in one step (a one-shot split-K).
-- 5, the default above one row: tensor cores with the operands swapped,
+  Per group, the scale and zero are applied to the partial sums,
+  ``s · (Σ x·q − z · Σ x)``: the product with the unrounded ``(q − z)·s``.
+- 5, the default at 2–16 rows: tensor cores with the operands swapped,
   ``codes @ xᵀ``, so the codes are the wide operand and the few rows of ``x`` the narrow
   one; codes become bf16 ``128 + q`` (fp16 ``1024 + q``) by the same trick and the
   offset leaves with the zero (8-bit codes in bf16 are converted instead: ``128 + q``
-  is not exact above 127).
+  is not exact above 127); scale and zero per group on the partial sums, as MODE 4.
+- 6, the default at 17–64 rows: HQQ's own weights dequantized in registers,
+  ``(q − z)`` rounded to the compute dtype, then ``· s`` rounded (as HQQ's dense path
+  and :mod:`hqqlora._triton` do), then ``w @ xᵀ`` on tensor cores with no per-group
+  rescale of the accumulator (4–8% faster than MODE 5 at 64 rows).
 - 3: as 5 with ``x @ codesᵀ``; 0: every slot of the tile unpacked and reshaped in
   registers; 1: a program per slot; 2: a GEMV without the trick, with a register
   reshape. Slower on the H100 (``benchmarks/tune_decode.py``), kept for other GPUs'
@@ -36,16 +46,17 @@ Variants of the second kernel (``MODE``, per shape in :data:`TUNED`, else
 The result does not depend on the launch order (partials are summed in a fixed
 order): the same inputs give the same bits on every call.
 
-Precision: the base product is exact up to float32 accumulation of exact products
-(codes and bf16/fp16 ``x`` are exact in the compute dtype); against HQQ's dense
+Precision: MODES 0–5's base product is exact up to float32 accumulation of exact
+products (codes and bf16/fp16 ``x`` are exact in the compute dtype); against HQQ's dense
 ``x @ dequantize(W)ᵀ`` it differs by HQQ's two roundings of each weight (the dense
-path rounds ``q − z`` and ``(q − z)·s`` to the compute dtype; this one does not).
+path rounds ``q − z`` and ``(q − z)·s`` to the compute dtype; these modes do not).
 MODES 3 and 5 multiply ``OFFSET + q`` (128 in bf16, 1024 in fp16) and take
 ``OFFSET · Σ x`` off with the zero, so their float32 sums carry terms up to 1024 times
 larger: in a float32 simulation about 1e-4 of the largest output for 1-bit fp16 codes
-(less at more bits), below the output's rounding. The adapter term is computed in
-float32 from the adapters' own values (a float32 adapter is not rounded to bf16). One
-rounding to the output dtype at the end.
+(less at more bits), below the output's rounding. MODE 6 multiplies HQQ's rounded
+weights themselves: it differs from the dense path only in the order of the float32
+sums. The adapter term is computed in float32 from the adapters' own values (a float32
+adapter is not rounded to bf16). One rounding to the output dtype at the end.
 """
 
 from __future__ import annotations

@@ -237,7 +237,8 @@ def test_supported_layouts():
     [(16, 1, 2, 4, 3, 0), (16, 2, 4, 4, 2, 0), (16, 1, 2, 4, 3, 1), (32, 1, 4, 4, 2, 1),
      (16, 1, 2, 4, 3, 2), (32, 2, 4, 4, 2, 2), (64, 4, 1, 4, 2, 2),
      (16, 1, 2, 4, 3, 3), (32, 2, 4, 4, 2, 3), (16, 1, 8, 4, 2, 4), (32, 4, 2, 2, 1, 4),
-     (16, 1, 2, 4, 3, 5), (32, 1, 4, 8, 4, 5)],
+     (16, 1, 2, 4, 3, 5), (32, 1, 4, 8, 4, 5), (16, 2, 2, 4, 3, 6), (32, 4, 2, 4, 2, 6),
+     (16, 1, 8, 8, 3, 6)],
 )  # fmt: skip
 @pytest.mark.parametrize("tokens", [1, 4])
 def test_every_kernel_mode_matches_the_reference(config, tokens, monkeypatch):
@@ -358,3 +359,49 @@ def test_split_k_reduction_is_stable_under_repetition(monkeypatch):
         outs = [hqqlora.apply_lora(layer, p, x) for _ in range(200)]
     assert all(torch.equal(first, o) for o in outs)
     assert_close_rel(first, dense_reference(layer, p, x), torch.bfloat16)
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 4, 8])
+@pytest.mark.parametrize("dtype", HALF)
+def test_mode6_multiplies_hqqs_own_weights_bit_for_bit(nbits, dtype, monkeypatch):
+    # One-hot rows of x: each output is one weight, so MODE 6 (HQQ's two roundings of each
+    # weight, in registers) gives HQQ's dequantized column exactly, in bf16 too (the
+    # interpreter's version of this test runs in float16 only).
+    layer = cuda_layer(nbits, dtype, size=(256, 512), bias=False)
+    per = quant_layout(layer).packing_bits[1]
+    cols = torch.tensor([0, 5, 63, 64, 130, 255, 300, 511] * 2, device="cuda")  # 16 rows
+    monkeypatch.setitem(_decode.TUNED, (256, 512, per, len(cols)), (32, 2, 2, 4, 3, 6))
+    x = torch.nn.functional.one_hot(cols, 512).to(dtype)
+    calls = []
+    real = _decode.lora_decode
+    monkeypatch.setattr(_decode, "lora_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        got = hqqlora.base_forward(layer, x)
+    assert calls  # the decode kernels ran (base_forward's reach is 16 rows)
+    assert torch.equal(got, hqqlora.dequantize(layer)[:, cols].T)
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 64])
+def test_without_programmatic_dependent_launch(tokens, monkeypatch):
+    # PDL off (what GPUs before Hopper get): the same result against float64.
+    monkeypatch.setattr(_decode, "PDL", False)
+    layer = cuda_layer(4, torch.bfloat16, size=(256, 512))
+    p = cuda_adapter(layer, dora=True)
+    norm = hqqlora.dora_weight_norm(layer, p)
+    bank = hqqlora.stack_adapters({"a": p, "b": cuda_adapter(layer, dora=True, seed=2)})
+    index = torch.arange(tokens, device="cuda") % 2
+    x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
+    norms = torch.stack(
+        [norm, hqqlora.dora_weight_norm(layer, cuda_adapter(layer, dora=True, seed=2))]
+    )
+    with torch.no_grad():
+        got, fused = uses_decode(
+            lambda: hqqlora.mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norms),
+            monkeypatch,
+        )
+    assert fused
+    for i in range(tokens):
+        q = p if index[i] == 0 else cuda_adapter(layer, dora=True, seed=2)
+        assert_close_rel(
+            got[i], dense_reference(layer, q, x[i : i + 1])[0], torch.bfloat16, factor=2
+        )
