@@ -292,3 +292,157 @@ MODE6_BITS = textwrap.dedent(
 
 def test_mode6_multiplies_hqqs_own_weights_bit_for_bit():
     _interpret(MODE6_BITS)
+
+
+# The adapter terms of rows > 1 (computed TERM_ROWS rows at a time, stored apart, added by
+# the last split) and of one token (added to split 0's partial): rows, splits and TERM_ROWS
+# that do not divide each other, ranks 5 and 70, index -1 / past the bank / below -1, DoRA,
+# int32 and int64 indices, one adapter with no index. Every buffer the launch allocates
+# starts as NaN (or 7 for the counters), so a term or row never written shows; and a term
+# that cancels the base product shows any rounding of the term to float16 on the way.
+ADAPTER_TERMS = textwrap.dedent(
+    r"""
+import contextlib
+import torch
+import hqqlora
+from hqqlora import _decode
+from hqqlora._base import quant_layout, quant_tensors, unpacked_codes
+from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+real_empty = torch.empty
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    # Every buffer the launch allocates starts as NaN (floats) or 7 (ints): a row, term
+    # or counter the kernels read before writing shows.
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan") if out.is_floating_point() else 7)
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real_empty
+
+
+torch.manual_seed(0)
+failures = []
+layers = {}
+
+
+def layer_of(out_f, in_f, group, nbits):
+    key = (out_f, in_f, group, nbits)
+    if key not in layers:
+        lin = torch.nn.Linear(in_f, out_f)
+        layer = HQQLinear(lin, BaseQuantizeConfig(nbits=nbits, group_size=group, axis=1),
+                          compute_dtype=torch.float16, device="cpu")
+        W_q, scale, zero = quant_tensors(layer)
+        layout = quant_layout(layer)
+        # HQQ's rounded weights (MODE 6 multiplies these) and the unrounded (q - z)·s
+        # (MODES 0-5 do), in float64.
+        exact = (unpacked_codes(W_q, layout, torch.float64) - zero.double()) * scale.double()
+        layers[key] = (layer, layout, (W_q, scale, zero),
+                       hqqlora.dequantize(layer).double(), exact.reshape(layout.shape))
+    return layers[key]
+
+
+def decode(x, layer_t, config, rows, **kw):
+    layer, layout, (W_q, scale, zero), _, _ = layer_t
+    out_f, in_f = layout.shape
+    _decode.TUNED.clear()
+    if config is not None:
+        _decode.TUNED[(out_f, in_f, layout.packing_bits[1], rows)] = config
+    with poisoned_empty():
+        return _decode.lora_decode(x, W_q, scale, zero, layout, **kw)
+
+
+# 1. Rows, splits and TERM_ROWS that do not divide each other (rank 70: 128 rank slots, so
+# TERM_ROWS is 1-4 and a split's rows take several steps; rank 5: one step), index -1, past
+# the bank (n and 2**40), DoRA and LoRA rows, one adapter without index, 1/2/4/8 bits.
+n = 3
+s = torch.tensor([0.5, 2.0, 1.0])
+for out_f, in_f, group, nbits, rows, rank, config, idx_dtype in (
+    (80, 128, 32, 4, 23, 70, (8, 2, 1, 4, 3, 6), torch.int64),  # split 1, TERM_ROWS 4
+    (80, 128, 32, 4, 23, 70, (8, 1, 2, 4, 3, 5), torch.int32),  # 12 + 11 rows
+    (80, 128, 32, 2, 19, 70, (4, 1, 4, 4, 3, 6), torch.int64),  # 5, 5, 5, 4 rows
+    (96, 256, 64, 1, 64, 5, (2, 2, 1, 4, 3, 6), torch.int64),
+    (96, 256, 64, 8, 33, 70, (16, 1, 4, 4, 3, 6), torch.int32),  # 9 a split, TERM_ROWS 4
+    (96, 256, 64, 4, 2, 70, (16, 1, 8, 4, 3, 5), torch.int64),  # splits with no rows
+    (96, 256, 64, 4, 9, 5, (16, 1, 2, 4, 3, 1), torch.int64),  # a program per slot
+    (96, 256, 64, 2, 7, 70, (8, 2, 2, 4, 3, 0), torch.int64),
+    (96, 256, 64, 4, 40, 70, None, torch.int64),  # decode_config's rule: MODE 6
+    (96, 256, 64, 4, 1, 5, None, torch.int64),  # one token: the direct term
+):
+    layer_t = layer_of(out_f, in_f, group, nbits)
+    layer, W = layer_t[0], layer_t[3]
+    A = torch.randn(n, rank, in_f) * 0.1
+    B = torch.randn(n, out_f, rank) * (0.3 / rank**0.5)
+    is_dora = torch.tensor([True, False, True])
+    mag, norm = torch.rand(n, out_f) + 0.5, torch.rand(n, out_f) + 0.5
+    x = torch.randn(rows, in_f).half()
+    pattern = [1, -1, 2, 0, n, 2, 0, 1, 2**40, -1, 1, -5]
+    idx = [pattern[(5 * i + 3) % len(pattern)] for i in range(rows)] if rows > 1 else [2]
+    if idx_dtype == torch.int32:
+        idx = [k if k < 2**31 else 2**31 - 1 for k in idx]
+    got = decode(x, layer_t, config, rows, lora_A=A, lora_B=B, scaling=s,
+                 index=torch.tensor(idx, dtype=idx_dtype), magnitude=mag, weight_norm=norm,
+                 is_dora=is_dora, bias=layer.bias)
+    one = decode(x, layer_t, config, rows, lora_A=A[0], lora_B=B[0], scaling=s[:1],
+                 magnitude=mag[0], weight_norm=norm[0], bias=layer.bias)
+    case = (out_f, in_f, group, nbits, rows, rank, config)
+    for i, k in enumerate(idx):
+        y = x[i].double() @ W.T
+        for name, out, kk, dora in (("bank", got[i], k, k in (0, 2)), ("one", one[i], 0, True)):
+            if not -1 <= kk < n:
+                if not torch.isnan(out).all():
+                    failures.append(case + (name, i, "not NaN"))
+                continue
+            ref = y
+            if kk >= 0:
+                ref = ref + s[kk].double() * (x[i].double() @ A[kk].double().T) @ B[kk].double().T
+                if dora:
+                    ref = ref * (mag[kk] / norm[kk]).double()
+            ref = ref + layer.bias.double()
+            if not ((out.double() - ref).norm() / ref.norm()) <= 2e-3:
+                failures.append(case + (name, i, k))
+
+# 2. The adapter term stays float32 until the output's one rounding: x one-hot, A one-hot,
+# and B cancels the base product up to a small remainder d, so the output is about d. A
+# term rounded to float16 on the way (to |W| ~ 0.05's precision) would be off by 1e-5,
+# 1% of d.
+for nbits, rows, config in ((4, 1, (16, 2, 2, 4, 1, 4)), (2, 3, (8, 1, 2, 4, 3, 5)),
+                            (4, 6, (16, 2, 1, 4, 3, 6)), (8, 5, (16, 1, 4, 4, 3, 6))):
+    out_f, in_f, rank = 64, 256, 4
+    layer_t = layer_of(out_f, in_f, 64, nbits)
+    W = layer_t[3] if config[-1] == 6 else layer_t[4]
+    cols = torch.tensor([3, 70, 131, 250])  # one input column per rank slot
+    A = torch.zeros(n, rank, in_f)
+    A[:, torch.arange(rank), cols] = 1.0
+    d = (torch.rand(n, out_f, rank) + 1) * 1e-3
+    B = ((-W[:, cols].float()).expand(n, -1, -1) + d) / s[:, None, None]
+    slot = [(2 * i + 1) % rank for i in range(rows)]
+    idx = [(0, 1, 2, -1)[i % 4] for i in range(rows)] if rows > 1 else [1]
+    x = torch.nn.functional.one_hot(cols[slot], in_f).half()
+    mag, norm = torch.rand(n, out_f) + 0.5, torch.rand(n, out_f) + 0.5
+    is_dora = torch.tensor([False, False, True])
+    got = decode(x, layer_t, config, rows, lora_A=A, lora_B=B, scaling=s,
+                 index=torch.tensor(idx), magnitude=mag, weight_norm=norm, is_dora=is_dora)
+    for i, k in enumerate(idx):
+        ref = W[:, cols[slot[i]]]
+        if k >= 0:
+            ref = ref + s[k].double() * B[k, :, slot[i]].double()
+            if is_dora[k]:
+                ref = ref * (mag[k] / norm[k]).double()
+        err = (got[i].double() - ref).abs() - (2**-11 * ref.abs() + 1e-7)
+        if not (err <= 0).all():
+            failures.append(("float32 term", nbits, rows, config, i, k, err.max().item()))
+print("FAILURES", failures)
+assert not failures
+    """
+)
+
+
+def test_adapter_terms_by_rows_splits_and_ranks_stay_float32():
+    _interpret(ADAPTER_TERMS)
