@@ -55,7 +55,8 @@ MODES 3 and 5 multiply ``OFFSET + q`` (128 in bf16, 1024 in fp16) and take
 larger: in a float32 simulation about 1e-4 of the largest output for 1-bit fp16 codes
 (less at more bits), below the output's rounding. MODE 6 multiplies HQQ's rounded
 weights themselves: it differs from the dense path only in the order of the float32
-sums. The adapter term is computed in float32 from the adapters' own values (a float32
+sums (HQQ keeps scale and zero in the compute dtype; were they wider, MODE 6 would round
+them to it, within one rounding of the weight). The adapter term is computed in float32 from the adapters' own values (a float32
 adapter is not rounded to bf16). One rounding to the output dtype at the end.
 """
 
