@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
@@ -107,3 +111,35 @@ def assert_close_rel(
     err = (actual.double() - expected.double()).abs().max().item()
     tol = RTOL[dtype] * factor * scale
     assert err <= tol, f"max error {err:.3e} > tolerance {tol:.3e} ({dtype})"
+
+
+def interpret(script: str) -> None:
+    """Runs ``script`` in a subprocess with Triton's interpreter on (``TRITON_INTERPRET=1``
+    must be set before the kernels are defined), from the repository root; asserts it
+    succeeds."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def cuda_layer(nbits, dtype, *, bias=True, size=(256, 512), group=64, axis=1, device="cuda"):
+    """An HQQ layer of ``size`` (out, in) with weights seeded by ``nbits``, on ``device``."""
+    gen = torch.Generator().manual_seed(nbits)
+    out_features, in_features = size
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(
+            torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+        )
+        if bias:
+            linear.bias.copy_(torch.randn(out_features, generator=gen))
+    config = BaseQuantizeConfig(nbits=nbits, group_size=group, axis=axis)
+    return HQQLinear(linear, config, compute_dtype=dtype, device=device)

@@ -6,7 +6,7 @@ Every result is compared with the float64 product of HQQ's dequantized weight
 
 import pytest
 import torch
-from helpers import assert_close_rel, dense_reference, random_adapter
+from helpers import assert_close_rel, cuda_layer, dense_reference, random_adapter
 
 import hqqlora
 from hqqlora import _decode
@@ -18,22 +18,6 @@ pytestmark = [
 ]
 
 HALF = (torch.bfloat16, torch.float16)
-
-
-def cuda_layer(nbits, dtype, *, bias=True, size=(256, 512), group=64, axis=1, device="cuda"):
-    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
-
-    gen = torch.Generator().manual_seed(nbits)
-    out_features, in_features = size
-    linear = torch.nn.Linear(in_features, out_features, bias=bias)
-    with torch.no_grad():
-        linear.weight.copy_(
-            torch.randn(out_features, in_features, generator=gen) / in_features**0.5
-        )
-        if bias:
-            linear.bias.copy_(torch.randn(out_features, generator=gen))
-    config = BaseQuantizeConfig(nbits=nbits, group_size=group, axis=axis)
-    return HQQLinear(linear, config, compute_dtype=dtype, device=device)
 
 
 def cuda_adapter(layer, *, dtype=torch.float32, dora=False, seed=1, r=8):

@@ -5,12 +5,10 @@ bf16 badly, so these run in float16. A subprocess: the interpreter is chosen whe
 kernels are defined (``TRITON_INTERPRET=1`` before ``hqqlora._decode`` is imported).
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from helpers import interpret
 
 pytest.importorskip("triton")
 
@@ -79,23 +77,8 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _interpret(script):
-    """Runs ``script`` in a subprocess with Triton's interpreter on; asserts it succeeds."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-
-
 def test_decode_kernels_in_the_interpreter_match_float64():
-    _interpret(SCRIPT)
+    interpret(SCRIPT)
 
 
 # A DoRA bank row whose index is past the bank: a NaN row, and no read outside the bank
@@ -134,7 +117,7 @@ OUT_OF_RANGE_DORA = textwrap.dedent(
 
 
 def test_dora_bank_index_past_the_bank_gives_nan_without_reading_outside():
-    _interpret(OUT_OF_RANGE_DORA)
+    interpret(OUT_OF_RANGE_DORA)
 
 
 # The public entry points with the decode path reachable on the CPU: `is_cuda` says yes for
@@ -193,7 +176,7 @@ BIAS_GRAD = DISPATCH_PRELUDE + textwrap.dedent(
 
 
 def test_bias_that_requires_grad_gets_its_gradient_at_decode():
-    _interpret(BIAS_GRAD)
+    interpret(BIAS_GRAD)
 
 
 # Shapes that do not tile evenly: out not a multiple of the tile's outputs, groups per row
@@ -257,7 +240,7 @@ EDGE_SHAPES = textwrap.dedent(
 
 
 def test_decode_kernels_at_shapes_that_do_not_tile_evenly():
-    _interpret(EDGE_SHAPES)
+    interpret(EDGE_SHAPES)
 
 
 # MODE 6 multiplies HQQ's own weights: ``(q − z)`` rounded to the compute dtype, then
@@ -291,7 +274,7 @@ MODE6_BITS = textwrap.dedent(
 
 
 def test_mode6_multiplies_hqqs_own_weights_bit_for_bit():
-    _interpret(MODE6_BITS)
+    interpret(MODE6_BITS)
 
 
 # The adapter terms of rows > 1 (computed TERM_ROWS rows at a time, stored apart, added by
@@ -445,4 +428,4 @@ assert not failures
 
 
 def test_adapter_terms_by_rows_splits_and_ranks_stay_float32():
-    _interpret(ADAPTER_TERMS)
+    interpret(ADAPTER_TERMS)

@@ -7,6 +7,7 @@ the last place of the output dtype (its one rounding) plus ``2⁻¹⁸`` of the 
 absolute terms (float32 accumulation with room; plain TF32, ``2⁻¹¹``, does not fit).
 """
 
+import helpers
 import pytest
 import torch
 from helpers import assert_close_rel, dense_reference, random_adapter
@@ -24,19 +25,8 @@ MANTISSA = {torch.bfloat16: 8, torch.float16: 11}  # bits, the implicit one incl
 
 
 def cuda_layer(nbits, dtype, *, bias=True, size=(384, 512), group=64):
-    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
-
-    gen = torch.Generator().manual_seed(nbits)
-    out_features, in_features = size
-    linear = torch.nn.Linear(in_features, out_features, bias=bias)
-    with torch.no_grad():
-        linear.weight.copy_(
-            torch.randn(out_features, in_features, generator=gen) / in_features**0.5
-        )
-        if bias:
-            linear.bias.copy_(torch.randn(out_features, generator=gen))
-    config = BaseQuantizeConfig(nbits=nbits, group_size=group, axis=1)
-    return HQQLinear(linear, config, compute_dtype=dtype, device="cuda")
+    """helpers.cuda_layer with this file's default size."""
+    return helpers.cuda_layer(nbits, dtype, bias=bias, size=size, group=group)
 
 
 def cuda_bank(layer, *, dora, dtype=torch.float32, n=4):

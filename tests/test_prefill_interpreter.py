@@ -15,12 +15,10 @@ rounding) plus ``2⁻¹⁸`` of the sum of the absolute terms (float32 accumulat
 room; TF32's ``2⁻¹¹`` does not fit).
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from helpers import interpret
 
 pytest.importorskip("triton")
 
@@ -136,23 +134,8 @@ KERNELS = PRELUDE + textwrap.dedent(
 )
 
 
-def _interpret(script):
-    """Runs ``script`` in a subprocess with Triton's interpreter on; asserts it succeeds."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-
-
 def test_prefill_kernels_in_the_interpreter_match_float64():
-    _interpret(KERNELS)
+    interpret(KERNELS)
 
 
 # An index outside [-1, n) (past the bank, far past it): a NaN row, and no read outside the
@@ -182,7 +165,7 @@ OUT_OF_RANGE = PRELUDE + textwrap.dedent(
 
 
 def test_index_outside_the_bank_gives_nan_rows_without_reading_outside():
-    _interpret(OUT_OF_RANGE)
+    interpret(OUT_OF_RANGE)
 
 
 # mixed_batch_indexed with the kernels reachable on the CPU: `is_cuda` says yes for CPU
@@ -262,7 +245,7 @@ DISPATCH = PRELUDE + textwrap.dedent(
 
 
 def test_mixed_batch_indexed_takes_the_prefill_kernels_above_64_tokens():
-    _interpret(DISPATCH)
+    interpret(DISPATCH)
 
 
 # A bank built by hand (AdapterBank is a NamedTuple: `bank._replace(...)`) whose tensors do
@@ -313,7 +296,7 @@ MALFORMED_BANK = PRELUDE + textwrap.dedent(
 
 
 def test_a_malformed_bank_is_refused_before_the_kernels_read_it():
-    _interpret(MALFORMED_BANK)
+    interpret(MALFORMED_BANK)
 
 
 # Offsets into x, the base output and the output are row × width: 64 rows × 4096 tokens ×
@@ -354,7 +337,7 @@ INT64_OFFSETS = PRELUDE + textwrap.dedent(
 
 
 def test_row_offsets_into_activations_are_int64():
-    _interpret(INT64_OFFSETS)
+    interpret(INT64_OFFSETS)
 
 
 # mixed_batch_indexed on the prefill path for inputs the other tests do not build: x with
@@ -429,4 +412,4 @@ EDGES = PRELUDE + textwrap.dedent(
 
 
 def test_prefill_path_edge_inputs_match_float64():
-    _interpret(EDGES)
+    interpret(EDGES)
