@@ -33,6 +33,23 @@ def mode6_candidates(tokens, in_f):
     return [c for c in grid if c[1] * c[2] <= steps and (tokens > 16 or c[0] <= 32)]
 
 
+def wide_candidates(tokens, in_f):
+    """Few splits and small tiles (fewer partials to store and sum, no counters at one split),
+    the corner the default grids leave out: MODE 4 at one row, MODES 5 and 6 up to 16 rows;
+    above, MODE 6 at 1-8 splits (rows per split decide the adapter term's path)."""
+    steps = in_f // 64
+    if tokens == 1:
+        grid = [(b, g, sp, w, st, 4) for b in (2, 4, 8, 16) for g in (4, 16) for sp in (1, 2, 4)
+                for w in (2, 4) for st in (1, 3)]  # fmt: skip
+    elif tokens > 16:
+        grid = [(b, 1, sp, w, 3, 6) for b in (16, 32, 64) for sp in (1, 2, 4, 8) for w in (4, 8)]
+    else:
+        grid = [(b, 1, sp, 4, st, m) for b in (8, 16, 32) for sp in (1, 2, 4) for st in (3, 4, 5)
+                for m in (5, 6)]  # fmt: skip
+        grid += [(b, 2, sp, 4, st, 6) for b in (8, 16, 32) for sp in (1, 2, 4) for st in (3, 4)]
+    return [c for c in grid if c[1] * c[2] <= steps]
+
+
 def _warm(job):
     """Runs each configuration of ``job`` once (a worker process): Triton compiles it into
     its on-disk cache, so the timing process finds it there."""
@@ -100,6 +117,8 @@ def candidates(tokens, in_f, explore=False):
 
 
 def _configs(tokens, in_f, explore, modes):
+    if modes == ["wide"]:
+        return wide_candidates(tokens, in_f)
     configs = [] if modes == [6] else candidates(tokens, in_f, explore)
     if 6 in modes and tokens > 1:
         configs += mode6_candidates(tokens, in_f)
@@ -275,7 +294,10 @@ def main() -> None:
     parser.add_argument("--explore", action="store_true", help="a wider grid")
     parser.add_argument("--profile-only", action="store_true", help="no tuning: TUNED as is")
     parser.add_argument("--tokens", type=int, nargs="*", help="these token counts only")
-    parser.add_argument("--modes", type=int, nargs="*", default=[], help="6: MODE 6's grid too")
+    parser.add_argument(
+        "--modes", nargs="*", default=[], help="6: MODE 6's grid too; wide: few splits only"
+    )
+    parser.add_argument("--shape", type=int, nargs=2, help="this (out, in) only")
     parser.add_argument("--bank", type=int, default=0, help="a bank of N adapters, one per row")
     parser.add_argument("--workers", type=int, default=12, help="compile processes")
     parser.add_argument("--no-profile", action="store_true", help="tune only")
@@ -284,11 +306,18 @@ def main() -> None:
     print(environment("cuda"))
     shapes, tokens = ([(4096, 4096), (14336, 4096)], [1, 16]) if args.quick else (SHAPES, TOKENS)
     tokens = args.tokens or tokens
+    if args.shape:
+        shapes = [tuple(args.shape)]
     if args.profile_only:
         profile_best(shapes, tokens)
         return
     best = tune(
-        shapes, tokens, explore=args.explore, modes=args.modes, bank=args.bank, workers=args.workers
+        shapes,
+        tokens,
+        explore=args.explore,
+        modes=[int(m) if m.isdigit() else m for m in args.modes],
+        bank=args.bank,
+        workers=args.workers,
     )
     print("TUNED = {")
     for key, config in sorted(best.items()):
