@@ -153,6 +153,77 @@ if triton is not None:
         tl.store(t_ptr + (split * M + m[:, None]) * BLOCK_R + r[None, :], acc, mask=m_ok[:, None])
 
     @triton.jit  # type: ignore[untyped-decorator]
+    def _one_adapter_terms(  # type: ignore[no-untyped-def]
+        rows, mine, use, k, t_ptr, b_ptr, scaling_ptr, lt_ptr, M, N, R, t_splits, stride_b_bank,
+        n, n_ok, BLOCK_R: tl.constexpr, T_SPLITS: tl.constexpr,
+    ):  # fmt: skip
+        # ``s_k · t[rows] @ B[k]ᵀ`` for rows that all read adapter k (rows that read none
+        # give 0; only ``mine`` are stored): the column tile of B once, a float32-grade dot
+        # (TF32 three times).
+        r = tl.arange(0, BLOCK_R)
+        r_ok = r < R
+        ts = tl.arange(0, T_SPLITS)
+        t_part = tl.load(
+            t_ptr + (ts[None, :, None] * M + rows[:, None, None]) * BLOCK_R + r[None, None, :],
+            mask=use[:, None, None] & (ts[None, :, None] < t_splits) & r_ok[None, None, :],
+            other=0,
+        )
+        t_rows = tl.sum(t_part, axis=1) * tl.load(scaling_ptr + k).to(tl.float32)
+        b = tl.load(
+            b_ptr + k * stride_b_bank + n[:, None] * R + r[None, :],
+            mask=n_ok[:, None] & r_ok[None, :],
+            other=0,
+        ).to(tl.float32)
+        terms = tl.dot(t_rows, tl.trans(b), input_precision="tf32x3")  # (rows, NB)
+        tl.store(
+            lt_ptr + rows[:, None] * N + n[None, :],
+            terms,
+            mask=mine[:, None] & n_ok[None, :],
+        )
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _gathered_terms(  # type: ignore[no-untyped-def]
+        first, count, idx_ptr, t_ptr, b_ptr, scaling_ptr, lt_ptr, M, N, R, t_splits,
+        stride_b_bank, n_bank, n, n_ok, HAS_IDX: tl.constexpr, BLOCK_R: tl.constexpr,
+        T_SPLITS: tl.constexpr, TERM_ROWS: tl.constexpr,
+    ):  # fmt: skip
+        # ``s_k · t[i] @ B[k_i]ᵀ`` for rows ``first .. first + count``, TERM_ROWS at a
+        # time, each row reading the column tile of its own B (one gathered load, no
+        # branch); rows that read no adapter give 0.
+        r = tl.arange(0, BLOCK_R)
+        r_ok = r < R
+        i = tl.arange(0, TERM_ROWS)
+        ts = tl.arange(0, T_SPLITS)
+        for c0 in range(0, count, TERM_ROWS):
+            rows = first + c0 + i
+            mine = (c0 + i < count) & (rows < M)
+            if HAS_IDX:  # noqa: SIM108 - Triton wants a plain branch on a constexpr
+                k_i = tl.load(idx_ptr + rows, mask=mine, other=-1)
+            else:
+                k_i = tl.where(mine, 0, -1)
+            use = mine & (k_i >= 0) & (k_i < n_bank)
+            k_safe = tl.where(use, k_i, 0).to(tl.int64)
+            t_part = tl.load(
+                t_ptr + (ts[None, :, None] * M + rows[:, None, None]) * BLOCK_R + r[None, None, :],
+                mask=use[:, None, None] & (ts[None, :, None] < t_splits) & r_ok[None, None, :],
+                other=0,
+            )
+            s_k = tl.load(scaling_ptr + k_safe, mask=use, other=0).to(tl.float32)
+            t_rows = tl.sum(t_part, axis=1) * s_k[:, None]  # (TERM_ROWS, BLOCK_R)
+            b = tl.load(
+                b_ptr
+                + k_safe[:, None, None] * stride_b_bank
+                + n[None, :, None] * R
+                + r[None, None, :],
+                mask=use[:, None, None] & n_ok[None, :, None] & r_ok[None, None, :],
+                other=0,
+            ).to(tl.float32)
+            terms = tl.sum(b * t_rows[:, None, :], axis=2)  # (TERM_ROWS, NB)
+            tl.store(
+                lt_ptr + rows[:, None] * N + n[None, :], terms, mask=mine[:, None] & n_ok[None, :]
+            )
+
+    @triton.jit  # type: ignore[untyped-decorator]
     def _main_kernel(  # type: ignore[no-untyped-def]
         x_ptr,
         packed_ptr,
@@ -190,6 +261,7 @@ if triton is not None:
         SPLIT_K: tl.constexpr,
         ROWS_PER_SPLIT: tl.constexpr,
         TERM_ROWS: tl.constexpr,
+        DOT_ROWS: tl.constexpr,
         T_SPLITS: tl.constexpr,
         HAS_LORA: tl.constexpr,
         HAS_IDX: tl.constexpr,
@@ -430,43 +502,39 @@ if triton is not None:
                 term = tl.sum(b * t_row[None, :], axis=1)  # (NB,)
                 acc += tl.where(m[:, None] == split, term[None, :], 0.0)
         elif HAS_LORA:
-            # This split's share of the rows, TERM_ROWS at a time: their adapter terms,
-            # each row reading the column tile of its own B (one gathered load, no branch),
-            # stored apart (``lt``) for the last split to add.
-            i = tl.arange(0, TERM_ROWS)
-            ts = tl.arange(0, T_SPLITS)
-            for c0 in range(0, ROWS_PER_SPLIT, TERM_ROWS):
-                rows = split * ROWS_PER_SPLIT + c0 + i
-                mine = (c0 + i < ROWS_PER_SPLIT) & (rows < M)
-                if HAS_IDX:
-                    k_i = tl.load(idx_ptr + rows, mask=mine, other=-1)
-                else:
-                    k_i = tl.where(mine, 0, -1)
-                use = mine & (k_i >= 0) & (k_i < n_bank)
-                k_safe = tl.where(use, k_i, 0).to(tl.int64)
-                t_part = tl.load(
-                    t_ptr
-                    + (ts[None, :, None] * M + rows[:, None, None]) * BLOCK_R
-                    + r[None, None, :],
-                    mask=use[:, None, None] & (ts[None, :, None] < t_splits) & r_ok[None, None, :],
-                    other=0,
-                )
-                s_k = tl.load(scaling_ptr + k_safe, mask=use, other=0).to(tl.float32)
-                t_rows = tl.sum(t_part, axis=1) * s_k[:, None]  # (TERM_ROWS, BLOCK_R)
-                b = tl.load(
-                    b_ptr
-                    + k_safe[:, None, None] * stride_b_bank
-                    + n[None, :, None] * R
-                    + r[None, None, :],
-                    mask=use[:, None, None] & n_ok[None, :, None] & r_ok[None, None, :],
-                    other=0,
-                ).to(tl.float32)
-                terms = tl.sum(b * t_rows[:, None, :], axis=2)  # (TERM_ROWS, NB); 0 without
-                tl.store(
-                    lt_ptr + rows[:, None] * N + n[None, :],
-                    terms,
-                    mask=mine[:, None] & n_ok[None, :],
-                )
+            # This split's share of the rows: their adapter terms, stored apart (``lt``) for
+            # the last split to add. DOT_ROWS rows at a time that share one adapter (or
+            # none) read its column tile of B once and multiply on tensor cores; rows of
+            # several adapters read each row's own tile, TERM_ROWS at a time.
+            if DOT_ROWS > 0:
+                d = tl.arange(0, DOT_ROWS)
+                for c0 in range(0, ROWS_PER_SPLIT, DOT_ROWS):
+                    rows = split * ROWS_PER_SPLIT + c0 + d
+                    mine = (c0 + d < ROWS_PER_SPLIT) & (rows < M)
+                    if HAS_IDX:
+                        k_d = tl.load(idx_ptr + rows, mask=mine, other=-1).to(tl.int64)
+                    else:
+                        k_d = tl.where(mine, 0, -1).to(tl.int64)
+                    use = mine & (k_d >= 0) & (k_d < n_bank)
+                    k_lo = tl.min(tl.where(use, k_d, n_bank), axis=0)
+                    k_hi = tl.max(tl.where(use, k_d, -1), axis=0)
+                    if k_lo >= k_hi:  # one adapter (k_hi) or none (no row uses one)
+                        _one_adapter_terms(
+                            rows, mine, use, tl.maximum(k_hi, 0), t_ptr, b_ptr, scaling_ptr, lt_ptr,
+                            M, N, R, t_splits, stride_b_bank, n, n_ok, BLOCK_R, T_SPLITS,
+                        )  # fmt: skip
+                    else:
+                        _gathered_terms(
+                            split * ROWS_PER_SPLIT + c0, tl.minimum(DOT_ROWS, ROWS_PER_SPLIT - c0),
+                            idx_ptr, t_ptr, b_ptr, scaling_ptr, lt_ptr, M, N, R, t_splits,
+                            stride_b_bank, n_bank, n, n_ok, HAS_IDX, BLOCK_R, T_SPLITS, TERM_ROWS,
+                        )  # fmt: skip
+            else:
+                _gathered_terms(
+                    split * ROWS_PER_SPLIT, ROWS_PER_SPLIT, idx_ptr, t_ptr, b_ptr, scaling_ptr,
+                    lt_ptr, M, N, R, t_splits, stride_b_bank, n_bank, n, n_ok, HAS_IDX, BLOCK_R,
+                    T_SPLITS, TERM_ROWS,
+                )  # fmt: skip
 
         if SPLIT_K > 1:
             ws = ws_ptr + (split * BLOCK_M + m[:, None]) * N + n[None, :]
@@ -590,6 +658,10 @@ TUNED: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, int]] = {
 
 SHRINK_ROWS = 4
 """Rows of ``x`` per shrink program (more rows, fewer programs but larger register tiles)."""
+
+DOT_ROWS = 16
+"""Rows of adapter terms a tensor-core dot takes at once where they share one adapter
+(splits of fewer rows read each row's own tile of B)."""
 
 SHRINK_PROGRAMS = 256
 """Shrink programs at most (splits along ``in`` are halved until they fit)."""
@@ -723,6 +795,7 @@ def _launch(
         n_bank,
         BITS=bits, PER=per, GROUP=group, GPS=gps, BLOCK_M=block_m, BLOCK_P=block_p,
         BLOCK_R=block_r, SPLIT_K=split, ROWS_PER_SPLIT=rows_per_split, TERM_ROWS=term_rows,
+        DOT_ROWS=DOT_ROWS if rows_per_split >= DOT_ROWS else 0,
         T_SPLITS=triton.next_power_of_2(t_splits),
         HAS_LORA=has_lora, HAS_IDX=has_idx, HAS_DORA=has_dora, HAS_BIAS=bias is not None,
         MODE=mode, MAGIC=magic, OFFSET=offset, USE_PDL=pdl,

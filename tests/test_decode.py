@@ -389,3 +389,51 @@ def test_without_programmatic_dependent_launch(tokens, monkeypatch):
         assert_close_rel(
             got[i], dense_reference(layer, q, x[i : i + 1])[0], torch.bfloat16, factor=2
         )
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("pdl", [True, False])
+@pytest.mark.parametrize("rows", [1, 2, 16, 17, 40, 64])
+@pytest.mark.parametrize("size", [(4096, 4096), (768, 1024)])
+def test_graph_replays_give_the_same_bits(size, rows, pdl, shared, monkeypatch):
+    # A race between splits, or between the shrink and the main kernel under programmatic
+    # dependent launch, shows as a replay whose bits differ from the others. The tuned
+    # configurations (4096²) and the default rule (768×1024), a bank read by rows of
+    # several adapters, or by rows that share one (the one-dot path), and rows without one.
+    monkeypatch.setattr(_decode, "PDL", pdl)
+    layer = cuda_layer(4, torch.bfloat16, size=size)
+    adapters = {f"a{i}": cuda_adapter(layer, seed=i, r=16) for i in range(3)}
+    bank = hqqlora.stack_adapters(adapters)
+    index = (torch.arange(rows, device="cuda") % 4) - 1  # -1, 0, 1, 2, -1, ...
+    if shared:
+        index = torch.where(index == -1, -1, 1)
+    x = torch.randn(rows, size[1], device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+
+        def call():
+            return hqqlora.mixed_batch_indexed(x, bank, index, base=layer)
+
+        got, fused = uses_decode(call, monkeypatch)
+        assert fused
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            call()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = call()
+        replays = []
+        for _ in range(300):
+            graph.replay()
+            replays.append(captured.clone())
+        torch.cuda.synchronize()
+    assert all(torch.equal(got, r) for r in replays)
+    for i in range(rows):
+        k = int(index[i])
+        ref = (
+            _base_ref(layer, x[i : i + 1])
+            if k < 0
+            else dense_reference(layer, adapters[f"a{k}"], x[i : i + 1])
+        )
+        assert_close_rel(got[i : i + 1], ref, torch.bfloat16)

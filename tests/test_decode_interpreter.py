@@ -429,3 +429,77 @@ assert not failures
 
 def test_adapter_terms_by_rows_splits_and_ranks_stay_float32():
     interpret(ADAPTER_TERMS)
+
+
+# Rows that share one adapter (or none) take one tensor-core dot of B's column tile per 16
+# rows of a split; rows of several adapters the gathered load. Chunks of each kind, partial
+# chunks (a split of 20 rows: 16 + 4, whose padding rows belong to the next split), rows
+# without an adapter inside a shared chunk, a chunk where every row is past the bank (NaN),
+# and one adapter without an index.
+SHARED = textwrap.dedent(
+    r"""
+    import torch
+    import hqqlora
+    from hqqlora import _decode
+    from hqqlora._base import quant_layout, quant_tensors
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96)
+    layer = HQQLinear(lin, BaseQuantizeConfig(nbits=4, group_size=64, axis=1),
+                      compute_dtype=torch.float16, device="cpu")
+    layout = quant_layout(layer)
+    W_q, scale, zero = quant_tensors(layer)
+    W = hqqlora.dequantize(layer).double()
+    n = 3
+    A, B = torch.randn(n, 16, 256) * 0.1, torch.randn(n, 96, 16) * 0.1
+    s, is_dora = torch.tensor([0.5, 2.0, 1.0]), torch.tensor([True, False, True])
+    mag, norm = torch.rand(n, 96) + 0.5, torch.rand(n, 96) + 0.5
+    failures = []
+    ar = torch.arange
+    for rows, config, idx in (
+        (64, None, torch.zeros(64, dtype=torch.long)),
+        (40, (16, 1, 2, 4, 3, 6), torch.ones(40, dtype=torch.long)),
+        (40, (16, 1, 2, 4, 3, 6), torch.where(ar(40) % 3 == 0, -1, 2)),
+        (40, (16, 1, 2, 4, 3, 5), torch.where(ar(40) < 20, 0, ar(40) % 3)),
+        (33, (16, 1, 1, 4, 3, 6), ar(33) % 4 - 1),
+        (64, (16, 1, 4, 4, 3, 6), torch.full((64,), -1)),
+        (48, (16, 1, 2, 4, 3, 6), torch.where(ar(48) < 30, 3, 0)),
+        (20, (16, 1, 1, 4, 3, 5), None),
+        (64, (16, 1, 4, 4, 3, 6), None),
+    ):
+        _decode.TUNED.clear()
+        if config:
+            _decode.TUNED[(96, 256, 2, rows)] = config
+        x = torch.randn(rows, 256).half()
+        if idx is None:
+            got = _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A[1], lora_B=B[1],
+                                      scaling=s[1:2], bias=layer.bias)
+            idx, dora = torch.ones(rows, dtype=torch.long), False
+        else:
+            got = _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A, lora_B=B, scaling=s,
+                                      index=idx, magnitude=mag, weight_norm=norm,
+                                      is_dora=is_dora, bias=layer.bias)
+            dora = True
+        for i in range(rows):
+            k = int(idx[i])
+            if k >= n:
+                if not torch.isnan(got[i]).all():
+                    failures.append((rows, config, i, k, "not NaN"))
+                continue
+            ref = x[i].double() @ W.T
+            if k >= 0:
+                ref = ref + s[k].double() * (x[i].double() @ A[k].double().T) @ B[k].double().T
+                if dora and is_dora[k]:
+                    ref = ref * (mag[k] / norm[k]).double()
+            ref = ref + layer.bias.double()
+            if not ((got[i].double() - ref).norm() / ref.norm()) < 2e-3:
+                failures.append((rows, config, i, k))
+    print("FAILURES", failures)
+    assert not failures
+    """
+)
+
+
+def test_rows_that_share_an_adapter_take_one_dot_and_match_float64():
+    interpret(SHARED)
