@@ -795,7 +795,7 @@ def _launch(
         n_bank,
         BITS=bits, PER=per, GROUP=group, GPS=gps, BLOCK_M=block_m, BLOCK_P=block_p,
         BLOCK_R=block_r, SPLIT_K=split, ROWS_PER_SPLIT=rows_per_split, TERM_ROWS=term_rows,
-        DOT_ROWS=DOT_ROWS if rows_per_split >= DOT_ROWS else 0,
+        DOT_ROWS=DOT_ROWS if rows_per_split >= DOT_ROWS and nb >= 16 else 0,
         T_SPLITS=triton.next_power_of_2(t_splits),
         HAS_LORA=has_lora, HAS_IDX=has_idx, HAS_DORA=has_dora, HAS_BIAS=bias is not None,
         MODE=mode, MAGIC=magic, OFFSET=offset, USE_PDL=pdl,
