@@ -646,14 +646,17 @@ def kernel_call_allowed(x: Tensor, layout: QuantLayout, *held: Tensor | None) ->
 
 # (packed rows per tile, groups per K step, K splits, warps, stages, MODE) by (out, in, codes
 # per byte, rows): the best of benchmarks/tune_decode.py on an H100 (CUDA-graph timing,
-# LoRA r=16, shrink included); other shapes take decode_config's rule, fitted to these.
+# LoRA r=16, shrink included; at 64 rows one adapter read through an index, as a mixed batch
+# whose rows share it); other shapes take decode_config's rule, fitted to these.
 TUNED: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, int]] = {
     (4096, 4096, 2, 1): (32, 4, 16, 4, 1, 4),
     (4096, 4096, 2, 16): (32, 1, 16, 4, 2, 5),
     (4096, 4096, 2, 64): (64, 1, 4, 8, 3, 6),
     (14336, 4096, 2, 1): (32, 4, 16, 4, 1, 4),
     (14336, 4096, 2, 16): (32, 1, 4, 4, 3, 5),
-    (14336, 4096, 2, 64): (64, 1, 2, 4, 3, 6),
+    (14336, 4096, 2, 64): (32, 1, 4, 4, 3, 6),
+    (4096, 14336, 2, 64): (64, 1, 4, 8, 3, 6),
+    (1024, 4096, 2, 64): (16, 1, 8, 8, 3, 6),
 }
 
 SHRINK_ROWS = 4
