@@ -497,9 +497,10 @@ def main() -> None:
 
                 traceback.print_exc()
                 text += f"{name}: failed: {type(exc).__name__}: {exc}\n"
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text)
+            if args.out:  # after each table, so a run cut short keeps what it measured
+                with open(args.out, "a") as f:
+                    f.write(text)
+                text = ""
 
 
 if __name__ == "__main__":
