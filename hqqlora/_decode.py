@@ -12,10 +12,12 @@ its cost is the bytes it reads. Two Triton kernels read each of them once:
    output rows of all its slots), times ``x`` with float32 accumulation. Split along
    ``in``: each split writes its float32 partial and computes the adapter term
    ``s_k · t[i] @ B[k_i]ᵀ`` of its share of the rows, each row reading the column tile
-   of its own B (at one token added to the partial; above, a few rows at a time in one
-   gathered load, stored apart); the last split of each column tile (a counter) sums
-   the partials in split order, adds the terms and writes ``c ⊙ (base + term) + bias``
-   in the output dtype (``c`` = DoRA's ``magnitude / weight_norm``, 1 for LoRA rows).
+   of its own B (at one token added to the partial; above, stored apart: 16 rows that
+   share one adapter read its tile once and take one tensor-core dot, rows of several
+   adapters a few at a time in one gathered load); the last split of each column tile
+   (a counter) sums the partials in split order, adds the terms and writes
+   ``c ⊙ (base + term) + bias`` in the output dtype (``c`` = DoRA's
+   ``magnitude / weight_norm``, 1 for LoRA rows).
 
 On Hopper and later the second kernel is a programmatic dependent launch: it starts
 while the shrink kernel runs, reads the codes, and waits (``gdc_wait``) only before it
@@ -56,8 +58,10 @@ larger: in a float32 simulation about 1e-4 of the largest output for 1-bit fp16 
 (less at more bits), below the output's rounding. MODE 6 multiplies HQQ's rounded
 weights themselves: it differs from the dense path only in the order of the float32
 sums (HQQ keeps scale and zero in the compute dtype; were they wider, MODE 6 would round
-them to it, within one rounding of the weight). The adapter term is computed in float32 from the adapters' own values (a float32
-adapter is not rounded to bf16). One rounding to the output dtype at the end.
+them to it, within one rounding of the weight). The adapter term is computed in float32
+from the adapters' own values (a float32 adapter is not rounded to bf16); where 16 rows
+share an adapter, its dot is TF32 three times (split operands, float32 accumulation:
+about float32's precision, not its bits). One rounding to the output dtype at the end.
 """
 
 from __future__ import annotations
