@@ -297,6 +297,7 @@ def main() -> None:
     parser.add_argument(
         "--modes", nargs="*", default=[], help="6: MODE 6's grid too; wide: few splits only"
     )
+    parser.add_argument("--term-floats", type=int, help="_decode.TERM_FLOATS for this run")
     parser.add_argument("--shape", type=int, nargs=2, help="this (out, in) only")
     parser.add_argument("--bank", type=int, default=0, help="a bank of N adapters, one per row")
     parser.add_argument("--workers", type=int, default=12, help="compile processes")
@@ -308,6 +309,8 @@ def main() -> None:
     tokens = args.tokens or tokens
     if args.shape:
         shapes = [tuple(args.shape)]
+    if args.term_floats:
+        _decode.TERM_FLOATS = args.term_floats
     if args.profile_only:
         profile_best(shapes, tokens)
         return

@@ -670,6 +670,9 @@ DOT_ROWS = 16
 """Rows of adapter terms a tensor-core dot takes at once where they share one adapter
 (splits of fewer rows read each row's own tile of B)."""
 
+TERM_FLOATS = 8192
+"""Floats at most in one gathered tile of B (rows of several adapters)."""
+
 SHRINK_PROGRAMS = 256
 """Shrink programs at most (splits along ``in`` are halved until they fit)."""
 
@@ -783,9 +786,9 @@ def _launch(
         magic, offset = 0x4300, 128.0
     rows_per_split = triton.cdiv(rows, split)
     # Rows of adapter terms at a time: a gathered (rows, outputs, rank) tile of B of at
-    # most 8192 floats.
+    # most TERM_FLOATS floats.
     nb = block_p * (1 if mode == 1 else per)
-    term_rows = min(triton.next_power_of_2(rows_per_split), max(1, 8192 // (nb * block_r)))
+    term_rows = min(triton.next_power_of_2(rows_per_split), max(1, TERM_FLOATS // (nb * block_r)))
     lt = dummy
     if has_lora and block_m > 1:
         lt = torch.empty(rows, n_out, dtype=torch.float32, device=device)

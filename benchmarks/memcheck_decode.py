@@ -1,0 +1,76 @@
+"""Out-of-bounds check of the decode kernels (CUDA): run under compute-sanitizer.
+
+compute-sanitizer --tool memcheck --leak-check no python benchmarks/memcheck_decode.py
+
+Default and tuned configurations at 1-64 rows, 2 and 4 bits: the base alone, a bank with
+DoRA, bias, rows without an adapter and rows past the bank, one adapter without an index,
+and rows that share one adapter (the one-dot path).
+"""
+
+import torch
+from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+from hqqlora import _decode
+from hqqlora._base import quant_layout, quant_tensors
+
+torch.manual_seed(0)
+for nbits in (4, 2):
+    lin = torch.nn.Linear(1024, 768)
+    layer = HQQLinear(
+        lin,
+        BaseQuantizeConfig(nbits=nbits, group_size=64, axis=1),
+        compute_dtype=torch.bfloat16,
+        device="cuda",
+    )
+    layout = quant_layout(layer)
+    W_q, scale, zero = quant_tensors(layer)
+    per = layout.packing_bits[1]
+    n, r = 3, 16
+    A, B = torch.randn(n, r, 1024, device="cuda") * 0.1, torch.randn(n, 768, r, device="cuda") * 0.1
+    s, is_dora = (
+        torch.tensor([0.5, 2.0, 1.0], device="cuda"),
+        torch.tensor([True, False, True], device="cuda"),
+    )
+    mag, norm = torch.rand(n, 768, device="cuda") + 0.5, torch.rand(n, 768, device="cuda") + 0.5
+    for rows, config in (
+        (1, None),
+        (1, (32, 4, 16, 4, 1, 4)),
+        (1, (2, 4, 1, 2, 1, 4)),
+        (2, None),
+        (16, None),
+        (16, (32, 1, 16, 4, 2, 5)),
+        (16, (8, 2, 1, 4, 3, 6)),
+        (17, None),
+        (64, None),
+        (64, (64, 1, 4, 8, 3, 6)),
+        (64, (16, 1, 4, 4, 3, 6)),
+    ):
+        _decode.TUNED.clear()
+        if config is not None:
+            _decode.TUNED[(768, 1024, per, rows)] = config
+        x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+        idx = torch.arange(rows, device="cuda") % 5 - 1  # -1, 0, 1, 2, 3 (past the bank)
+        for kw in (
+            {},
+            {
+                "lora_A": A,
+                "lora_B": B,
+                "scaling": s,
+                "index": idx,
+                "magnitude": mag,
+                "weight_norm": norm,
+                "is_dora": is_dora,
+                "bias": layer.bias,
+            },
+            {"lora_A": A[0], "lora_B": B[0], "scaling": s[:1]},
+            {
+                "lora_A": A,
+                "lora_B": B,
+                "scaling": s,
+                "bias": layer.bias,
+                "index": torch.where(idx == 3, -1, 1),
+            },
+        ):
+            _decode.lora_decode(x, W_q, scale, zero, layout, **kw)
+        torch.cuda.synchronize()
+        print(nbits, rows, config, "ok", flush=True)
