@@ -648,11 +648,12 @@ def kernel_call_allowed(x: Tensor, layout: QuantLayout, *held: Tensor | None) ->
     return all(t is None or t.device == x.device for t in held)
 
 
-# (packed rows per tile, groups per K step, K splits, warps, stages, MODE) by (out, in, codes
-# per byte, rows): the best of benchmarks/tune_decode.py on an H100 (CUDA-graph timing,
-# LoRA r=16, shrink included; at 64 rows one adapter read through an index, as a mixed batch
-# whose rows share it); other shapes take decode_config's rule, fitted to these.
-TUNED: dict[tuple[int, int, int, int], tuple[int, int, int, int, int, int]] = {
+# (packed rows per tile, groups per K step, K splits, warps, stages, MODE[, registers per
+# thread at most]) by (out, in, codes per byte, rows): the best of benchmarks/tune_decode.py
+# on an H100 (CUDA-graph timing, LoRA r=16, shrink included; at 64 rows one adapter read
+# through an index, as a mixed batch whose rows share it); other shapes take
+# decode_config's rule, fitted to these.
+TUNED: dict[tuple[int, int, int, int], tuple[int, ...]] = {
     (4096, 4096, 2, 1): (32, 4, 16, 4, 1, 4),
     (4096, 4096, 2, 16): (32, 1, 16, 4, 2, 5),
     (4096, 4096, 2, 64): (64, 1, 4, 8, 3, 6),
@@ -670,7 +671,7 @@ DOT_ROWS = 16
 """Rows of adapter terms a tensor-core dot takes at once where they share one adapter
 (splits of fewer rows read each row's own tile of B)."""
 
-TERM_FLOATS = 8192
+TERM_FLOATS = 16384
 """Floats at most in one gathered tile of B (rows of several adapters)."""
 
 SHRINK_PROGRAMS = 256
@@ -727,7 +728,10 @@ def _launch(
 ) -> Tensor:
     bits, per, group, n_out, k_in = meta
     rows = x.shape[0]
-    block_p, gps, split, warps, stages, mode = decode_config(n_out, k_in, per, group, rows)
+    config = decode_config(n_out, k_in, per, group, rows)
+    block_p, gps, split, warps, stages, mode = config[:6]
+    # A 7th entry caps the main kernel's registers per thread (more programs resident).
+    limits = {"maxnreg": config[6]} if len(config) > 6 and config[6] else {}
     if mode in (2, 4) and rows != 1:  # the GEMVs take one row; the default above
         mode = 5
     block_m = 1 if mode in (2, 4) else max(16, triton.next_power_of_2(rows))
@@ -809,7 +813,7 @@ def _launch(
         T_SPLITS=triton.next_power_of_2(t_splits),
         HAS_LORA=has_lora, HAS_IDX=has_idx, HAS_DORA=has_dora, HAS_BIAS=bias is not None,
         MODE=mode, MAGIC=magic, OFFSET=offset, USE_PDL=pdl,
-        num_warps=warps, num_stages=stages, launch_pdl=pdl,
+        num_warps=warps, num_stages=stages, launch_pdl=pdl, **limits,
     )  # fmt: skip
     return out
 
