@@ -432,10 +432,11 @@ def test_adapter_terms_by_rows_splits_and_ranks_stay_float32():
 
 
 # Rows that share one adapter (or none) take one tensor-core dot of B's column tile per 16
-# rows of a split; rows of several adapters the gathered load. Chunks of each kind, partial
+# rows of a split (or, where splits hold fewer than 16 rows, one split of the tile takes
+# every row); rows of several adapters the gathered load. Chunks of each kind, partial
 # chunks (a split of 20 rows: 16 + 4, whose padding rows belong to the next split), rows
 # without an adapter inside a shared chunk, a chunk where every row is past the bank (NaN),
-# and one adapter without an index.
+# one odd row out among 40, and one adapter without an index.
 SHARED = textwrap.dedent(
     r"""
     import torch
@@ -467,6 +468,15 @@ SHARED = textwrap.dedent(
         (48, (16, 1, 2, 4, 3, 6), torch.where(ar(48) < 30, 3, 0)),
         (20, (16, 1, 1, 4, 3, 5), None),
         (64, (16, 1, 4, 4, 3, 6), None),
+        # Splits of fewer than 16 rows: one split of each tile takes every row's term.
+        (16, (16, 1, 4, 4, 3, 5), torch.full((16,), 2)),
+        (16, (16, 1, 4, 4, 3, 5), torch.where(ar(16) % 5 == 0, -1, 0)),
+        (16, (16, 1, 4, 4, 3, 5), ar(16) % 3),
+        (5, (16, 1, 2, 4, 3, 6), torch.full((5,), 3)),
+        (40, (16, 1, 4, 4, 3, 6), torch.where(ar(40) % 7 == 0, -1, 1)),
+        (40, (16, 1, 4, 4, 3, 6), torch.where(ar(40) == 39, 0, 1)),
+        (12, (16, 1, 4, 4, 3, 6), None),
+        (3, (16, 1, 1, 4, 3, 5), torch.tensor([1, -1, 1])),
     ):
         _decode.TUNED.clear()
         if config:
