@@ -266,7 +266,6 @@ if triton is not None:
         ROWS_PER_SPLIT: tl.constexpr,
         TERM_ROWS: tl.constexpr,
         DOT_ROWS: tl.constexpr,
-        TILE_DOT: tl.constexpr,
         T_SPLITS: tl.constexpr,
         HAS_LORA: tl.constexpr,
         HAS_IDX: tl.constexpr,
@@ -507,39 +506,11 @@ if triton is not None:
                 term = tl.sum(b * t_row[None, :], axis=1)  # (NB,)
                 acc += tl.where(m[:, None] == split, term[None, :], 0.0)
         elif HAS_LORA:
-            # Adapter terms, stored apart (``lt``) for the last split to add. DOT_ROWS rows
-            # at a time that share one adapter (or none) read its column tile of B once and
-            # multiply on tensor cores; rows of several adapters read each row's own tile,
-            # TERM_ROWS at a time. Splits of fewer than DOT_ROWS rows (TILE_DOT): where every
-            # row shares one adapter, one split of the tile (``pid_n % SPLIT_K``, so the
-            # work spreads over the splits) takes them all; else each split its own share.
-            if TILE_DOT:
-                use_all = m_ok & (k_rows >= 0) & (k_rows < n_bank)
-                k_lo = tl.min(tl.where(use_all, k_rows.to(tl.int64), n_bank), axis=0)
-                k_hi = tl.max(tl.where(use_all, k_rows.to(tl.int64), -1), axis=0)
-                if k_lo >= k_hi:  # one adapter (k_hi) or none for every row
-                    if split == pid_n % SPLIT_K:
-                        d = tl.arange(0, DOT_ROWS)
-                        for c0 in range(0, M, DOT_ROWS):
-                            rows = c0 + d
-                            mine = rows < M
-                            if HAS_IDX:
-                                k_d = tl.load(idx_ptr + rows, mask=mine, other=-1)
-                            else:
-                                k_d = tl.where(mine, 0, -1)
-                            use = mine & (k_d >= 0) & (k_d < n_bank)
-                            _one_adapter_terms(
-                                rows, mine, use, tl.maximum(k_hi, 0), t_ptr, b_ptr, scaling_ptr,
-                                lt_ptr, M, N, R, t_splits, stride_b_bank, n, n_ok, BLOCK_R,
-                                T_SPLITS,
-                            )  # fmt: skip
-                else:
-                    _gathered_terms(
-                        split * ROWS_PER_SPLIT, ROWS_PER_SPLIT, idx_ptr, t_ptr, b_ptr,
-                        scaling_ptr, lt_ptr, M, N, R, t_splits, stride_b_bank, n_bank, n, n_ok,
-                        HAS_IDX, BLOCK_R, T_SPLITS, TERM_ROWS,
-                    )  # fmt: skip
-            elif DOT_ROWS > 0:
+            # This split's share of the rows: their adapter terms, stored apart (``lt``) for
+            # the last split to add. DOT_ROWS rows at a time that share one adapter (or
+            # none) read its column tile of B once and multiply on tensor cores; rows of
+            # several adapters read each row's own tile, TERM_ROWS at a time.
+            if DOT_ROWS > 0:
                 d = tl.arange(0, DOT_ROWS)
                 for c0 in range(0, ROWS_PER_SPLIT, DOT_ROWS):
                     rows = split * ROWS_PER_SPLIT + c0 + d
@@ -822,7 +793,6 @@ def _launch(
     # most TERM_FLOATS floats.
     nb = block_p * (1 if mode == 1 else per)
     term_rows = min(triton.next_power_of_2(rows_per_split), max(1, TERM_FLOATS // (nb * block_r)))
-    dot_rows = DOT_ROWS if nb >= 16 else 0  # a tensor-core dot's least width
     lt = dummy
     if has_lora and block_m > 1:
         lt = torch.empty(rows, n_out, dtype=torch.float32, device=device)
@@ -839,7 +809,7 @@ def _launch(
         n_bank,
         BITS=bits, PER=per, GROUP=group, GPS=gps, BLOCK_M=block_m, BLOCK_P=block_p,
         BLOCK_R=block_r, SPLIT_K=split, ROWS_PER_SPLIT=rows_per_split, TERM_ROWS=term_rows,
-        DOT_ROWS=dot_rows, TILE_DOT=dot_rows > 0 and rows_per_split < dot_rows,
+        DOT_ROWS=DOT_ROWS if rows_per_split >= DOT_ROWS and nb >= 16 else 0,
         T_SPLITS=triton.next_power_of_2(t_splits),
         HAS_LORA=has_lora, HAS_IDX=has_idx, HAS_DORA=has_dora, HAS_BIAS=bias is not None,
         MODE=mode, MAGIC=magic, OFFSET=offset, USE_PDL=pdl,

@@ -432,8 +432,7 @@ def test_adapter_terms_by_rows_splits_and_ranks_stay_float32():
 
 
 # Rows that share one adapter (or none) take one tensor-core dot of B's column tile per 16
-# rows of a split (or, where splits hold fewer than 16 rows, one split of the tile takes
-# every row); rows of several adapters the gathered load. Chunks of each kind, partial
+# rows of a split; rows of several adapters, or splits of fewer rows, the gathered load. Chunks of each kind, partial
 # chunks (a split of 20 rows: 16 + 4, whose padding rows belong to the next split), rows
 # without an adapter inside a shared chunk, a chunk where every row is past the bank (NaN),
 # one odd row out among 40, and one adapter without an index.
@@ -468,7 +467,7 @@ SHARED = textwrap.dedent(
         (48, (16, 1, 2, 4, 3, 6), torch.where(ar(48) < 30, 3, 0)),
         (20, (16, 1, 1, 4, 3, 5), None),
         (64, (16, 1, 4, 4, 3, 6), None),
-        # Splits of fewer than 16 rows: one split of each tile takes every row's term.
+        # Splits of fewer than 16 rows (each reads its own rows' tiles), shared and mixed.
         (16, (16, 1, 4, 4, 3, 5), torch.full((16,), 2)),
         (16, (16, 1, 4, 4, 3, 5), torch.where(ar(16) % 5 == 0, -1, 0)),
         (16, (16, 1, 4, 4, 3, 5), ar(16) % 3),
