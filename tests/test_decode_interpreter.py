@@ -512,3 +512,82 @@ SHARED = textwrap.dedent(
 
 def test_rows_that_share_an_adapter_take_one_dot_and_match_float64():
     interpret(SHARED)
+
+
+# The one-adapter dot's precision. The interpreter computes every dot in float32 whatever
+# its input_precision; this prelude rounds as a GPU does (TF32: 10-bit mantissas; TF32x3: a
+# TF32 head and tail of each operand, three products), so a kernel that asked for plain
+# TF32 fails here. MODE 6 multiplies HQQ's own weights, so the only errors left are float32
+# sums and the output's one rounding: each output within half a float16 ulp plus 2⁻¹⁸ of
+# the sum of its absolute terms (TF32's 2⁻¹¹ does not fit). A large B with terms of both
+# signs makes the adapter term dominate and cancel.
+TERM_PRECISION = textwrap.dedent(
+    r"""
+    import numpy as np
+    import torch
+    from triton._C.libtriton import ir as _ir
+    from triton.runtime import interpreter as _interp
+
+    _real_dot = _interp.InterpreterBuilder.create_dot
+
+    def _tf32(a):
+        bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+        return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+    def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.data.dtype != np.float32 or input_precision == _ir.INPUT_PRECISION.IEEE:
+            return _real_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        ha, hb = _tf32(a.data), _tf32(b.data)
+        prod = np.matmul(ha, hb)
+        if input_precision == _ir.INPUT_PRECISION.TF32x3:
+            la, lb = _tf32(a.data - ha), _tf32(b.data - hb)
+            prod = np.matmul(la, hb) + np.matmul(ha, lb) + prod
+        return _interp.TensorHandle((prod + d.data).astype(np.float32), d.dtype.scalar)
+
+    _interp.InterpreterBuilder.create_dot = _create_dot
+
+    import hqqlora
+    from hqqlora import _decode
+    from hqqlora._base import quant_layout, quant_tensors
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    torch.manual_seed(0)
+    layer = HQQLinear(torch.nn.Linear(256, 96), BaseQuantizeConfig(nbits=4, group_size=64, axis=1),
+                      compute_dtype=torch.float16, device="cpu")
+    layout = quant_layout(layer)
+    W_q, scale, zero = quant_tensors(layer)
+    W = hqqlora.dequantize(layer).double()
+    n, r = 2, 16
+    A, B = torch.randn(n, r, 256) / 16, torch.randn(n, 96, r) * 4
+    s = torch.tensor([0.75, 1.5])
+    failures = []
+    for rows, config, idx in ((32, (16, 1, 2, 4, 3, 6), torch.ones(32, dtype=torch.long)),
+                              (16, (16, 1, 1, 4, 3, 6), torch.where(torch.arange(16) % 4 == 0, -1, 0)),
+                              (48, (32, 1, 2, 4, 3, 6), None)):
+        _decode.TUNED.clear()
+        _decode.TUNED[(96, 256, 2, rows)] = config
+        x = torch.randn(rows, 256).half()
+        kw = dict(lora_A=A, lora_B=B, scaling=s, index=idx) if idx is not None else dict(
+            lora_A=A[1], lora_B=B[1], scaling=s[1:])
+        got = _decode.lora_decode(x, W_q, scale, zero, layout, bias=layer.bias, **kw).double()
+        ks = idx.tolist() if idx is not None else [1] * rows
+        xd = x.double()
+        for i, k in enumerate(ks):
+            ref = xd[i] @ W.T + layer.bias.double()
+            bound = xd[i].abs() @ W.abs().T + layer.bias.double().abs()
+            if k >= 0:
+                ref = ref + s[k].double() * (xd[i] @ A[k].double().T) @ B[k].double().T
+                bound = bound + s[k].double() * (xd[i].abs() @ A[k].double().abs().T) @ B[k].double().abs().T
+            _, e = torch.frexp(torch.maximum(ref.abs(), got[i].abs()))
+            ulp = torch.clamp(torch.ldexp(torch.ones_like(ref), e - 11), min=2.0**-24)
+            err = (got[i] - ref).abs()
+            if not bool((err <= 0.5 * ulp + 2.0**-18 * bound).all()):
+                failures.append((rows, config, i, k, float((err / bound).max())))
+    print("FAILURES", failures)
+    assert not failures
+    """
+)
+
+
+def test_the_one_adapter_dot_is_float32_grade():
+    interpret(TERM_PRECISION)
