@@ -179,6 +179,8 @@ if triton is not None:
             other=0,
         ).to(tl.float32)
         terms = tl.dot(t_rows, tl.trans(b), input_precision="tf32x3")  # (rows, NB)
+        # Rows without an adapter get 0, not 0 · B: a NaN or inf in B or s_k stays its own.
+        terms = tl.where(use[:, None], terms, 0.0)
         tl.store(
             lt_ptr + rows[:, None] * N + n[None, :],
             terms,

@@ -437,3 +437,32 @@ def test_graph_replays_give_the_same_bits(size, rows, pdl, shared, monkeypatch):
             else dense_reference(layer, adapters[f"a{k}"], x[i : i + 1])
         )
         assert_close_rel(got[i : i + 1], ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("rows", [5, 16, 17, 40, 64])
+def test_a_diverged_adapter_stays_in_its_own_rows(rows):
+    # Bank slot 0 holds NaN (a diverged adapter): rows with -1 or another adapter must not
+    # see it, whether their chunk of rows shares one adapter (the one-product path) or not.
+    layer = cuda_layer(4, torch.bfloat16, size=(768, 1024))
+    good = cuda_adapter(layer, seed=2, r=16)
+    bad = cuda_adapter(layer, seed=3, r=16)
+    bad["lora_B"] = torch.full_like(bad["lora_B"], float("nan"))
+    bank = hqqlora.stack_adapters({"bad": bad, "good": good})
+    x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+    for index in (
+        torch.full((rows,), -1, device="cuda"),
+        torch.where(torch.arange(rows, device="cuda") % 3 == 0, 0, -1),
+        torch.where(torch.arange(rows, device="cuda") % 3 == 0, 0, 1),
+    ):
+        with torch.no_grad():
+            got = hqqlora.mixed_batch_indexed(x, bank, index, base=layer)
+        for i in range(rows):
+            k = int(index[i])
+            if k == 0:
+                continue
+            ref = (
+                _base_ref(layer, x[i : i + 1])
+                if k < 0
+                else dense_reference(layer, good, x[i : i + 1])
+            )
+            assert_close_rel(got[i : i + 1], ref, torch.bfloat16)

@@ -591,3 +591,109 @@ TERM_PRECISION = textwrap.dedent(
 
 def test_the_one_adapter_dot_is_float32_grade():
     interpret(TERM_PRECISION)
+
+
+# Rows without an adapter beside rows (or a bank slot 0) whose adapter holds NaN: the -1
+# rows must stay the base (0 · NaN is NaN, so the one-adapter product must select, not
+# multiply), and every masked-on load and store must land inside a tensor the launch
+# passed (a bounds check of the interpreter's loads and stores), with every torch.empty
+# poisoned. Found by an adversarial review.
+NAN_NEIGHBOURS = textwrap.dedent(
+    r"""
+    import numpy as np
+    import torch
+    import triton.runtime.interpreter as I
+    import hqqlora
+    from hqqlora import _decode
+    from hqqlora._base import quant_layout, quant_tensors
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    ranges, stray = [], []
+    call = I.GridExecutor.__call__
+
+    def checked_call(self, *a, **kw):
+        ranges[:] = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+                     for t in list(a) + list(kw.values()) if isinstance(t, torch.Tensor)]
+        return call(self, *a, **kw)
+
+    I.GridExecutor.__call__ = checked_call
+
+    def check(ptrs, mask):
+        size = ptrs.get_element_ty().primitive_bitwidth // 8
+        p = np.asarray(ptrs.data).astype(np.int64)
+        addr = p[np.broadcast_to(np.asarray(mask.data), p.shape).astype(bool)]
+        ok = np.zeros(addr.shape, bool)
+        for lo, hi in ranges:
+            ok |= (addr >= lo) & (addr + size <= hi)
+        if not ok.all():
+            stray.append(1)
+
+    for name, mpos in (("create_masked_load", 0), ("create_masked_store", 1)):
+        orig = getattr(I.InterpreterBuilder, name)
+
+        def wrapped(self, ptrs, a, b, *rest, _o=orig, _m=mpos):
+            check(ptrs, (a, b)[_m])
+            return _o(self, ptrs, a, b, *rest)
+
+        setattr(I.InterpreterBuilder, name, wrapped)
+
+    real_empty = torch.empty
+
+    def poisoned(*a, **kw):
+        out = real_empty(*a, **kw)
+        return out.fill_(float("nan") if out.is_floating_point() else 7)
+
+    torch.manual_seed(0)
+    layer = HQQLinear(torch.nn.Linear(256, 80), BaseQuantizeConfig(nbits=4, group_size=32, axis=1),
+                      compute_dtype=torch.float16, device="cpu")  # 40 packed rows: a partial tile
+    layout = quant_layout(layer)
+    W_q, scale, zero = quant_tensors(layer)
+    W = hqqlora.dequantize(layer).double()
+    n = 3
+    A, B = torch.randn(n, 16, 256) * 0.1, torch.randn(n, 80, 16) * 0.1
+    s = torch.tensor([0.5, 2.0, 3.0])
+    B[0] = float("nan")  # a diverged adapter: only its own rows may see it
+    ar = torch.arange
+    failures = []
+    for rows, config, idx in (
+        (5, (16, 1, 4, 4, 3, 5), torch.full((5,), -1)),
+        (40, (16, 1, 2, 4, 3, 6), torch.full((40,), -1)),
+        (40, (16, 1, 4, 4, 3, 6), torch.full((40,), 3)),
+        (8, (16, 1, 4, 4, 3, 5), torch.tensor([0, -1, 0, 0, -1, 0, 0, 0])),
+        (40, (16, 1, 2, 4, 3, 6), torch.where(ar(40) % 3 == 0, -1, 0)),
+        (40, (16, 1, 2, 4, 3, 6), torch.where(ar(40) % 7 == 0, -1, 2)),
+        (40, (16, 1, 2, 4, 3, 5), ar(40) % 4 - 1),
+        (12, (16, 1, 4, 4, 3, 6), torch.tensor([1] * 11 + [2])),
+        (20, (16, 1, 2, 4, 3, 5), torch.where(ar(20) % 6 == 1, -1, 2)),
+    ):
+        _decode.TUNED.clear()
+        _decode.TUNED[(80, 256, 2, rows)] = config
+        x = torch.randn(rows, 256).half()
+        torch.empty = poisoned
+        try:
+            got = _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A, lora_B=B, scaling=s,
+                                      index=idx, bias=layer.bias)
+        finally:
+            torch.empty = real_empty
+        for i in range(rows):
+            k = int(idx[i])
+            if k >= n:
+                if not torch.isnan(got[i]).all():
+                    failures.append((rows, config, i, k, "not NaN"))
+                continue
+            if k == 0:
+                continue
+            ref = x[i].double() @ W.T + layer.bias.double()
+            if k > 0:
+                ref = ref + s[k].double() * (x[i].double() @ A[k].double().T) @ B[k].double().T
+            if not ((got[i].double() - ref).norm() / ref.norm()) < 2e-3:
+                failures.append((rows, config, i, k))
+    print("FAILURES", failures, "STRAY", len(stray))
+    assert not failures and not stray
+    """
+)
+
+
+def test_rows_without_an_adapter_never_see_a_neighbours_nan_and_reads_stay_inside():
+    interpret(NAN_NEIGHBOURS)
+
