@@ -696,4 +696,3 @@ NAN_NEIGHBOURS = textwrap.dedent(
 
 def test_rows_without_an_adapter_never_see_a_neighbours_nan_and_reads_stay_inside():
     interpret(NAN_NEIGHBOURS)
-
