@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 
 import torch
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
@@ -111,6 +112,38 @@ def assert_close_rel(
     err = (actual.double() - expected.double()).abs().max().item()
     tol = RTOL[dtype] * factor * scale
     assert err <= tol, f"max error {err:.3e} > tolerance {tol:.3e} ({dtype})"
+
+
+TF32_DOTS = textwrap.dedent(
+    r"""
+    import numpy as np
+    import torch
+    from triton._C.libtriton import ir as _ir
+    from triton.runtime import interpreter as _interp
+
+    _real_dot = _interp.InterpreterBuilder.create_dot
+
+    def _tf32(a):
+        bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+        return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+    def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.data.dtype != np.float32 or input_precision == _ir.INPUT_PRECISION.IEEE:
+            return _real_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        ha, hb = _tf32(a.data), _tf32(b.data)
+        prod = np.matmul(ha, hb)
+        if input_precision == _ir.INPUT_PRECISION.TF32x3:
+            la, lb = _tf32(a.data - ha), _tf32(b.data - hb)
+            prod = np.matmul(la, hb) + np.matmul(ha, lb) + prod
+        return _interp.TensorHandle((prod + d.data).astype(np.float32), d.dtype.scalar)
+
+    _interp.InterpreterBuilder.create_dot = _create_dot
+    """
+)
+"""A prelude for :func:`interpret` scripts: the interpreter computes every ``tl.dot`` in
+float32 whatever its ``input_precision``; after this it rounds as a GPU does (TF32:
+10-bit mantissas; TF32x3: a TF32 head and tail of each operand, three products), so a
+kernel that asked for plain TF32 loses precision here as it would on a GPU."""
 
 
 def interpret(script: str) -> None:

@@ -8,7 +8,7 @@ kernels are defined (``TRITON_INTERPRET=1`` before ``hqqlora._decode`` is import
 import textwrap
 
 import pytest
-from helpers import interpret
+from helpers import TF32_DOTS, interpret
 
 pytest.importorskip("triton")
 
@@ -521,31 +521,9 @@ def test_rows_that_share_an_adapter_take_one_dot_and_match_float64():
 # sums and the output's one rounding: each output within half a float16 ulp plus 2⁻¹⁸ of
 # the sum of its absolute terms (TF32's 2⁻¹¹ does not fit). A large B with terms of both
 # signs makes the adapter term dominate and cancel.
-TERM_PRECISION = textwrap.dedent(
+TERM_PRECISION = TF32_DOTS + textwrap.dedent(
     r"""
-    import numpy as np
     import torch
-    from triton._C.libtriton import ir as _ir
-    from triton.runtime import interpreter as _interp
-
-    _real_dot = _interp.InterpreterBuilder.create_dot
-
-    def _tf32(a):
-        bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-        return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
-
-    def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if a.data.dtype != np.float32 or input_precision == _ir.INPUT_PRECISION.IEEE:
-            return _real_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-        ha, hb = _tf32(a.data), _tf32(b.data)
-        prod = np.matmul(ha, hb)
-        if input_precision == _ir.INPUT_PRECISION.TF32x3:
-            la, lb = _tf32(a.data - ha), _tf32(b.data - hb)
-            prod = np.matmul(la, hb) + np.matmul(ha, lb) + prod
-        return _interp.TensorHandle((prod + d.data).astype(np.float32), d.dtype.scalar)
-
-    _interp.InterpreterBuilder.create_dot = _create_dot
-
     import hqqlora
     from hqqlora import _decode
     from hqqlora._base import quant_layout, quant_tensors

@@ -18,35 +18,13 @@ room; TF32's ``2⁻¹¹`` does not fit).
 import textwrap
 
 import pytest
-from helpers import interpret
+from helpers import TF32_DOTS, interpret
 
 pytest.importorskip("triton")
 
-PRELUDE = textwrap.dedent(
+PRELUDE = TF32_DOTS + textwrap.dedent(
     r"""
     import sys
-    import numpy as np
-    import torch
-    from triton._C.libtriton import ir as _ir
-    from triton.runtime import interpreter as _interp
-
-    _real_dot = _interp.InterpreterBuilder.create_dot
-
-    def _tf32(a):
-        bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-        return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
-
-    def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if a.data.dtype != np.float32 or input_precision == _ir.INPUT_PRECISION.IEEE:
-            return _real_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-        ha, hb = _tf32(a.data), _tf32(b.data)
-        prod = np.matmul(ha, hb)
-        if input_precision == _ir.INPUT_PRECISION.TF32x3:
-            la, lb = _tf32(a.data - ha), _tf32(b.data - hb)
-            prod = np.matmul(la, hb) + np.matmul(ha, lb) + prod
-        return _interp.TensorHandle((prod + d.data).astype(np.float32), d.dtype.scalar)
-
-    _interp.InterpreterBuilder.create_dot = _create_dot
     sys.path.insert(0, "tests")
     from hqqlora import _prefill
 
