@@ -66,6 +66,21 @@ def regs_candidates(tokens):
     return [(*c, cap) for c in base for cap in caps]
 
 
+def prefetch_candidates(tokens):
+    """The tuned shapes' neighbourhood at each PREFETCH level (0: Triton's own pipelining
+    of codes and x, scale and zero loaded in the step that uses them; 1: scale and zero a
+    step ahead; 2: codes and x too, in registers)."""
+    if tokens == 1:
+        base = [(32, 4, sp, 4, 1, 4, 0) for sp in (4, 8, 16)]
+        base += [(32, 2, 8, 4, 1, 4, 0), (16, 4, 4, 4, 1, 4, 0), (32, 4, 4, 4, 2, 4, 0)]
+    elif tokens <= 16:
+        base = [(32, 1, sp, 4, st, 5, cap) for sp in (4, 8, 16) for st in (2, 3) for cap in (0, 64)]
+    else:
+        base = [(64, 1, sp, 8, st, 6, 0) for sp in (2, 4, 8) for st in (2, 3, 4)]
+        base += [(32, 1, sp, 4, 3, 6, cap) for sp in (4, 8) for cap in (0, 128)]
+    return [(*c, pf) for c in base for pf in (0, 1, 2)]
+
+
 def _warm(job):
     """Runs each configuration of ``job`` once (a worker process): Triton compiles it into
     its on-disk cache, so the timing process finds it there."""
@@ -137,6 +152,8 @@ def _configs(tokens, in_f, explore, modes):
         return wide_candidates(tokens, in_f)
     if modes == ["regs"]:
         return regs_candidates(tokens)
+    if modes == ["prefetch"]:
+        return [c for c in prefetch_candidates(tokens) if c[1] * c[2] <= in_f // 64]
     configs = [] if modes == [6] else candidates(tokens, in_f, explore)
     if 6 in modes and tokens > 1:
         configs += mode6_candidates(tokens, in_f)
@@ -214,9 +231,12 @@ def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True, explore=False
                 if verbose:
                     print(f"{key}: best {results[0][0]:.1f} us {results[0][1]} "
                           f"(without PDL {no_pdl:.1f} us)", flush=True)  # fmt: skip
-                    for mode in sorted({c[5] for _, c in results}):
-                        top = [(round(us, 1), c) for us, c in results if c[5] == mode][:3]
-                        print(f"    MODE {mode}: {top}")
+                    # Best three per MODE (and per PREFETCH, where configurations set it).
+                    groups = sorted({(c[5], c[7] if len(c) > 7 else -1) for _, c in results})
+                    for mode, pf in groups:
+                        top = [(round(us, 1), c) for us, c in results
+                               if c[5] == mode and (c[7] if len(c) > 7 else -1) == pf][:3]  # fmt: skip
+                        print(f"    MODE {mode}{'' if pf < 0 else f' PREFETCH {pf}'}: {top}")
     return best
 
 
@@ -316,8 +336,10 @@ def main() -> None:
         "--modes",
         nargs="*",
         default=[],
-        help="6: MODE 6's grid too; wide: few splits only; regs: registers capped",
+        help="6: MODE 6's grid too; wide: few splits only; regs: registers capped; "
+        "prefetch: PREFETCH 0-2 around the tuned shapes",
     )
+    parser.add_argument("--sub-offset", type=int, choices=(0, 1), help="_decode.SUB_OFFSET")
     parser.add_argument("--term-floats", type=int, help="_decode.TERM_FLOATS for this run")
     parser.add_argument("--shape", type=int, nargs=2, help="this (out, in) only")
     parser.add_argument("--bank", type=int, default=0, help="a bank of N adapters, one per row")
@@ -332,6 +354,8 @@ def main() -> None:
         shapes = [tuple(args.shape)]
     if args.term_floats:
         _decode.TERM_FLOATS = args.term_floats
+    if args.sub_offset is not None:
+        _decode.SUB_OFFSET = bool(args.sub_offset)
     if args.profile_only:
         profile_best(shapes, tokens)
         return

@@ -157,6 +157,47 @@ if triton is not None:
         tl.store(t_ptr + (split * M + m[:, None]) * BLOCK_R + r[None, :], acc, mask=m_ok[:, None])
 
     @triton.jit  # type: ignore[untyped-decorator]
+    def _step_codes(  # type: ignore[no-untyped-def]
+        x_ptr, packed_ptr, step, m, m_ok, pj, n_ok, K, BLOCK_K: tl.constexpr,
+        X_ROWS: tl.constexpr,
+    ):  # fmt: skip
+        # One K step's ``x`` (rows × BLOCK_K, or BLOCK_K at one row) and packed codes
+        # (NB × BLOCK_K bytes), as stored: a prefetched step holds few registers.
+        k = step * BLOCK_K + tl.arange(0, BLOCK_K)
+        if X_ROWS:
+            xs = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None], other=0)
+        else:
+            xs = tl.load(x_ptr + k)
+        packed = tl.load(
+            packed_ptr + pj[:, None] * K + k[None, :],
+            mask=n_ok[:, None],
+            other=0,
+            eviction_policy="evict_first",
+        )
+        return xs, packed
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _step_meta(  # type: ignore[no-untyped-def]
+        scale_ptr, zero_ptr, step, n, n_ok, groups_per_row, BLOCK_K: tl.constexpr,
+        GROUP: tl.constexpr, GPS: tl.constexpr, META: tl.constexpr,
+    ):  # fmt: skip
+        # One K step's zero and scale, as stored: per output (META 0), per output and
+        # group (1), or per output and input (2).
+        if META == 0:
+            meta = n * groups_per_row + step
+            ok = n_ok
+        elif META == 1:
+            meta = n[:, None] * groups_per_row + step * GPS + tl.arange(0, GPS)[None, :]
+            ok = n_ok[:, None]
+        else:
+            g = step * GPS + tl.arange(0, BLOCK_K) // GROUP
+            meta = n[:, None] * groups_per_row + g[None, :]
+            ok = n_ok[:, None]
+        z = tl.load(zero_ptr + meta, mask=ok, other=0)
+        s = tl.load(scale_ptr + meta, mask=ok, other=0)
+        return z, s
+
+    @triton.jit  # type: ignore[untyped-decorator]
     def _one_adapter_terms(  # type: ignore[no-untyped-def]
         rows, mine, use, k, t_ptr, b_ptr, scaling_ptr, lt_ptr, M, N, R, t_splits, stride_b_bank,
         n, n_ok, BLOCK_R: tl.constexpr, T_SPLITS: tl.constexpr,
@@ -274,6 +315,8 @@ if triton is not None:
         HAS_DORA: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         MODE: tl.constexpr,
+        PREFETCH: tl.constexpr,
+        SUB_OFFSET: tl.constexpr,
         MAGIC: tl.constexpr,
         OFFSET: tl.constexpr,
         USE_PDL: tl.constexpr,
@@ -345,85 +388,148 @@ if triton is not None:
             # One row of x on CUDA cores; codes to float32 by the exponent trick
             # (``0x4B000000 | q`` is ``2²³ + q``), exact, no int-to-float conversion.
             acc4 = tl.zeros((NB,), dtype=tl.float32)
+            meta4: tl.constexpr = 0 if GPS == 1 else 1
+            last_step = first + steps_per_split - 1
+            if PREFETCH >= 2:
+                nxt_x, nxt_p = _step_codes(
+                    x_ptr, packed_ptr, first, m, m_ok, pj, n_ok, K, BLOCK_K, False
+                )
+            if PREFETCH >= 1:
+                nxt_z, nxt_s = _step_meta(
+                    scale_ptr, zero_ptr, first, n, n_ok, groups_per_row, BLOCK_K, GROUP, GPS,
+                    meta4,
+                )  # fmt: skip
             for step in range(first, first + steps_per_split):
-                k = step * BLOCK_K + tl.arange(0, BLOCK_K)
-                packed = tl.load(
-                    packed_ptr + pj[:, None] * K + k[None, :],
-                    mask=n_ok[:, None],
-                    other=0,
-                    eviction_policy="evict_first",
-                ).to(tl.int32)
-                c = ((packed >> sh[:, None]) & MASK) | 0x4B000000
+                step_n = tl.minimum(step + 1, last_step)
+                if PREFETCH >= 2:
+                    xv, packed = nxt_x, nxt_p
+                    nxt_x, nxt_p = _step_codes(
+                        x_ptr, packed_ptr, step_n, m, m_ok, pj, n_ok, K, BLOCK_K, False
+                    )
+                else:
+                    xv, packed = _step_codes(
+                        x_ptr, packed_ptr, step, m, m_ok, pj, n_ok, K, BLOCK_K, False
+                    )
+                if PREFETCH >= 1:
+                    z, s = nxt_z, nxt_s
+                    nxt_z, nxt_s = _step_meta(
+                        scale_ptr, zero_ptr, step_n, n, n_ok, groups_per_row, BLOCK_K, GROUP,
+                        GPS, meta4,
+                    )  # fmt: skip
+                else:
+                    z, s = _step_meta(
+                        scale_ptr, zero_ptr, step, n, n_ok, groups_per_row, BLOCK_K, GROUP,
+                        GPS, meta4,
+                    )  # fmt: skip
+                c = ((packed.to(tl.int32) >> sh[:, None]) & MASK) | 0x4B000000
                 cf = c.to(tl.float32, bitcast=True) - 8388608.0
-                xv = tl.load(x_ptr + k).to(tl.float32)
+                xv = xv.to(tl.float32)
+                z = z.to(tl.float32)
+                s = s.to(tl.float32)
                 if GPS == 1:
                     d1 = tl.sum(cf * xv[None, :], axis=1)
                     x_sum1 = tl.sum(xv, axis=0)
-                    meta = n * groups_per_row + step
-                    z = tl.load(zero_ptr + meta, mask=n_ok, other=0).to(tl.float32)
-                    s = tl.load(scale_ptr + meta, mask=n_ok, other=0).to(tl.float32)
                     acc4 += (d1 - x_sum1 * z) * s
                 else:
                     d = tl.sum(tl.reshape(cf * xv[None, :], (NB, GPS, GROUP)), axis=2)
                     x_sum = tl.sum(tl.reshape(xv, (GPS, GROUP)), axis=1)
-                    g = step * GPS + tl.arange(0, GPS)
-                    meta = n[:, None] * groups_per_row + g[None, :]
-                    z = tl.load(zero_ptr + meta, mask=n_ok[:, None], other=0).to(tl.float32)
-                    s = tl.load(scale_ptr + meta, mask=n_ok[:, None], other=0).to(tl.float32)
                     acc4 += tl.sum((d - x_sum[None, :] * z) * s, axis=1)
             acc = tl.reshape(acc4, (BLOCK_M, NB))
         elif MODE == 5:
             # MODE 3 with the operands swapped, ``codes @ xᵀ``: the codes (in registers)
             # are the wide operand and the few rows of x the narrow one, one group a step.
             acc5 = tl.zeros((NB, BLOCK_M), dtype=tl.float32)
+            last_step = first + steps_per_split - 1
+            if PREFETCH >= 2:
+                nxt_x, nxt_p = _step_codes(
+                    x_ptr, packed_ptr, first, m, m_ok, pj, n_ok, K, BLOCK_K, True
+                )
+            if PREFETCH >= 1:
+                nxt_z, nxt_s = _step_meta(
+                    scale_ptr, zero_ptr, first, n, n_ok, groups_per_row, BLOCK_K, GROUP, 1,
+                    0,
+                )  # fmt: skip
             for step in range(first, first + steps_per_split):
-                k = step * BLOCK_K + tl.arange(0, BLOCK_K)
-                xs = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None], other=0)
-                packed = tl.load(
-                    packed_ptr + pj[:, None] * K + k[None, :],
-                    mask=n_ok[:, None],
-                    other=0,
-                    eviction_policy="evict_first",
-                ).to(tl.int32)
-                c = (packed >> sh[:, None]) & MASK
+                step_n = tl.minimum(step + 1, last_step)
+                if PREFETCH >= 2:
+                    xs, packed = nxt_x, nxt_p
+                    nxt_x, nxt_p = _step_codes(
+                        x_ptr, packed_ptr, step_n, m, m_ok, pj, n_ok, K, BLOCK_K, True
+                    )
+                else:
+                    xs, packed = _step_codes(
+                        x_ptr, packed_ptr, step, m, m_ok, pj, n_ok, K, BLOCK_K, True
+                    )
+                if PREFETCH >= 1:
+                    z, s = nxt_z, nxt_s
+                    nxt_z, nxt_s = _step_meta(
+                        scale_ptr, zero_ptr, step_n, n, n_ok, groups_per_row, BLOCK_K, GROUP,
+                        1, 0,
+                    )  # fmt: skip
+                else:
+                    z, s = _step_meta(
+                        scale_ptr, zero_ptr, step, n, n_ok, groups_per_row, BLOCK_K, GROUP,
+                        1, 0,
+                    )  # fmt: skip
+                c = (packed.to(tl.int32) >> sh[:, None]) & MASK
                 if MAGIC != 0:
                     codes = (c | MAGIC).to(tl.int16).to(xs.dtype, bitcast=True)
+                    if SUB_OFFSET:
+                        # ``OFFSET + q − OFFSET`` is ``q`` exactly: the sums carry q.
+                        codes = codes - OFFSET
                 else:
                     codes = c.to(xs.dtype)
                 d5 = tl.dot(codes, tl.trans(xs))  # (NB, BLOCK_M), float32
                 x_sum = tl.sum(xs.to(tl.float32), axis=1)
-                meta = n * groups_per_row + step
-                z = tl.load(zero_ptr + meta, mask=n_ok, other=0).to(tl.float32) + OFFSET
-                s = tl.load(scale_ptr + meta, mask=n_ok, other=0).to(tl.float32)
-                acc5 += (d5 - z[:, None] * x_sum[None, :]) * s[:, None]
+                zf = z.to(tl.float32)
+                if not SUB_OFFSET:
+                    zf += OFFSET
+                acc5 += (d5 - zf[:, None] * x_sum[None, :]) * s.to(tl.float32)[:, None]
             acc = tl.trans(acc5)
         elif MODE == 6:
             # HQQ's own weights, dequantized in registers: ``(q − z)`` rounded to the
             # compute dtype, times ``s`` rounded (as HQQ's dense path and _triton.py do),
             # then ``w @ xᵀ`` on tensor cores, GPS groups a step, no per-group rescale.
             acc6 = tl.zeros((NB, BLOCK_M), dtype=tl.float32)
+            meta6: tl.constexpr = 0 if GPS == 1 else 2
+            last_step = first + steps_per_split - 1
+            if PREFETCH >= 2:
+                nxt_x, nxt_p = _step_codes(
+                    x_ptr, packed_ptr, first, m, m_ok, pj, n_ok, K, BLOCK_K, True
+                )
+            if PREFETCH >= 1:
+                nxt_z, nxt_s = _step_meta(
+                    scale_ptr, zero_ptr, first, n, n_ok, groups_per_row, BLOCK_K, GROUP, GPS,
+                    meta6,
+                )  # fmt: skip
             for step in range(first, first + steps_per_split):
-                k = step * BLOCK_K + tl.arange(0, BLOCK_K)
-                xs = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None], other=0)
-                packed = tl.load(
-                    packed_ptr + pj[:, None] * K + k[None, :],
-                    mask=n_ok[:, None],
-                    other=0,
-                    eviction_policy="evict_first",
-                ).to(tl.int32)
-                c = ((packed >> sh[:, None]) & MASK) | 0x4B000000
+                step_n = tl.minimum(step + 1, last_step)
+                if PREFETCH >= 2:
+                    xs, packed = nxt_x, nxt_p
+                    nxt_x, nxt_p = _step_codes(
+                        x_ptr, packed_ptr, step_n, m, m_ok, pj, n_ok, K, BLOCK_K, True
+                    )
+                else:
+                    xs, packed = _step_codes(
+                        x_ptr, packed_ptr, step, m, m_ok, pj, n_ok, K, BLOCK_K, True
+                    )
+                if PREFETCH >= 1:
+                    z, s = nxt_z, nxt_s
+                    nxt_z, nxt_s = _step_meta(
+                        scale_ptr, zero_ptr, step_n, n, n_ok, groups_per_row, BLOCK_K, GROUP,
+                        GPS, meta6,
+                    )  # fmt: skip
+                else:
+                    z, s = _step_meta(
+                        scale_ptr, zero_ptr, step, n, n_ok, groups_per_row, BLOCK_K, GROUP,
+                        GPS, meta6,
+                    )  # fmt: skip
+                c = ((packed.to(tl.int32) >> sh[:, None]) & MASK) | 0x4B000000
                 cf = c.to(tl.float32, bitcast=True) - 8388608.0  # q, exact
                 if GPS == 1:
-                    meta = n * groups_per_row + step
-                    z = tl.load(zero_ptr + meta, mask=n_ok, other=0).to(tl.float32)
-                    s = tl.load(scale_ptr + meta, mask=n_ok, other=0)
-                    w = (cf - z[:, None]).to(xs.dtype) * s[:, None].to(xs.dtype)
+                    w = (cf - z.to(tl.float32)[:, None]).to(xs.dtype) * s[:, None].to(xs.dtype)
                 else:
-                    g = step * GPS + tl.arange(0, BLOCK_K) // GROUP
-                    meta = n[:, None] * groups_per_row + g[None, :]
-                    z = tl.load(zero_ptr + meta, mask=n_ok[:, None], other=0).to(tl.float32)
-                    s = tl.load(scale_ptr + meta, mask=n_ok[:, None], other=0)
-                    w = (cf - z).to(xs.dtype) * s.to(xs.dtype)
+                    w = (cf - z.to(tl.float32)).to(xs.dtype) * s.to(xs.dtype)
                 acc6 = tl.dot(w, tl.trans(xs), acc6)  # (NB, BLOCK_M), float32
             acc = tl.trans(acc6)
         else:
@@ -651,7 +757,7 @@ def kernel_call_allowed(x: Tensor, layout: QuantLayout, *held: Tensor | None) ->
 
 
 # (packed rows per tile, groups per K step, K splits, warps, stages, MODE[, registers per
-# thread at most]) by (out, in, codes per byte, rows): the best of benchmarks/tune_decode.py
+# thread at most (0: no cap)[, PREFETCH]]) by (out, in, codes per byte, rows): the best of benchmarks/tune_decode.py
 # on an H100 (CUDA-graph timing, LoRA r=16, shrink included; at 64 rows one adapter read
 # through an index, as a mixed batch whose rows share it); other shapes take
 # decode_config's rule, fitted to these.
@@ -678,6 +784,15 @@ TERM_FLOATS = 16384
 
 SHRINK_PROGRAMS = 256
 """Shrink programs at most (splits along ``in`` are halved until they fit)."""
+
+PREFETCH = 2
+"""What the main kernel's K loop loads one step ahead, before this step's arithmetic: 0
+nothing, 1 scale and zero, 2 the codes and ``x`` too. Triton pipelines the codes and ``x``
+through shared memory itself where it can (multi-step loops), never scale and zero."""
+
+SUB_OFFSET = True
+"""Whether MODE 5 takes the exponent trick's offset off the codes in registers (the
+float32 sums then carry ``q``, not ``OFFSET + q``) rather than with the zero."""
 
 
 def decode_config(n_out: int, k_in: int, per: int, group: int, rows: int) -> tuple[int, ...]:
@@ -732,8 +847,10 @@ def _launch(
     rows = x.shape[0]
     config = decode_config(n_out, k_in, per, group, rows)
     block_p, gps, split, warps, stages, mode = config[:6]
-    # A 7th entry caps the main kernel's registers per thread (more programs resident).
+    # A 7th entry caps the main kernel's registers per thread (more programs resident; 0:
+    # no cap), an 8th sets PREFETCH for this shape.
     limits = {"maxnreg": config[6]} if len(config) > 6 and config[6] else {}
+    prefetch = config[7] if len(config) > 7 else PREFETCH
     if mode in (2, 4) and rows != 1:  # the GEMVs take one row; the default above
         mode = 5
     block_m = 1 if mode in (2, 4) else max(16, triton.next_power_of_2(rows))
@@ -814,7 +931,8 @@ def _launch(
         DOT_ROWS=DOT_ROWS if rows_per_split >= DOT_ROWS and nb >= 16 else 0,
         T_SPLITS=triton.next_power_of_2(t_splits),
         HAS_LORA=has_lora, HAS_IDX=has_idx, HAS_DORA=has_dora, HAS_BIAS=bias is not None,
-        MODE=mode, MAGIC=magic, OFFSET=offset, USE_PDL=pdl,
+        MODE=mode, PREFETCH=prefetch if steps // split > 1 else 0, SUB_OFFSET=SUB_OFFSET,
+        MAGIC=magic, OFFSET=offset, USE_PDL=pdl,
         num_warps=warps, num_stages=stages, launch_pdl=pdl, **limits,
     )  # fmt: skip
     return out
