@@ -1,7 +1,7 @@
 """A/B of a module-level switch of hqqlora._decode at the tuned configurations (CUDA).
 
-python benchmarks/ab_decode.py --flag SUB_OFFSET 0 1 --tokens 2 8 16
 python benchmarks/ab_decode.py --flag PREFETCH 0 1 2 --tokens 1 16 64 --bank 1
+python benchmarks/ab_decode.py --flag TERM_FLOATS 8192 16384 --tokens 64 --bank 64
 
 For each layer shape and row count: CUDA-graph time per call (µs, LoRA r=16 float32, one
 adapter, or a bank read through an index) and the relative error against float64, at each

@@ -4,7 +4,8 @@ compute-sanitizer --tool memcheck --leak-check no python benchmarks/memcheck_dec
 
 Default and tuned configurations at 1-64 rows, 2 and 4 bits: the base alone, a bank with
 DoRA, bias, rows without an adapter and rows past the bank, one adapter without an index,
-and rows that share one adapter (the one-dot path).
+rows that share one adapter (the one-dot path), and K loops of several steps at each
+PREFETCH level.
 """
 
 import torch
@@ -44,6 +45,10 @@ for nbits in (4, 2):
         (64, None),
         (64, (64, 1, 4, 8, 3, 6)),
         (64, (16, 1, 4, 4, 3, 6)),
+        # Several K steps a program at each PREFETCH level (the last step loads itself again).
+        *((1, (16, 4, 2, 4, 1, 4, 0, p)) for p in (0, 1, 2)),
+        *((16, (32, 1, 4, 4, 2, 5, 0, p)) for p in (0, 1, 2)),
+        *((64, (64, 1, 2, 8, 3, 6, 0, p)) for p in (0, 1, 2)),
     ):
         _decode.TUNED.clear()
         if config is not None:

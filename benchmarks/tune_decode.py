@@ -339,7 +339,6 @@ def main() -> None:
         help="6: MODE 6's grid too; wide: few splits only; regs: registers capped; "
         "prefetch: PREFETCH 0-2 around the tuned shapes",
     )
-    parser.add_argument("--sub-offset", type=int, choices=(0, 1), help="_decode.SUB_OFFSET")
     parser.add_argument("--term-floats", type=int, help="_decode.TERM_FLOATS for this run")
     parser.add_argument("--shape", type=int, nargs=2, help="this (out, in) only")
     parser.add_argument("--bank", type=int, default=0, help="a bank of N adapters, one per row")
@@ -354,8 +353,6 @@ def main() -> None:
         shapes = [tuple(args.shape)]
     if args.term_floats:
         _decode.TERM_FLOATS = args.term_floats
-    if args.sub_offset is not None:
-        _decode.SUB_OFFSET = bool(args.sub_offset)
     if args.profile_only:
         profile_best(shapes, tokens)
         return

@@ -33,9 +33,9 @@ Variants of the second kernel (``MODE``, per shape in :data:`TUNED`, else
   ``s · (Σ x·q − z · Σ x)``: the product with the unrounded ``(q − z)·s``.
 - 5, the default at 2–16 rows: tensor cores with the operands swapped,
   ``codes @ xᵀ``, so the codes are the wide operand and the few rows of ``x`` the narrow
-  one; codes become bf16 ``128 + q`` (fp16 ``1024 + q``) by the same trick and the
-  offset leaves with the zero (8-bit codes in bf16 are converted instead: ``128 + q``
-  is not exact above 127); scale and zero per group on the partial sums, as MODE 4.
+  one; codes become bf16 ``128 + q`` (fp16 ``1024 + q``) by the same trick, then ``q``
+  by an exact subtraction (8-bit codes in bf16 are converted instead: ``128 + q`` is
+  not exact above 127); scale and zero per group on the partial sums, as MODE 4.
 - 6, the default at 17–64 rows: HQQ's own weights dequantized in registers,
   ``(q − z)`` rounded to the compute dtype, then ``· s`` rounded (as HQQ's dense path
   and :mod:`hqqlora._triton` do), then ``w @ xᵀ`` on tensor cores with no per-group
@@ -45,6 +45,12 @@ Variants of the second kernel (``MODE``, per shape in :data:`TUNED`, else
   reshape. Slower on the H100 (``benchmarks/tune_decode.py``), kept for other GPUs'
   tuning.
 
+In MODES 4–6 a program's K loop loads one step ahead (:data:`PREFETCH`, per shape in
+:data:`TUNED`): Triton 3.6 pipelines the codes and ``x`` through shared memory itself
+where a program takes several steps, but loads scale and zero in the step that uses
+them, a round trip to memory per step; loading them (or everything) a step ahead took
+4096×14336 at 64 rows from 80.8 to 69.4 µs and 4096² at 16 rows from 17.6 to 15.7 µs.
+
 The result does not depend on the launch order (partials are summed in a fixed
 order): the same inputs give the same bits on every call.
 
@@ -52,10 +58,7 @@ Precision: MODES 0–5's base product is exact up to float32 accumulation of exa
 products (codes and bf16/fp16 ``x`` are exact in the compute dtype); against HQQ's dense
 ``x @ dequantize(W)ᵀ`` it differs by HQQ's two roundings of each weight (the dense
 path rounds ``q − z`` and ``(q − z)·s`` to the compute dtype; these modes do not).
-MODES 3 and 5 multiply ``OFFSET + q`` (128 in bf16, 1024 in fp16) and take
-``OFFSET · Σ x`` off with the zero, so their float32 sums carry terms up to 1024 times
-larger: in a float32 simulation about 1e-4 of the largest output for 1-bit fp16 codes
-(less at more bits), below the output's rounding. MODE 6 multiplies HQQ's rounded
+MODE 6 multiplies HQQ's rounded
 weights themselves: it differs from the dense path only in the order of the float32
 sums (HQQ keeps scale and zero in the compute dtype; were they wider, MODE 6 would round
 them to it, within one rounding of the weight). The adapter term is computed in float32
@@ -316,7 +319,6 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         MODE: tl.constexpr,
         PREFETCH: tl.constexpr,
-        SUB_OFFSET: tl.constexpr,
         MAGIC: tl.constexpr,
         OFFSET: tl.constexpr,
         USE_PDL: tl.constexpr,
@@ -473,17 +475,13 @@ if triton is not None:
                     )  # fmt: skip
                 c = (packed.to(tl.int32) >> sh[:, None]) & MASK
                 if MAGIC != 0:
-                    codes = (c | MAGIC).to(tl.int16).to(xs.dtype, bitcast=True)
-                    if SUB_OFFSET:
-                        # ``OFFSET + q − OFFSET`` is ``q`` exactly: the sums carry q.
-                        codes = codes - OFFSET
+                    # ``OFFSET + q`` by the exponent trick, minus OFFSET: ``q``, exact.
+                    codes = (c | MAGIC).to(tl.int16).to(xs.dtype, bitcast=True) - OFFSET
                 else:
                     codes = c.to(xs.dtype)
                 d5 = tl.dot(codes, tl.trans(xs))  # (NB, BLOCK_M), float32
                 x_sum = tl.sum(xs.to(tl.float32), axis=1)
                 zf = z.to(tl.float32)
-                if not SUB_OFFSET:
-                    zf += OFFSET
                 acc5 += (d5 - zf[:, None] * x_sum[None, :]) * s.to(tl.float32)[:, None]
             acc = tl.trans(acc5)
         elif MODE == 6:
@@ -547,8 +545,8 @@ if triton is not None:
                     c = (packed >> sh[:, None]) & MASK
                     if MAGIC != 0:
                         # ``MAGIC | q`` read as bf16/fp16 is ``OFFSET + q``, exact: no
-                        # int-to-float conversion; the offset leaves with the zero.
-                        codes = (c | MAGIC).to(tl.int16).to(xs.dtype, bitcast=True)
+                        # int-to-float conversion; minus OFFSET it is ``q``, exact.
+                        codes = (c | MAGIC).to(tl.int16).to(xs.dtype, bitcast=True) - OFFSET
                     else:
                         codes = c.to(xs.dtype)
                 else:
@@ -568,7 +566,7 @@ if triton is not None:
                     d = tl.dot(xs, tl.trans(codes))  # (BLOCK_M, NB), float32
                     x_sum = tl.sum(xs.to(tl.float32), axis=1)
                     meta = n * groups_per_row + step
-                    z = tl.load(zero_ptr + meta, mask=n_ok, other=0).to(tl.float32) + OFFSET
+                    z = tl.load(zero_ptr + meta, mask=n_ok, other=0).to(tl.float32)
                     s = tl.load(scale_ptr + meta, mask=n_ok, other=0).to(tl.float32)
                     acc += (d - x_sum[:, None] * z[None, :]) * s[None, :]
                 else:
@@ -579,7 +577,6 @@ if triton is not None:
                     g = step * GPS + tl.arange(0, GPS)
                     meta = n[None, :] * groups_per_row + g[:, None]  # (GPS, NB)
                     z = tl.load(zero_ptr + meta, mask=n_ok[None, :], other=0).to(tl.float32)
-                    z += OFFSET
                     s = tl.load(scale_ptr + meta, mask=n_ok[None, :], other=0).to(tl.float32)
                     acc += tl.sum((d3 - x_sum[:, :, None] * z[:, None, :]) * s[:, None, :], axis=0)
 
@@ -763,13 +760,16 @@ def kernel_call_allowed(x: Tensor, layout: QuantLayout, *held: Tensor | None) ->
 # decode_config's rule, fitted to these.
 TUNED: dict[tuple[int, int, int, int], tuple[int, ...]] = {
     (4096, 4096, 2, 1): (32, 4, 16, 4, 1, 4),
-    (4096, 4096, 2, 16): (32, 1, 16, 4, 2, 5, 64),
-    (4096, 4096, 2, 64): (64, 1, 4, 8, 3, 6),
+    (4096, 4096, 2, 16): (32, 1, 8, 4, 2, 5),
+    (4096, 4096, 2, 64): (64, 1, 4, 8, 3, 6, 0, 1),
     (14336, 4096, 2, 1): (32, 4, 16, 4, 1, 4),
     (14336, 4096, 2, 16): (32, 1, 4, 4, 3, 5),
-    (14336, 4096, 2, 64): (32, 1, 4, 4, 3, 6, 128),
-    (4096, 14336, 2, 64): (64, 1, 4, 8, 3, 6),
-    (1024, 4096, 2, 64): (16, 1, 8, 8, 3, 6),
+    (14336, 4096, 2, 64): (32, 1, 4, 4, 3, 6, 128, 1),
+    (4096, 14336, 2, 1): (32, 2, 8, 4, 1, 4),
+    (4096, 14336, 2, 16): (32, 1, 8, 4, 3, 5),
+    (4096, 14336, 2, 64): (64, 1, 4, 8, 4, 6),
+    (1024, 4096, 2, 16): (32, 1, 8, 4, 2, 5),
+    (1024, 4096, 2, 64): (32, 1, 8, 4, 3, 6, 0, 1),
 }
 
 SHRINK_ROWS = 4
@@ -789,10 +789,6 @@ PREFETCH = 2
 """What the main kernel's K loop loads one step ahead, before this step's arithmetic: 0
 nothing, 1 scale and zero, 2 the codes and ``x`` too. Triton pipelines the codes and ``x``
 through shared memory itself where it can (multi-step loops), never scale and zero."""
-
-SUB_OFFSET = True
-"""Whether MODE 5 takes the exponent trick's offset off the codes in registers (the
-float32 sums then carry ``q``, not ``OFFSET + q``) rather than with the zero."""
 
 
 def decode_config(n_out: int, k_in: int, per: int, group: int, rows: int) -> tuple[int, ...]:
@@ -931,8 +927,7 @@ def _launch(
         DOT_ROWS=DOT_ROWS if rows_per_split >= DOT_ROWS and nb >= 16 else 0,
         T_SPLITS=triton.next_power_of_2(t_splits),
         HAS_LORA=has_lora, HAS_IDX=has_idx, HAS_DORA=has_dora, HAS_BIAS=bias is not None,
-        MODE=mode, PREFETCH=prefetch if steps // split > 1 else 0, SUB_OFFSET=SUB_OFFSET,
-        MAGIC=magic, OFFSET=offset, USE_PDL=pdl,
+        MODE=mode, PREFETCH=prefetch if steps // split > 1 else 0, MAGIC=magic, OFFSET=offset, USE_PDL=pdl,
         num_warps=warps, num_stages=stages, launch_pdl=pdl, **limits,
     )  # fmt: skip
     return out

@@ -236,6 +236,28 @@ def test_every_kernel_mode_matches_the_reference(config, tokens, monkeypatch):
     assert_close_rel(got, dense_reference(layer, p, x), torch.bfloat16, factor=2)
 
 
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize(
+    "config, tokens",
+    [((16, 2, 2, 4, 1, 4), 1), ((16, 1, 2, 4, 2, 5), 5), ((32, 1, 2, 4, 3, 5), 16),
+     ((16, 1, 2, 4, 3, 6), 17), ((64, 1, 2, 8, 3, 6), 64)],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", HALF)
+def test_k_loops_of_several_steps_at_each_prefetch_level(
+    dtype, config, tokens, prefetch, monkeypatch
+):
+    # 1024 inputs in groups of 64 at two splits: 4 (MODE 4, two groups a step) or 8 steps
+    # a program, the next step loaded ahead (PREFETCH 1: scale and zero; 2: everything).
+    layer = cuda_layer(4, dtype, size=(256, 1024))
+    p = cuda_adapter(layer, dora=True)
+    norm = hqqlora.dora_weight_norm(layer, p)
+    monkeypatch.setitem(_decode.TUNED, (256, 1024, 2, tokens), (*config, 0, prefetch))
+    x = torch.randn(tokens, 1024, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        got = hqqlora.apply_lora(layer, p, x, weight_norm=norm)
+    assert_close_rel(got, dense_reference(layer, p, x), dtype, factor=2)
+
+
 @pytest.mark.parametrize("nbits", [1, 2, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", [3, 4, 5])

@@ -674,3 +674,74 @@ NAN_NEIGHBOURS = textwrap.dedent(
 
 def test_rows_without_an_adapter_never_see_a_neighbours_nan_and_reads_stay_inside():
     interpret(NAN_NEIGHBOURS)
+
+
+# K loops of several steps a program (MODES 4, 5 and 6) at each PREFETCH level: the step
+# ahead is loaded before this one's arithmetic (the last step reloads itself), so a step
+# read twice, skipped or paired with another step's scale and zero shows here. Each output
+# elementwise within half a float16 ulp plus 2⁻¹⁸ of the sum of its absolute terms
+# (``|x|·(|q| + |z|)·|s|`` and the adapter's): MODES 4 and 5 multiply the exact codes and
+# apply scale and zero per group (so the reference is the unrounded ``(q − z)·s``), MODE 6
+# HQQ's rounded weights. At 1 and 2 bits in float16 this also needs MODE 5 to take the
+# exponent trick's 1024 off the codes: with it left in the sums (taken off with the zero)
+# the float32 partials carry ``1024 · Σ x`` and miss the bound by about 4×.
+PREFETCHED_STEPS = textwrap.dedent(
+    r"""
+    import torch
+    import hqqlora
+    from hqqlora import _decode
+    from hqqlora._base import quant_layout, quant_tensors
+    from hqqlora._base import unpacked_codes
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    torch.manual_seed(0)
+    failures, checked = [], 0
+    for nbits in (1, 2, 4):
+        for group in (32, 64):
+            lin = torch.nn.Linear(256, 96)
+            layer = HQQLinear(lin, BaseQuantizeConfig(nbits=nbits, group_size=group, axis=1),
+                              compute_dtype=torch.float16, device="cpu")
+            layout = quant_layout(layer)
+            W_q, scale, zero = quant_tensors(layer)
+            per = layout.packing_bits[1]
+            q = unpacked_codes(W_q, layout, torch.float64)  # (out · in / group, group)
+            zd, sd = zero.double(), scale.double()
+            exact = ((q - zd) * sd).reshape(96, 256)
+            rounded = hqqlora.dequantize(layer).double()
+            size = ((q.abs() + zd.abs()) * sd.abs()).reshape(96, 256)
+            A, B = torch.randn(16, 256) / 16, torch.randn(96, 16) / 4
+            gps = 64 // group  # 64 inputs a step: 4 steps a program at one split
+            for mode, rows, config in ((4, 1, (16, gps, 1, 4, 1, 4)),
+                                       (4, 1, (16, gps, 2, 4, 1, 4)),
+                                       (5, 3, (16, 1, 1, 4, 3, 5)),
+                                       (5, 16, (16, 1, 2, 4, 2, 5)),
+                                       (6, 20, (16, gps, 1, 4, 3, 6)),
+                                       (6, 40, (32, gps, 2, 4, 3, 6))):
+                x = torch.randn(rows, 256).half()
+                xd = x.double()
+                w = rounded if mode == 6 else exact
+                t = xd @ A.double().T
+                ref = xd @ w.T + 0.5 * t @ B.double().T + layer.bias.double()
+                bound = (xd.abs() @ size.T + 0.5 * (xd.abs() @ A.double().abs().T)
+                         @ B.double().abs().T + layer.bias.double().abs())
+                for prefetch in (0, 1, 2):
+                    _decode.TUNED.clear()
+                    _decode.TUNED[(96, 256, per, rows)] = (*config, 0, prefetch)
+                    got = _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A, lora_B=B,
+                                              scaling=torch.tensor([0.5]), bias=layer.bias)
+                    got = got.double()
+                    _, e = torch.frexp(torch.maximum(ref.abs(), got.abs()))
+                    ulp = torch.clamp(torch.ldexp(torch.ones_like(ref), e - 11), min=2.0**-24)
+                    err = (got - ref).abs()
+                    checked += 1
+                    if not bool((err <= 0.5 * ulp + 2.0**-18 * bound).all()):
+                        failures.append((nbits, group, mode, rows, config, prefetch,
+                                         float(((err - 0.5 * ulp) / bound).max())))
+    print("CHECKED", checked, "FAILURES", failures)
+    assert checked == 108 and not failures
+    """
+)
+
+
+def test_k_loops_of_several_steps_at_each_prefetch_level_match_float64():
+    interpret(PREFETCHED_STEPS)
