@@ -1,12 +1,15 @@
 """Out-of-bounds check of the decode kernels (CUDA): run under compute-sanitizer.
 
 compute-sanitizer --tool memcheck --leak-check no python benchmarks/memcheck_decode.py
+(``... memcheck_decode.py prefetch``: only the configurations that set PREFETCH)
 
 Default and tuned configurations at 1-64 rows, 2 and 4 bits: the base alone, a bank with
 DoRA, bias, rows without an adapter and rows past the bank, one adapter without an index,
 rows that share one adapter (the one-dot path), and K loops of several steps at each
 PREFETCH level.
 """
+
+import sys
 
 import torch
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
@@ -50,6 +53,8 @@ for nbits in (4, 2):
         *((16, (32, 1, 4, 4, 2, 5, 0, p)) for p in (0, 1, 2)),
         *((64, (64, 1, 2, 8, 3, 6, 0, p)) for p in (0, 1, 2)),
     ):
+        if sys.argv[1:] == ["prefetch"] and (config is None or len(config) < 8):
+            continue
         _decode.TUNED.clear()
         if config is not None:
             _decode.TUNED[(768, 1024, per, rows)] = config
