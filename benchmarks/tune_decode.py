@@ -81,6 +81,17 @@ def prefetch_candidates(tokens):
     return [(*c, pf) for c in base for pf in (0, 1, 2)]
 
 
+def mode7_candidates(tokens):
+    """MODE 7 (MODE 6's weights in packed compute-dtype instructions) beside MODE 6 (and
+    MODE 5 at 16 rows) at the tuned neighbourhood, PREFETCH 1 and 2."""
+    if tokens <= 16:
+        base = [(32, 1, sp, 4, st, m, 0) for sp in (4, 8, 16) for st in (2, 3) for m in (5, 7)]
+    else:
+        base = [(64, 1, sp, 8, st, m, 0) for sp in (4, 8) for st in (3, 4) for m in (6, 7)]
+        base += [(32, 1, sp, 4, 3, m, cap) for sp in (4, 8) for cap in (0, 128) for m in (6, 7)]
+    return [(*c, pf) for c in base for pf in (1, 2)]
+
+
 def _warm(job):
     """Runs each configuration of ``job`` once (a worker process): Triton compiles it into
     its on-disk cache, so the timing process finds it there."""
@@ -152,6 +163,8 @@ def _configs(tokens, in_f, explore, modes):
         return wide_candidates(tokens, in_f)
     if modes == ["regs"]:
         return regs_candidates(tokens)
+    if modes == ["m7"]:
+        return [c for c in mode7_candidates(tokens) if c[1] * c[2] <= in_f // 64]
     if modes == ["prefetch"]:
         return [c for c in prefetch_candidates(tokens) if c[1] * c[2] <= in_f // 64]
     configs = [] if modes == [6] else candidates(tokens, in_f, explore)
@@ -337,7 +350,7 @@ def main() -> None:
         nargs="*",
         default=[],
         help="6: MODE 6's grid too; wide: few splits only; regs: registers capped; "
-        "prefetch: PREFETCH 0-2 around the tuned shapes",
+        "prefetch: PREFETCH 0-2 around the tuned shapes; m7: MODE 7 against 5 and 6",
     )
     parser.add_argument("--term-floats", type=int, help="_decode.TERM_FLOATS for this run")
     parser.add_argument("--shape", type=int, nargs=2, help="this (out, in) only")

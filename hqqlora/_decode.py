@@ -40,12 +40,14 @@ Variants of the second kernel (``MODE``, per shape in :data:`TUNED`, else
   ``(q − z)`` rounded to the compute dtype, then ``· s`` rounded (as HQQ's dense path
   and :mod:`hqqlora._triton` do), then ``w @ xᵀ`` on tensor cores with no per-group
   rescale of the accumulator (4–8% faster than MODE 5 at 64 rows).
+- 7: MODE 6's weights, computed in the compute dtype two at a time (packed bf16/fp16
+  instructions, a quarter fewer in the loop; the same bits).
 - 3: as 5 with ``x @ codesᵀ``; 0: every slot of the tile unpacked and reshaped in
   registers; 1: a program per slot; 2: a GEMV without the trick, with a register
   reshape. Slower on the H100 (``benchmarks/tune_decode.py``), kept for other GPUs'
   tuning.
 
-In MODES 4–6 a program's K loop loads one step ahead (:data:`PREFETCH`, per shape in
+In MODES 4–7 a program's K loop loads one step ahead (:data:`PREFETCH`, per shape in
 :data:`TUNED`): Triton 3.6 pipelines the codes and ``x`` through shared memory itself
 where a program takes several steps, but loads scale and zero in the step that uses
 them, a round trip to memory per step; loading them (or everything) a step ahead took
@@ -58,10 +60,10 @@ Precision: MODES 0–5's base product is exact up to float32 accumulation of exa
 products (codes and bf16/fp16 ``x`` are exact in the compute dtype); against HQQ's dense
 ``x @ dequantize(W)ᵀ`` it differs by HQQ's two roundings of each weight (the dense
 path rounds ``q − z`` and ``(q − z)·s`` to the compute dtype; these modes do not).
-MODE 6 multiplies HQQ's rounded
-weights themselves: it differs from the dense path only in the order of the float32
-sums (HQQ keeps scale and zero in the compute dtype; were they wider, MODE 6 would round
-them to it, within one rounding of the weight). The adapter term is computed in float32
+MODES 6 and 7 multiply HQQ's rounded weights themselves: they differ from the dense path
+only in the order of the float32 sums (HQQ keeps scale and zero in the compute dtype;
+were they wider, these modes would round them to it, within one rounding of the
+weight). The adapter term is computed in float32
 from the adapters' own values (a float32 adapter is not rounded to bf16); where 16 rows
 share an adapter, its dot is TF32 three times (split operands, float32 accumulation:
 about float32's precision, not its bits). One rounding to the output dtype at the end.
@@ -484,10 +486,15 @@ if triton is not None:
                 zf = z.to(tl.float32)
                 acc5 += (d5 - zf[:, None] * x_sum[None, :]) * s.to(tl.float32)[:, None]
             acc = tl.trans(acc5)
-        elif MODE == 6:
+        elif MODE == 6 or MODE == 7:
             # HQQ's own weights, dequantized in registers: ``(q − z)`` rounded to the
             # compute dtype, times ``s`` rounded (as HQQ's dense path and _triton.py do),
             # then ``w @ xᵀ`` on tensor cores, GPS groups a step, no per-group rescale.
+            # MODE 6 subtracts in float32 (codes by the float32 exponent trick), MODE 7 in
+            # the compute dtype, two weights an instruction (codes by MODE 5's trick): the
+            # same bits, since q (at most 8 bits) and z (8 or 11) differ exactly in
+            # float32 unless z is tiny, and then no float32 rounding lands on a midpoint
+            # of the compute dtype.
             acc6 = tl.zeros((NB, BLOCK_M), dtype=tl.float32)
             meta6: tl.constexpr = 0 if GPS == 1 else 2
             last_step = first + steps_per_split - 1
@@ -522,12 +529,23 @@ if triton is not None:
                         scale_ptr, zero_ptr, step, n, n_ok, groups_per_row, BLOCK_K, GROUP,
                         GPS, meta6,
                     )  # fmt: skip
-                c = ((packed.to(tl.int32) >> sh[:, None]) & MASK) | 0x4B000000
-                cf = c.to(tl.float32, bitcast=True) - 8388608.0  # q, exact
-                if GPS == 1:
-                    w = (cf - z.to(tl.float32)[:, None]).to(xs.dtype) * s[:, None].to(xs.dtype)
+                if MODE == 7:
+                    c = (packed.to(tl.int32) >> sh[:, None]) & MASK  # q, as MODE 5
+                    if MAGIC != 0:
+                        q = (c | MAGIC).to(tl.int16).to(xs.dtype, bitcast=True) - OFFSET
+                    else:
+                        q = c.to(xs.dtype)
+                    if GPS == 1:
+                        w = (q - z[:, None].to(xs.dtype)) * s[:, None].to(xs.dtype)
+                    else:
+                        w = (q - z.to(xs.dtype)) * s.to(xs.dtype)
                 else:
-                    w = (cf - z.to(tl.float32)).to(xs.dtype) * s.to(xs.dtype)
+                    c = ((packed.to(tl.int32) >> sh[:, None]) & MASK) | 0x4B000000
+                    cf = c.to(tl.float32, bitcast=True) - 8388608.0  # q, exact
+                    if GPS == 1:
+                        w = (cf - z.to(tl.float32)[:, None]).to(xs.dtype) * s[:, None].to(xs.dtype)
+                    else:
+                        w = (cf - z.to(tl.float32)).to(xs.dtype) * s.to(xs.dtype)
                 acc6 = tl.dot(w, tl.trans(xs), acc6)  # (NB, BLOCK_M), float32
             acc = tl.trans(acc6)
         else:
@@ -897,11 +915,11 @@ def _launch(
         if split > 1:
             counts.zero_()
     has_dora = magnitude is not None
-    # MODE 3/5's exponent trick: bf16 holds 128 + q exactly for q < 128, fp16 1024 + q.
+    # MODE 3/5/7's exponent trick: bf16 holds 128 + q exactly for q < 128, fp16 1024 + q.
     magic, offset = 0, 0.0
-    if mode in (3, 5) and x.dtype == torch.float16:
+    if mode in (3, 5, 7) and x.dtype == torch.float16:
         magic, offset = 0x6400, 1024.0
-    elif mode in (3, 5) and bits < 8:
+    elif mode in (3, 5, 7) and bits < 8:
         magic, offset = 0x4300, 128.0
     rows_per_split = triton.cdiv(rows, split)
     # Rows of adapter terms at a time: a gathered (rows, outputs, rank) tile of B of at

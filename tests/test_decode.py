@@ -222,7 +222,7 @@ def test_supported_layouts():
      (16, 1, 2, 4, 3, 2), (32, 2, 4, 4, 2, 2), (64, 4, 1, 4, 2, 2),
      (16, 1, 2, 4, 3, 3), (32, 2, 4, 4, 2, 3), (16, 1, 8, 4, 2, 4), (32, 4, 2, 2, 1, 4),
      (16, 1, 2, 4, 3, 5), (32, 1, 4, 8, 4, 5), (16, 2, 2, 4, 3, 6), (32, 4, 2, 4, 2, 6),
-     (16, 1, 8, 8, 3, 6)],
+     (16, 1, 8, 8, 3, 6), (16, 2, 2, 4, 3, 7), (32, 1, 2, 8, 3, 7)],
 )  # fmt: skip
 @pytest.mark.parametrize("tokens", [1, 4])
 def test_every_kernel_mode_matches_the_reference(config, tokens, monkeypatch):
@@ -240,7 +240,7 @@ def test_every_kernel_mode_matches_the_reference(config, tokens, monkeypatch):
 @pytest.mark.parametrize(
     "config, tokens",
     [((16, 2, 2, 4, 1, 4), 1), ((16, 1, 2, 4, 2, 5), 5), ((32, 1, 2, 4, 3, 5), 16),
-     ((16, 1, 2, 4, 3, 6), 17), ((64, 1, 2, 8, 3, 6), 64)],
+     ((16, 1, 2, 4, 3, 6), 17), ((64, 1, 2, 8, 3, 6), 64), ((64, 1, 2, 8, 3, 7), 40)],
 )  # fmt: skip
 @pytest.mark.parametrize("dtype", HALF)
 def test_k_loops_of_several_steps_at_each_prefetch_level(
@@ -367,24 +367,27 @@ def test_split_k_reduction_is_stable_under_repetition(monkeypatch):
     assert_close_rel(first, dense_reference(layer, p, x), torch.bfloat16)
 
 
+@pytest.mark.parametrize("mode", [6, 7])
 @pytest.mark.parametrize("nbits", [1, 2, 4, 8])
 @pytest.mark.parametrize("dtype", HALF)
-def test_mode6_multiplies_hqqs_own_weights_bit_for_bit(nbits, dtype, monkeypatch):
-    # One-hot rows of x: each output is one weight, so MODE 6 (HQQ's two roundings of each
-    # weight, in registers) gives HQQ's dequantized column exactly, in bf16 too (the
-    # interpreter's version of this test runs in float16 only).
+def test_mode6_multiplies_hqqs_own_weights_bit_for_bit(nbits, dtype, mode, monkeypatch):
+    # One-hot rows of x: each output is one weight, so MODES 6 and 7 (HQQ's two roundings
+    # of each weight, in registers: in float32, or two at a time in the compute dtype)
+    # give HQQ's dequantized columns exactly, every column, in bf16 too (the interpreter's
+    # version of this test runs in float16 only).
     layer = cuda_layer(nbits, dtype, size=(256, 512), bias=False)
     per = quant_layout(layer).packing_bits[1]
-    cols = torch.tensor([0, 5, 63, 64, 130, 255, 300, 511] * 2, device="cuda")  # 16 rows
-    monkeypatch.setitem(_decode.TUNED, (256, 512, per, len(cols)), (32, 2, 2, 4, 3, 6))
-    x = torch.nn.functional.one_hot(cols, 512).to(dtype)
+    W = hqqlora.dequantize(layer)
     calls = []
     real = _decode.lora_decode
     monkeypatch.setattr(_decode, "lora_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
-    with torch.no_grad():
-        got = hqqlora.base_forward(layer, x)
-    assert calls  # the decode kernels ran (base_forward's reach is 16 rows)
-    assert torch.equal(got, hqqlora.dequantize(layer)[:, cols].T)
+    for cols in torch.arange(512, device="cuda").view(32, 16):  # 16 rows a call
+        monkeypatch.setitem(_decode.TUNED, (256, 512, per, len(cols)), (32, 2, 2, 4, 3, mode))
+        x = torch.nn.functional.one_hot(cols, 512).to(dtype)
+        with torch.no_grad():
+            got = hqqlora.base_forward(layer, x)
+        assert torch.equal(got, W[:, cols].T), (cols[0].item(), (got != W[:, cols].T).sum())
+    assert len(calls) == 32  # the decode kernels ran (base_forward's reach is 16 rows)
 
 
 @pytest.mark.parametrize("tokens", [1, 16, 64])

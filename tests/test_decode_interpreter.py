@@ -243,11 +243,12 @@ def test_decode_kernels_at_shapes_that_do_not_tile_evenly():
     interpret(EDGE_SHAPES)
 
 
-# MODE 6 multiplies HQQ's own weights: ``(q − z)`` rounded to the compute dtype, then
-# ``· s`` rounded. With one-hot rows of x each output is one weight, exactly: the result
+# MODES 6 and 7 multiply HQQ's own weights: ``(q − z)`` rounded to the compute dtype, then
+# ``· s`` rounded (MODE 7 in the compute dtype itself). With one-hot rows of x each output is one weight, exactly: the result
 # equals HQQ's dequantized column bit for bit (an unrounded weight would differ in some).
 MODE6_BITS = textwrap.dedent(
     r"""
+    import itertools
     import torch
     import hqqlora
     from hqqlora import _decode
@@ -255,7 +256,9 @@ MODE6_BITS = textwrap.dedent(
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
     torch.manual_seed(0)
-    for nbits, group, gps in ((4, 64, 1), (2, 32, 2), (8, 32, 4), (1, 64, 2)):
+    for (nbits, group, gps), mode in itertools.product(
+        ((4, 64, 1), (2, 32, 2), (8, 32, 4), (1, 64, 2)), (6, 7)
+    ):
         lin = torch.nn.Linear(256, 64, bias=False)
         layer = HQQLinear(lin, BaseQuantizeConfig(nbits=nbits, group_size=group, axis=1),
                           compute_dtype=torch.float16, device="cpu")
@@ -266,9 +269,9 @@ MODE6_BITS = textwrap.dedent(
         x = torch.nn.functional.one_hot(cols, 256).half()
         per = layout.packing_bits[1]
         _decode.TUNED.clear()
-        _decode.TUNED[(64, 256, per, len(cols))] = (16, gps, 2, 4, 3, 6)
+        _decode.TUNED[(64, 256, per, len(cols))] = (16, gps, 2, 4, 3, mode)
         got = _decode.lora_decode(x, W_q, scale, zero, layout)
-        assert torch.equal(got, W[:, cols].T), (nbits, (got != W[:, cols].T).sum())
+        assert torch.equal(got, W[:, cols].T), (nbits, mode, (got != W[:, cols].T).sum())
     """
 )
 
@@ -676,13 +679,13 @@ def test_rows_without_an_adapter_never_see_a_neighbours_nan_and_reads_stay_insid
     interpret(NAN_NEIGHBOURS)
 
 
-# K loops of several steps a program (MODES 4, 5 and 6) at each PREFETCH level: the step
+# K loops of several steps a program (MODES 4 to 7) at each PREFETCH level: the step
 # ahead is loaded before this one's arithmetic (the last step reloads itself), so a step
 # read twice, skipped or paired with another step's scale and zero shows here. Each output
 # elementwise within half a float16 ulp plus 2⁻¹⁸ of the sum of its absolute terms
 # (``|x|·(|q| + |z|)·|s|`` and the adapter's): MODES 4 and 5 multiply the exact codes and
-# apply scale and zero per group (so the reference is the unrounded ``(q − z)·s``), MODE 6
-# HQQ's rounded weights. At 1 and 2 bits in float16 this also needs MODE 5 to take the
+# apply scale and zero per group (so the reference is the unrounded ``(q − z)·s``), MODES 6
+# and 7 HQQ's rounded weights. At 1 and 2 bits in float16 this also needs MODE 5 to take the
 # exponent trick's 1024 off the codes: with it left in the sums (taken off with the zero)
 # the float32 partials carry ``1024 · Σ x`` and miss the bound by about 4×.
 PREFETCHED_STEPS = textwrap.dedent(
@@ -716,10 +719,11 @@ PREFETCHED_STEPS = textwrap.dedent(
                                        (5, 3, (16, 1, 1, 4, 3, 5)),
                                        (5, 16, (16, 1, 2, 4, 2, 5)),
                                        (6, 20, (16, gps, 1, 4, 3, 6)),
-                                       (6, 40, (32, gps, 2, 4, 3, 6))):
+                                       (6, 40, (32, gps, 2, 4, 3, 6)),
+                                       (7, 24, (16, gps, 1, 4, 3, 7))):
                 x = torch.randn(rows, 256).half()
                 xd = x.double()
-                w = rounded if mode == 6 else exact
+                w = rounded if mode >= 6 else exact
                 t = xd @ A.double().T
                 ref = xd @ w.T + 0.5 * t @ B.double().T + layer.bias.double()
                 bound = (xd.abs() @ size.T + 0.5 * (xd.abs() @ A.double().abs().T)
@@ -738,7 +742,7 @@ PREFETCHED_STEPS = textwrap.dedent(
                         failures.append((nbits, group, mode, rows, config, prefetch,
                                          float(((err - 0.5 * ulp) / bound).max())))
     print("CHECKED", checked, "FAILURES", failures)
-    assert checked == 108 and not failures
+    assert checked == 126 and not failures
     """
 )
 
