@@ -1,7 +1,8 @@
 """Out-of-bounds check of the decode kernels (CUDA): run under compute-sanitizer.
 
 compute-sanitizer --tool memcheck --leak-check no python benchmarks/memcheck_decode.py
-(``... memcheck_decode.py prefetch``: only the configurations that set PREFETCH)
+(``... memcheck_decode.py prefetch``: only the configurations that set PREFETCH, MODE 7's
+among them)
 
 Default and tuned configurations at 1-64 rows, 2 and 4 bits: the base alone, a bank with
 DoRA, bias, rows without an adapter and rows past the bank, one adapter without an index,
@@ -52,6 +53,7 @@ for nbits in (4, 2):
         *((1, (16, 4, 2, 4, 1, 4, 0, p)) for p in (0, 1, 2)),
         *((16, (32, 1, 4, 4, 2, 5, 0, p)) for p in (0, 1, 2)),
         *((64, (64, 1, 2, 8, 3, 6, 0, p)) for p in (0, 1, 2)),
+        *((rows, (64, 1, 2, 8, 3, 7, 0, p)) for rows in (17, 64) for p in (1, 2)),
     ):
         if sys.argv[1:] == ["prefetch"] and (config is None or len(config) < 8):
             continue

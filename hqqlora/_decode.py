@@ -36,12 +36,13 @@ Variants of the second kernel (``MODE``, per shape in :data:`TUNED`, else
   one; codes become bf16 ``128 + q`` (fp16 ``1024 + q``) by the same trick, then ``q``
   by an exact subtraction (8-bit codes in bf16 are converted instead: ``128 + q`` is
   not exact above 127); scale and zero per group on the partial sums, as MODE 4.
-- 6, the default at 17–64 rows: HQQ's own weights dequantized in registers,
+- 6: HQQ's own weights dequantized in registers,
   ``(q − z)`` rounded to the compute dtype, then ``· s`` rounded (as HQQ's dense path
   and :mod:`hqqlora._triton` do), then ``w @ xᵀ`` on tensor cores with no per-group
   rescale of the accumulator (4–8% faster than MODE 5 at 64 rows).
-- 7: MODE 6's weights, computed in the compute dtype two at a time (packed bf16/fp16
-  instructions, a quarter fewer in the loop; the same bits).
+- 7, the default at 17–64 rows: MODE 6's weights, computed in the compute dtype two at
+  a time (packed bf16/fp16 instructions, a quarter fewer in the loop; the same bits):
+  9–11% faster than MODE 6 at 64 rows.
 - 3: as 5 with ``x @ codesᵀ``; 0: every slot of the tile unpacked and reshaped in
   registers; 1: a program per slot; 2: a GEMV without the trick, with a register
   reshape. Slower on the H100 (``benchmarks/tune_decode.py``), kept for other GPUs'
@@ -779,15 +780,15 @@ def kernel_call_allowed(x: Tensor, layout: QuantLayout, *held: Tensor | None) ->
 TUNED: dict[tuple[int, int, int, int], tuple[int, ...]] = {
     (4096, 4096, 2, 1): (32, 4, 16, 4, 1, 4),
     (4096, 4096, 2, 16): (32, 1, 8, 4, 2, 5),
-    (4096, 4096, 2, 64): (64, 1, 4, 8, 3, 6, 0, 1),
+    (4096, 4096, 2, 64): (64, 1, 4, 8, 3, 7, 0, 1),
     (14336, 4096, 2, 1): (32, 4, 16, 4, 1, 4),
     (14336, 4096, 2, 16): (32, 1, 4, 4, 3, 5),
-    (14336, 4096, 2, 64): (32, 1, 4, 4, 3, 6, 128, 1),
+    (14336, 4096, 2, 64): (32, 1, 4, 4, 3, 7, 128, 1),
     (4096, 14336, 2, 1): (32, 2, 8, 4, 1, 4),
     (4096, 14336, 2, 16): (32, 1, 8, 4, 3, 5),
-    (4096, 14336, 2, 64): (64, 1, 4, 8, 4, 6),
+    (4096, 14336, 2, 64): (64, 1, 4, 8, 3, 7),
     (1024, 4096, 2, 16): (32, 1, 8, 4, 2, 5),
-    (1024, 4096, 2, 64): (32, 1, 8, 4, 3, 6, 0, 1),
+    (1024, 4096, 2, 64): (64, 1, 8, 8, 3, 7),
 }
 
 SHRINK_ROWS = 4
@@ -814,7 +815,7 @@ def decode_config(n_out: int, k_in: int, per: int, group: int, rows: int) -> tup
 
     One row: MODE 4, 64 outputs a tile, 256 inputs a step, up to 16 splits (one step a
     program where the shape allows). Up to 16 rows: MODE 5, 64 outputs a tile, one group
-    a step, splits while the programs stay at most 1024. More rows: MODE 6, 128 outputs
+    a step, splits while the programs stay at most 1024. More rows: MODE 7, 128 outputs
     a tile, splits while the programs stay at most 256.
     """
     key = (n_out, k_in, per, rows)
@@ -828,7 +829,7 @@ def decode_config(n_out: int, k_in: int, per: int, group: int, rows: int) -> tup
     elif rows <= 16:
         block_p, gps, mode, programs = max(1, 64 // per), 1, 5, 1024
     else:
-        block_p, gps, mode, programs = max(1, 128 // per), 1, 6, 256
+        block_p, gps, mode, programs = max(1, 128 // per), 1, 7, 256
     steps = groups // gps
     tiles = -(-(n_out // per) // block_p)
     split = 1

@@ -326,7 +326,7 @@ def layer_of(out_f, in_f, group, nbits):
                           compute_dtype=torch.float16, device="cpu")
         W_q, scale, zero = quant_tensors(layer)
         layout = quant_layout(layer)
-        # HQQ's rounded weights (MODE 6 multiplies these) and the unrounded (q - z)·s
+        # HQQ's rounded weights (MODES 6 and 7 multiply these) and the unrounded (q - z)·s
         # (MODES 0-5 do), in float64.
         exact = (unpacked_codes(W_q, layout, torch.float64) - zero.double()) * scale.double()
         layers[key] = (layer, layout, (W_q, scale, zero),
@@ -358,7 +358,7 @@ for out_f, in_f, group, nbits, rows, rank, config, idx_dtype in (
     (96, 256, 64, 4, 2, 70, (16, 1, 8, 4, 3, 5), torch.int64),  # splits with no rows
     (96, 256, 64, 4, 9, 5, (16, 1, 2, 4, 3, 1), torch.int64),  # a program per slot
     (96, 256, 64, 2, 7, 70, (8, 2, 2, 4, 3, 0), torch.int64),
-    (96, 256, 64, 4, 40, 70, None, torch.int64),  # decode_config's rule: MODE 6
+    (96, 256, 64, 4, 40, 70, None, torch.int64),  # decode_config's rule: MODE 7
     (96, 256, 64, 4, 1, 5, None, torch.int64),  # one token: the direct term
 ):
     layer_t = layer_of(out_f, in_f, group, nbits)
@@ -399,10 +399,11 @@ for out_f, in_f, group, nbits, rows, rank, config, idx_dtype in (
 # term rounded to float16 on the way (to |W| ~ 0.05's precision) would be off by 1e-5,
 # 1% of d.
 for nbits, rows, config in ((4, 1, (16, 2, 2, 4, 1, 4)), (2, 3, (8, 1, 2, 4, 3, 5)),
-                            (4, 6, (16, 2, 1, 4, 3, 6)), (8, 5, (16, 1, 4, 4, 3, 6))):
+                            (4, 6, (16, 2, 1, 4, 3, 6)), (8, 5, (16, 1, 4, 4, 3, 6)),
+                            (2, 20, (16, 1, 2, 4, 3, 7))):
     out_f, in_f, rank = 64, 256, 4
     layer_t = layer_of(out_f, in_f, 64, nbits)
-    W = layer_t[3] if config[-1] == 6 else layer_t[4]
+    W = layer_t[3] if config[-1] in (6, 7) else layer_t[4]
     cols = torch.tensor([3, 70, 131, 250])  # one input column per rank slot
     A = torch.zeros(n, rank, in_f)
     A[:, torch.arange(rank), cols] = 1.0
