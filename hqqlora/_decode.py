@@ -64,10 +64,10 @@ path rounds ``q − z`` and ``(q − z)·s`` to the compute dtype; these modes d
 MODES 6 and 7 multiply HQQ's rounded weights themselves: they differ from the dense path
 only in the order of the float32 sums (HQQ keeps scale and zero in the compute dtype;
 were they wider, these modes would round them to it, within one rounding of the
-weight). The adapter term is computed in float32
-from the adapters' own values (a float32 adapter is not rounded to bf16); where 16 rows
-share an adapter, its dot is TF32 three times (split operands, float32 accumulation:
-about float32's precision, not its bits). One rounding to the output dtype at the end.
+weight). The adapter term is computed in float32 from the adapters' own values (a
+float32 adapter is not rounded to bf16); where 16 rows share an adapter, its dot is TF32
+three times (split operands, float32 accumulation: about float32's precision, not its
+bits). One rounding to the output dtype at the end.
 """
 
 from __future__ import annotations
@@ -773,10 +773,10 @@ def kernel_call_allowed(x: Tensor, layout: QuantLayout, *held: Tensor | None) ->
 
 
 # (packed rows per tile, groups per K step, K splits, warps, stages, MODE[, registers per
-# thread at most (0: no cap)[, PREFETCH]]) by (out, in, codes per byte, rows): the best of benchmarks/tune_decode.py
-# on an H100 (CUDA-graph timing, LoRA r=16, shrink included; at 64 rows one adapter read
-# through an index, as a mixed batch whose rows share it); other shapes take
-# decode_config's rule, fitted to these.
+# thread at most (0: no cap)[, PREFETCH]]) by (out, in, codes per byte, rows): the best of
+# benchmarks/tune_decode.py on an H100 (CUDA-graph timing, LoRA r=16, shrink included; at
+# 64 rows one adapter read through an index, as a mixed batch whose rows share it); other
+# shapes take decode_config's rule, fitted to these.
 TUNED: dict[tuple[int, int, int, int], tuple[int, ...]] = {
     (4096, 4096, 2, 1): (32, 4, 16, 4, 1, 4),
     (4096, 4096, 2, 16): (32, 1, 8, 4, 2, 5),
