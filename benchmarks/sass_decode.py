@@ -1,0 +1,185 @@
+"""The decode main kernel compiled for a GPU on a machine without one: registers, spills,
+shared memory and the instruction mix of its K loop, from Triton's compiler and the
+``cuobjdump`` it bundles.
+
+python benchmarks/sass_decode.py --shape 4096 4096 --rows 64
+python benchmarks/sass_decode.py --shape 4096 4096 --rows 64 --config "(64, 1, 4, 8, 3, 6, 0, 1)"
+
+The launch is the library's own: ``_decode._launch`` runs on CPU tensors with the kernels
+replaced by recorders, and the recorded arguments are compiled for ``sm_<arch>`` with the
+specialization Triton's launcher gives them (integers that are multiples of 16 marked so,
+1 made a constant; without it every load is one byte wide and the listing is not what
+runs). Programmatic dependent launch is compiled in where the GPU has it (``--arch`` 90 and
+up). No timing: for that, ``tune_decode.py`` on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from common import make_hqq_layer
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from hqqlora import _decode
+from hqqlora._base import quant_layout, quant_tensors
+
+_TYPES = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+    torch.uint8: "u8",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.bool: "i1",
+}
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
+
+
+def recorded_launch(shape, rows, config, bank, dtype):
+    """The main kernel's arguments for one LoRA call (a bank of ``bank`` adapters read
+    through an index, or one adapter when ``bank`` is 0), as ``_decode._launch`` makes them."""
+    out_f, in_f = shape
+    layer = make_hqq_layer(in_f, out_f, dtype=dtype)
+    layout = quant_layout(layer)
+    W_q, scale, zero = quant_tensors(layer)
+    bits, per = layout.packing_bits
+    n = max(bank, 1)
+    A, B = torch.zeros(n, 16, in_f), torch.zeros(n, out_f, 16)
+    s = torch.ones(n)
+    index = torch.arange(rows) % bank if bank else None
+    if not bank:
+        A, B, s = A[0], B[0], s[:1]
+    x = torch.zeros(rows, in_f, dtype=dtype)
+    key = (out_f, in_f, per, rows)
+    saved = dict(_decode.TUNED), _decode.PDL, _decode._main_kernel, _decode._shrink_kernel
+    recorder = _Recorder()
+    try:
+        if config is not None:
+            _decode.TUNED[key] = config
+        _decode.PDL = False  # decided from the GPU's capability; compiled in below instead
+        _decode._main_kernel, _decode._shrink_kernel = recorder, _Recorder()
+        meta = [bits, per, layout.group_size, out_f, in_f]
+        _decode._launch(
+            x, W_q, scale, zero, meta, A, B, s, index, None, None, None, None, dtype
+        )  # fmt: skip
+    finally:
+        _decode.TUNED.clear()
+        _decode.TUNED.update(saved[0])
+        _decode.PDL, _decode._main_kernel, _decode._shrink_kernel = saved[1:]
+    return recorder.calls[0], _decode.decode_config(out_f, in_f, per, layout.group_size, rows)
+
+
+def compile_recorded(call, arch):
+    """Compiles the recorded call of ``_decode._main_kernel`` for ``sm_<arch>``."""
+    kernel = _decode._main_kernel
+    _, args, kwargs = call
+    names = list(inspect.signature(kernel.fn).parameters)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
+    kwargs.pop("launch_pdl", None)
+    constants = dict(kwargs)
+    constants["USE_PDL"] = constants["HAS_LORA"] and arch >= 90
+    runtime = [n for n in names if n not in constants]
+    signature, divisible = {}, []
+    for name, value in zip(runtime, args, strict=True):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TYPES[value.dtype]
+            divisible.append(name)
+        elif value == 1:  # Triton's launcher makes a 1 a constant
+            constants[name] = 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                divisible.append(name)
+    for name in constants:
+        signature[name] = "constexpr"
+    src = ASTSource(
+        kernel,
+        {n: signature[n] for n in names},
+        constexprs={(names.index(k),): v for k, v in constants.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible},
+    )
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def cuobjdump(compiled, flag):
+    import triton.backends.nvidia as nvidia
+
+    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def loop_mix(sass):
+    """Instruction counts of the first loop in the code (the K loop; the adapter terms'
+    loops come after it)."""
+    code = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            code.append((int(m.group(1), 16), m.group(2)))
+    loops = []
+    for addr, text in code:
+        m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    if not loops:
+        return 0, collections.Counter()
+    start, end = min(loops)
+    body = [t for a, t in code if start <= a <= end]
+    ops = (t.split()[1] if t.startswith("@") else t.split()[0] for t in body)
+    return len(body), collections.Counter(ops)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", type=int, nargs=2, default=(4096, 4096), help="out in")
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--config", type=ast.literal_eval, help="a TUNED entry to compile")
+    parser.add_argument("--bank", type=int, default=1, help="adapters in a bank (0: one)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
+    parser.add_argument("--top", type=int, default=16, help="instructions to list")
+    args = parser.parse_args()
+    call, default = recorded_launch(
+        tuple(args.shape), args.rows, args.config, args.bank, getattr(torch, args.dtype)
+    )
+    compiled = compile_recorded(call, args.arch)
+    usage = cuobjdump(compiled, "--dump-resource-usage")
+    regs = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    length, mix = loop_mix(cuobjdump(compiled, "-sass"))
+    print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}")
+    print(f"{tuple(args.shape)} at {args.rows} rows, config {args.config or default}")
+    print(
+        f"registers {regs.group(1) if regs else '?'}, stack {stack.group(1) if stack else '?'} B,"
+        f" shared {compiled.metadata.shared} B, cp.async in the PTX"
+        f" {compiled.asm['ptx'].count('cp.async.cg') + compiled.asm['ptx'].count('cp.async.ca')}"
+    )
+    print(f"K loop: {length} instructions a thread a step")
+    for op, count in mix.most_common(args.top):
+        print(f"    {count:5d}  {op}")
+
+
+if __name__ == "__main__":
+    main()
