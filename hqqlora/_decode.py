@@ -63,8 +63,8 @@ products (codes and bf16/fp16 ``x`` are exact in the compute dtype); against HQQ
 path rounds ``q − z`` and ``(q − z)·s`` to the compute dtype; these modes do not).
 MODES 6 and 7 multiply HQQ's rounded weights themselves: they differ from the dense path
 only in the order of the float32 sums (HQQ keeps scale and zero in the compute dtype;
-were they wider, these modes would round them to it, within one rounding of the
-weight). The adapter term is computed in float32 from the adapters' own values (a
+were they wider, MODE 7 would round both to it first and MODE 6 the scale only, each
+within one rounding of the weight). The adapter term is computed in float32 from the adapters' own values (a
 float32 adapter is not rounded to bf16); where 16 rows share an adapter, its dot is TF32
 three times (split operands, float32 accumulation: about float32's precision, not its
 bits). One rounding to the output dtype at the end.
@@ -493,9 +493,10 @@ if triton is not None:
             # then ``w @ xᵀ`` on tensor cores, GPS groups a step, no per-group rescale.
             # MODE 6 subtracts in float32 (codes by the float32 exponent trick), MODE 7 in
             # the compute dtype, two weights an instruction (codes by MODE 5's trick): the
-            # same bits, since q (at most 8 bits) and z (8 or 11) differ exactly in
-            # float32 unless z is tiny, and then no float32 rounding lands on a midpoint
-            # of the compute dtype.
+            # same bits for a zero in the compute dtype. q (at most 8 bits) and z (8 or 11)
+            # differ exactly in float32 unless |z| is tiny or huge, and then the float32
+            # rounding never lands on a midpoint of the compute dtype (checked for every
+            # q in 0..255 and every finite bf16 and fp16 z).
             acc6 = tl.zeros((NB, BLOCK_M), dtype=tl.float32)
             meta6: tl.constexpr = 0 if GPS == 1 else 2
             last_step = first + steps_per_split - 1

@@ -750,3 +750,52 @@ PREFETCHED_STEPS = textwrap.dedent(
 
 def test_k_loops_of_several_steps_at_each_prefetch_level_match_float64():
     interpret(PREFETCHED_STEPS)
+
+
+# Outputs cannot tell the PREFETCH levels apart (they give the same bits), so the launch
+# itself is recorded here (in process, nothing runs): a TUNED entry's 8th field reaches the
+# kernel, a 7-field entry gets the module default, and a program of one step gets 0.
+def test_a_tuned_prefetch_level_reaches_the_kernel(monkeypatch):
+    import torch
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    from hqqlora import _decode
+    from hqqlora._base import quant_tensors
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    monkeypatch.setattr(_decode, "_main_kernel", Recorder())
+    monkeypatch.setattr(_decode, "_shrink_kernel", Recorder())
+    monkeypatch.setattr(_decode, "PDL", False)
+    monkeypatch.setattr(_decode, "TUNED", {})
+    layer = HQQLinear(
+        torch.nn.Linear(256, 64),
+        BaseQuantizeConfig(nbits=4, group_size=32, axis=1),
+        compute_dtype=torch.float16,
+        device="cpu",
+    )
+    W_q, scale, zero = quant_tensors(layer)
+    meta = [4, 2, 32, 64, 256]  # bits, codes a byte, group, out, in
+    A, B, s = torch.zeros(8, 256), torch.zeros(64, 8), torch.ones(1)
+    x = torch.zeros(20, 256, dtype=torch.float16)
+    # 256 inputs in groups of 32: 8 steps, 4 a program at two splits, 1 at eight.
+    for config, expected in (
+        ((16, 1, 2, 4, 3, 7, 0, 1), 1),
+        ((16, 1, 2, 4, 3, 6, 0, 0), 0),
+        ((16, 1, 2, 4, 3, 5, 64, 2), 2),
+        ((16, 1, 2, 4, 3, 7), _decode.PREFETCH),
+        ((16, 1, 8, 4, 3, 7, 0, 1), 0),
+    ):
+        _decode.TUNED[(64, 256, 2, 20)] = config
+        launches.clear()
+        _decode._launch(x, W_q, scale, zero, meta, A, B, s, None, None, None, None, None,
+                        torch.float16)  # fmt: skip
+        (main,) = [k for k in launches if "PREFETCH" in k]
+        assert main["PREFETCH"] == expected, (config, main["PREFETCH"])
+        assert main["MODE"] == config[5]
+        cap = config[6] if len(config) > 6 else 0
+        assert main.get("maxnreg") == (cap or None)
