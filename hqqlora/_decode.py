@@ -64,10 +64,10 @@ path rounds ``q − z`` and ``(q − z)·s`` to the compute dtype; these modes d
 MODES 6 and 7 multiply HQQ's rounded weights themselves: they differ from the dense path
 only in the order of the float32 sums (HQQ keeps scale and zero in the compute dtype;
 were they wider, MODE 7 would round both to it first and MODE 6 the scale only, each
-within one rounding of the weight). The adapter term is computed in float32 from the adapters' own values (a
-float32 adapter is not rounded to bf16); where 16 rows share an adapter, its dot is TF32
-three times (split operands, float32 accumulation: about float32's precision, not its
-bits). One rounding to the output dtype at the end.
+within one rounding of the weight). The adapter term is computed in float32 from the
+adapters' own values (a float32 adapter is not rounded to bf16); where 16 rows share an
+adapter, its dot is TF32 three times (split operands, float32 accumulation: about
+float32's precision, not its bits). One rounding to the output dtype at the end.
 """
 
 from __future__ import annotations
@@ -947,7 +947,8 @@ def _launch(
         DOT_ROWS=DOT_ROWS if rows_per_split >= DOT_ROWS and nb >= 16 else 0,
         T_SPLITS=triton.next_power_of_2(t_splits),
         HAS_LORA=has_lora, HAS_IDX=has_idx, HAS_DORA=has_dora, HAS_BIAS=bias is not None,
-        MODE=mode, PREFETCH=prefetch if steps // split > 1 else 0, MAGIC=magic, OFFSET=offset, USE_PDL=pdl,
+        MODE=mode, PREFETCH=prefetch if steps // split > 1 else 0,
+        MAGIC=magic, OFFSET=offset, USE_PDL=pdl,
         num_warps=warps, num_stages=stages, launch_pdl=pdl, **limits,
     )  # fmt: skip
     return out

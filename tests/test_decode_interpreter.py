@@ -244,8 +244,9 @@ def test_decode_kernels_at_shapes_that_do_not_tile_evenly():
 
 
 # MODES 6 and 7 multiply HQQ's own weights: ``(q − z)`` rounded to the compute dtype, then
-# ``· s`` rounded (MODE 7 in the compute dtype itself). With one-hot rows of x each output is one weight, exactly: the result
-# equals HQQ's dequantized column bit for bit (an unrounded weight would differ in some).
+# ``· s`` rounded (MODE 7 computes both in the compute dtype itself). With one-hot rows of
+# x each output is one weight, exactly: the result equals HQQ's dequantized column bit for
+# bit (an unrounded weight would differ in some).
 MODE6_BITS = textwrap.dedent(
     r"""
     import itertools
