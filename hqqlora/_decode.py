@@ -204,6 +204,54 @@ if triton is not None:
         return z, s
 
     @triton.jit  # type: ignore[untyped-decorator]
+    def _first_ahead(  # type: ignore[no-untyped-def]
+        x_ptr, packed_ptr, scale_ptr, zero_ptr, first, m, m_ok, pj, n, n_ok, K, groups_per_row,
+        BLOCK_K: tl.constexpr, GROUP: tl.constexpr, GPS: tl.constexpr, X_ROWS: tl.constexpr,
+        META: tl.constexpr, PREFETCH: tl.constexpr,
+    ):  # fmt: skip
+        # What a K loop loads a step early, for its first step (0 in the places PREFETCH
+        # leaves to the step itself): x and codes (PREFETCH 2), zero and scale (1 and 2).
+        ahead_x, ahead_p, ahead_z, ahead_s = 0, 0, 0, 0
+        if PREFETCH >= 2:
+            ahead_x, ahead_p = _step_codes(
+                x_ptr, packed_ptr, first, m, m_ok, pj, n_ok, K, BLOCK_K, X_ROWS
+            )
+        if PREFETCH >= 1:
+            ahead_z, ahead_s = _step_meta(
+                scale_ptr, zero_ptr, first, n, n_ok, groups_per_row, BLOCK_K, GROUP, GPS, META
+            )
+        return ahead_x, ahead_p, ahead_z, ahead_s
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _step_tiles(  # type: ignore[no-untyped-def]
+        x_ptr, packed_ptr, scale_ptr, zero_ptr, step, last_step, ahead, m, m_ok, pj, n, n_ok,
+        K, groups_per_row, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, GPS: tl.constexpr,
+        X_ROWS: tl.constexpr, META: tl.constexpr, PREFETCH: tl.constexpr,
+    ):  # fmt: skip
+        # This K step's x, codes, zero and scale, and what the next step takes from ``ahead``:
+        # the tiles PREFETCH loads a step early come from ``ahead`` and are loaded again for
+        # the next step (the last step loads itself again: no bounds to check), the rest now.
+        ahead_x, ahead_p, ahead_z, ahead_s = ahead
+        step_n = tl.minimum(step + 1, last_step)
+        if PREFETCH >= 2:
+            xs, packed = ahead_x, ahead_p
+            ahead_x, ahead_p = _step_codes(
+                x_ptr, packed_ptr, step_n, m, m_ok, pj, n_ok, K, BLOCK_K, X_ROWS
+            )
+        else:
+            xs, packed = _step_codes(x_ptr, packed_ptr, step, m, m_ok, pj, n_ok, K, BLOCK_K, X_ROWS)
+        if PREFETCH >= 1:
+            z, s = ahead_z, ahead_s
+            ahead_z, ahead_s = _step_meta(
+                scale_ptr, zero_ptr, step_n, n, n_ok, groups_per_row, BLOCK_K, GROUP, GPS, META
+            )
+        else:
+            z, s = _step_meta(
+                scale_ptr, zero_ptr, step, n, n_ok, groups_per_row, BLOCK_K, GROUP, GPS, META
+            )
+        return xs, packed, z, s, (ahead_x, ahead_p, ahead_z, ahead_s)
+
+    @triton.jit  # type: ignore[untyped-decorator]
     def _one_adapter_terms(  # type: ignore[no-untyped-def]
         rows, mine, use, k, t_ptr, b_ptr, scaling_ptr, lt_ptr, M, N, R, t_splits, stride_b_bank,
         n, n_ok, BLOCK_R: tl.constexpr, T_SPLITS: tl.constexpr,
@@ -395,37 +443,15 @@ if triton is not None:
             acc4 = tl.zeros((NB,), dtype=tl.float32)
             meta4: tl.constexpr = 0 if GPS == 1 else 1
             last_step = first + steps_per_split - 1
-            if PREFETCH >= 2:
-                nxt_x, nxt_p = _step_codes(
-                    x_ptr, packed_ptr, first, m, m_ok, pj, n_ok, K, BLOCK_K, False
-                )
-            if PREFETCH >= 1:
-                nxt_z, nxt_s = _step_meta(
-                    scale_ptr, zero_ptr, first, n, n_ok, groups_per_row, BLOCK_K, GROUP, GPS,
-                    meta4,
-                )  # fmt: skip
+            ahead = _first_ahead(
+                x_ptr, packed_ptr, scale_ptr, zero_ptr, first, m, m_ok, pj, n, n_ok, K,
+                groups_per_row, BLOCK_K, GROUP, GPS, False, meta4, PREFETCH,
+            )  # fmt: skip
             for step in range(first, first + steps_per_split):
-                step_n = tl.minimum(step + 1, last_step)
-                if PREFETCH >= 2:
-                    xv, packed = nxt_x, nxt_p
-                    nxt_x, nxt_p = _step_codes(
-                        x_ptr, packed_ptr, step_n, m, m_ok, pj, n_ok, K, BLOCK_K, False
-                    )
-                else:
-                    xv, packed = _step_codes(
-                        x_ptr, packed_ptr, step, m, m_ok, pj, n_ok, K, BLOCK_K, False
-                    )
-                if PREFETCH >= 1:
-                    z, s = nxt_z, nxt_s
-                    nxt_z, nxt_s = _step_meta(
-                        scale_ptr, zero_ptr, step_n, n, n_ok, groups_per_row, BLOCK_K, GROUP,
-                        GPS, meta4,
-                    )  # fmt: skip
-                else:
-                    z, s = _step_meta(
-                        scale_ptr, zero_ptr, step, n, n_ok, groups_per_row, BLOCK_K, GROUP,
-                        GPS, meta4,
-                    )  # fmt: skip
+                xv, packed, z, s, ahead = _step_tiles(
+                    x_ptr, packed_ptr, scale_ptr, zero_ptr, step, last_step, ahead, m, m_ok, pj,
+                    n, n_ok, K, groups_per_row, BLOCK_K, GROUP, GPS, False, meta4, PREFETCH,
+                )  # fmt: skip
                 c = ((packed.to(tl.int32) >> sh[:, None]) & MASK) | 0x4B000000
                 cf = c.to(tl.float32, bitcast=True) - 8388608.0
                 xv = xv.to(tl.float32)
@@ -445,37 +471,15 @@ if triton is not None:
             # are the wide operand and the few rows of x the narrow one, one group a step.
             acc5 = tl.zeros((NB, BLOCK_M), dtype=tl.float32)
             last_step = first + steps_per_split - 1
-            if PREFETCH >= 2:
-                nxt_x, nxt_p = _step_codes(
-                    x_ptr, packed_ptr, first, m, m_ok, pj, n_ok, K, BLOCK_K, True
-                )
-            if PREFETCH >= 1:
-                nxt_z, nxt_s = _step_meta(
-                    scale_ptr, zero_ptr, first, n, n_ok, groups_per_row, BLOCK_K, GROUP, 1,
-                    0,
-                )  # fmt: skip
+            ahead = _first_ahead(
+                x_ptr, packed_ptr, scale_ptr, zero_ptr, first, m, m_ok, pj, n, n_ok, K,
+                groups_per_row, BLOCK_K, GROUP, 1, True, 0, PREFETCH,
+            )  # fmt: skip
             for step in range(first, first + steps_per_split):
-                step_n = tl.minimum(step + 1, last_step)
-                if PREFETCH >= 2:
-                    xs, packed = nxt_x, nxt_p
-                    nxt_x, nxt_p = _step_codes(
-                        x_ptr, packed_ptr, step_n, m, m_ok, pj, n_ok, K, BLOCK_K, True
-                    )
-                else:
-                    xs, packed = _step_codes(
-                        x_ptr, packed_ptr, step, m, m_ok, pj, n_ok, K, BLOCK_K, True
-                    )
-                if PREFETCH >= 1:
-                    z, s = nxt_z, nxt_s
-                    nxt_z, nxt_s = _step_meta(
-                        scale_ptr, zero_ptr, step_n, n, n_ok, groups_per_row, BLOCK_K, GROUP,
-                        1, 0,
-                    )  # fmt: skip
-                else:
-                    z, s = _step_meta(
-                        scale_ptr, zero_ptr, step, n, n_ok, groups_per_row, BLOCK_K, GROUP,
-                        1, 0,
-                    )  # fmt: skip
+                xs, packed, z, s, ahead = _step_tiles(
+                    x_ptr, packed_ptr, scale_ptr, zero_ptr, step, last_step, ahead, m, m_ok, pj,
+                    n, n_ok, K, groups_per_row, BLOCK_K, GROUP, 1, True, 0, PREFETCH,
+                )  # fmt: skip
                 c = (packed.to(tl.int32) >> sh[:, None]) & MASK
                 if MAGIC != 0:
                     # ``OFFSET + q`` by the exponent trick, minus OFFSET: ``q``, exact.
@@ -500,37 +504,15 @@ if triton is not None:
             acc6 = tl.zeros((NB, BLOCK_M), dtype=tl.float32)
             meta6: tl.constexpr = 0 if GPS == 1 else 2
             last_step = first + steps_per_split - 1
-            if PREFETCH >= 2:
-                nxt_x, nxt_p = _step_codes(
-                    x_ptr, packed_ptr, first, m, m_ok, pj, n_ok, K, BLOCK_K, True
-                )
-            if PREFETCH >= 1:
-                nxt_z, nxt_s = _step_meta(
-                    scale_ptr, zero_ptr, first, n, n_ok, groups_per_row, BLOCK_K, GROUP, GPS,
-                    meta6,
-                )  # fmt: skip
+            ahead = _first_ahead(
+                x_ptr, packed_ptr, scale_ptr, zero_ptr, first, m, m_ok, pj, n, n_ok, K,
+                groups_per_row, BLOCK_K, GROUP, GPS, True, meta6, PREFETCH,
+            )  # fmt: skip
             for step in range(first, first + steps_per_split):
-                step_n = tl.minimum(step + 1, last_step)
-                if PREFETCH >= 2:
-                    xs, packed = nxt_x, nxt_p
-                    nxt_x, nxt_p = _step_codes(
-                        x_ptr, packed_ptr, step_n, m, m_ok, pj, n_ok, K, BLOCK_K, True
-                    )
-                else:
-                    xs, packed = _step_codes(
-                        x_ptr, packed_ptr, step, m, m_ok, pj, n_ok, K, BLOCK_K, True
-                    )
-                if PREFETCH >= 1:
-                    z, s = nxt_z, nxt_s
-                    nxt_z, nxt_s = _step_meta(
-                        scale_ptr, zero_ptr, step_n, n, n_ok, groups_per_row, BLOCK_K, GROUP,
-                        GPS, meta6,
-                    )  # fmt: skip
-                else:
-                    z, s = _step_meta(
-                        scale_ptr, zero_ptr, step, n, n_ok, groups_per_row, BLOCK_K, GROUP,
-                        GPS, meta6,
-                    )  # fmt: skip
+                xs, packed, z, s, ahead = _step_tiles(
+                    x_ptr, packed_ptr, scale_ptr, zero_ptr, step, last_step, ahead, m, m_ok, pj,
+                    n, n_ok, K, groups_per_row, BLOCK_K, GROUP, GPS, True, meta6, PREFETCH,
+                )  # fmt: skip
                 if MODE == 7:
                     c = (packed.to(tl.int32) >> sh[:, None]) & MASK  # q, as MODE 5
                     if MAGIC != 0:
