@@ -253,6 +253,101 @@ def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True, explore=False
     return best
 
 
+def gluon_candidates(out_f, in_f, tokens):
+    """Gluon base kernel (MODE 8) launches: packed rows a program, splits, warps, stages."""
+    steps = in_f // 64
+    out = []
+    for block_p in (64, 128):
+        for split in (1, 2, 4, 8, 16):
+            programs = out_f // 2 // block_p * split
+            if steps % split or steps // split < 2 or not 32 <= programs <= 1024:
+                continue
+            for stages in (3, 4):
+                out.append((block_p, split, 8, stages))
+    return out
+
+
+def _warm_gluon(job):
+    """Compiles the Gluon kernel's configurations in a worker (see :func:`_warm`)."""
+    (out_f, in_f), tokens, rank, bank, configs = job
+    torch.manual_seed(0)
+    layer = make_hqq_layer(in_f, out_f, device="cuda")
+    layout = quant_layout(layer)
+    W_q, scale, zero = quant_tensors(layer)
+    x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
+    A, B, s, index = _adapters(in_f, out_f, rank, bank, tokens)
+    for config in configs:
+        _decode.TUNED_GLUON[(out_f, in_f, tokens)] = config
+        with contextlib.suppress(Exception):
+            _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A, lora_B=B, scaling=s,
+                                index=index)  # fmt: skip
+    torch.cuda.synchronize()
+
+
+def tune_gluon(shapes=SHAPES, tokens_list=TOKENS, rank=16, bank=0, workers=12):
+    """Best Gluon base kernel launch per ``(out, in, tokens)`` beside the Triton modes'
+    tuned time (the same call with ``_decode.GLUON`` off), LoRA as :func:`tune`."""
+    import concurrent.futures
+    import multiprocessing
+
+    jobs = []
+    for shape in shapes:
+        for tokens in tokens_list:
+            configs = gluon_candidates(*shape, tokens)
+            jobs += [(shape, tokens, rank, bank, configs[i : i + 2])
+                     for i in range(0, len(configs), 2)]  # fmt: skip
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        list(pool.map(_warm_gluon, jobs))
+    best = {}
+    for out_f, in_f in shapes:
+        torch.manual_seed(0)
+        layer = make_hqq_layer(in_f, out_f, device="cuda")
+        layout = quant_layout(layer)
+        W_q, scale, zero = quant_tensors(layer)
+        W = hqqlora.dequantize(layer).double()
+        for tokens in tokens_list:
+            x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
+            A, B, s, index = _adapters(in_f, out_f, rank, bank, tokens)
+            if index is None:
+                ref = x.double() @ W.T + (x.double() @ A.double().T) @ B.double().T
+            else:
+                t = torch.einsum("mk,mrk->mr", x.double(), A[index].double())
+                ref = x.double() @ W.T + torch.einsum("mr,mnr->mn", t, B[index].double())
+            key = (out_f, in_f, tokens)
+
+            def run(x=x, A=A, B=B, s=s, index=index):
+                return _decode.lora_decode(
+                    x, W_q, scale, zero, layout, lora_A=A, lora_B=B, scaling=s, index=index
+                )
+
+            _decode.GLUON = False
+            triton_us = 1e3 * triton.testing.do_bench_cudagraph(run, rep=20, return_mode="median")
+            _decode.GLUON = True
+            results = []
+            for config in gluon_candidates(out_f, in_f, tokens):
+                _decode.TUNED_GLUON[key] = config
+                try:
+                    err = ((run().double() - ref).norm() / ref.norm()).item()
+                    if not err < 1e-2:
+                        print(f"{key} {config}: wrong result (rel err {err:.1e})")
+                        continue
+                    us = 1e3 * triton.testing.do_bench_cudagraph(run, rep=20, return_mode="median")
+                except Exception as exc:
+                    print(f"{key} {config}: {type(exc).__name__}: {str(exc)[:80]}")
+                    continue
+                results.append((us, err, config))
+            _decode.TUNED_GLUON.pop(key, None)
+            results.sort()
+            top = [(round(us, 1), c) for us, _, c in results[:4]]
+            print(f"{key}: Triton modes {triton_us:.1f} us; Gluon best {top} "
+                  f"(rel err {results[0][1]:.1e})" if results else f"{key}: no Gluon result",
+                  flush=True)  # fmt: skip
+            if results:
+                best[key] = results[0][2] if results[0][0] < triton_us else None
+    return best
+
+
 def kernel_table(fn):
     """Each kernel's GPU time per call (µs, names cut short), from the profiler."""
     from bench_decode import kernel_us
@@ -350,7 +445,8 @@ def main() -> None:
         nargs="*",
         default=[],
         help="6: MODE 6's grid too; wide: few splits only; regs: registers capped; "
-        "prefetch: PREFETCH 0-2 around the tuned shapes; m7: MODE 7 against 5 and 6",
+        "prefetch: PREFETCH 0-2 around the tuned shapes; m7: MODE 7 against 5 and 6; m8: "
+        "the Gluon base kernel (MODE 8) against the tuned Triton modes",
     )
     parser.add_argument("--term-floats", type=int, help="_decode.TERM_FLOATS for this run")
     parser.add_argument("--shape", type=int, nargs=2, help="this (out, in) only")
@@ -368,6 +464,13 @@ def main() -> None:
         _decode.TERM_FLOATS = args.term_floats
     if args.profile_only:
         profile_best(shapes, tokens)
+        return
+    if "m8" in args.modes:
+        best = tune_gluon(shapes, tokens, bank=args.bank, workers=args.workers)
+        print("TUNED_GLUON = {")
+        for key, config in sorted(best.items()):
+            print(f"    {key}: {config},")
+        print("}", flush=True)
         return
     best = tune(
         shapes,

@@ -89,7 +89,12 @@ try:  # Triton is optional: only CUDA decode uses these kernels.
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-__all__ = ["MAX_ROWS", "decode_config", "eligible", "lora_decode", "supported"]
+from hqqlora import _gluon
+
+GLUON = _gluon.AVAILABLE
+"""Whether MODE 8 (the Gluon base kernel) may run; set False to keep the Triton modes."""
+
+__all__ = ["MAX_ROWS", "decode_config", "eligible", "gluon_config", "lora_decode", "supported"]
 
 MAX_ROWS = 64
 """Rows (tokens) at most per call: the whole row block is one tile."""
@@ -369,6 +374,7 @@ if triton is not None:
         HAS_DORA: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         MODE: tl.constexpr,
+        BASE_SPLITS: tl.constexpr,
         PREFETCH: tl.constexpr,
         MAGIC: tl.constexpr,
         OFFSET: tl.constexpr,
@@ -408,8 +414,14 @@ if triton is not None:
             # Output row of (slot, packed row): slot · rows_per_slot + packed row.
             n = tl.reshape(slot[:, None] * rows_per_slot + p[None, :], (NB,))
             n_ok = tl.reshape(tl.broadcast_to(p_ok[None, :], (PER, BLOCK_P)), (NB,))
-        m = tl.arange(0, BLOCK_M)
-        m_ok = m < M
+        if MODE == 8:
+            # A program per tile and block of ROWS_PER_SPLIT rows: it finishes its rows
+            # (no counter, no other program's partials).
+            m = split * ROWS_PER_SPLIT + tl.arange(0, BLOCK_M)
+            m_ok = (tl.arange(0, BLOCK_M) < ROWS_PER_SPLIT) & (m < M)
+        else:
+            m = tl.arange(0, BLOCK_M)
+            m_ok = m < M
         groups_per_row = K // GROUP
         first = split * steps_per_split
         if MODE == 2:
@@ -532,6 +544,10 @@ if triton is not None:
                         w = (cf - z.to(tl.float32)).to(xs.dtype) * s.to(xs.dtype)
                 acc6 = tl.dot(w, tl.trans(xs), acc6)  # (NB, BLOCK_M), float32
             acc = tl.trans(acc6)
+        elif MODE == 8:
+            # The base term is the Gluon kernel's (``_gluon``): its BASE_SPLITS partials
+            # in ``ws``, added up by the last program below.
+            acc = tl.zeros((BLOCK_M, NB), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, NB), dtype=tl.float32)
             for step in range(first, first + steps_per_split):
@@ -647,7 +663,7 @@ if triton is not None:
                     T_SPLITS, TERM_ROWS,
                 )  # fmt: skip
 
-        if SPLIT_K > 1:
+        if SPLIT_K > 1 and MODE != 8:
             ws = ws_ptr + (split * BLOCK_M + m[:, None]) * N + n[None, :]
             tl.store(ws, acc, mask=m_ok[:, None] & n_ok[None, :])
             # Every thread's partial is stored before the counter is released (one thread
@@ -658,7 +674,16 @@ if triton is not None:
         else:
             last = True
         if last:
-            if SPLIT_K > 1:
+            if MODE == 8:
+                total = acc  # 0: the adapter terms come from ``lt``
+                for s_i in tl.static_range(BASE_SPLITS):
+                    total += tl.load(
+                        ws_ptr + (s_i * M + m[:, None]) * N + n[None, :],
+                        mask=m_ok[:, None] & n_ok[None, :],
+                        other=0,
+                        cache_modifier=".cg",
+                    )
+            elif SPLIT_K > 1:
                 total = tl.zeros((BLOCK_M, NB), dtype=tl.float32)
                 for s_i in tl.static_range(SPLIT_K):
                     total += tl.load(
@@ -670,7 +695,7 @@ if triton is not None:
             else:
                 total = acc
             if HAS_LORA and BLOCK_M > 1:
-                if SPLIT_K == 1:
+                if SPLIT_K == 1 or MODE == 8:
                     tl.debug_barrier()  # this program's own ``lt`` stores, by other threads
                 total += tl.load(
                     lt_ptr + m[:, None] * N + n[None, :],
@@ -774,6 +799,32 @@ TUNED: dict[tuple[int, int, int, int], tuple[int, ...]] = {
     (1024, 4096, 2, 64): (64, 1, 8, 8, 3, 7),
 }
 
+# (packed rows per program, K splits, warps, cp.async stages[, packed rows per program of
+# the Triton kernel after it]) of the Gluon base kernel (MODE 8, :mod:`hqqlora._gluon`)
+# by (out, in, rows), the best of ``benchmarks/tune_decode.py --modes m8`` on an H100
+# (``ab_decode.py --flag EPILOGUE_BLOCK_P`` for the 5th entry); other shapes take
+# :func:`gluon_config`'s rule. Rows where the Triton modes measured faster map to ``None``.
+TUNED_GLUON: dict[tuple[int, int, int], tuple[int, ...] | None] = {
+    (1024, 4096, 1): None,
+    (1024, 4096, 16): None,
+    (1024, 4096, 64): (64, 16, 8, 3, 32),
+    (4096, 4096, 1): None,
+    (4096, 4096, 16): (128, 8, 8, 3),
+    (4096, 4096, 64): (64, 8, 8, 4),
+    (4096, 14336, 1): (128, 16, 8, 4),
+    (4096, 14336, 16): (128, 8, 8, 3),
+    (4096, 14336, 64): None,
+    (14336, 4096, 1): None,
+    (14336, 4096, 16): (64, 4, 8, 3),
+    (14336, 4096, 64): (128, 2, 8, 3),
+}
+
+EPILOGUE_WARPS = 4
+"""Warps of MODE 8's Triton kernel (adapter terms and the sums, 16 rows a program)."""
+
+EPILOGUE_BLOCK_P = 64
+"""Packed rows a program of MODE 8's Triton kernel takes (64: 128 outputs at 4 bits)."""
+
 SHRINK_ROWS = 4
 """Rows of ``x`` per shrink program (more rows, fewer programs but larger register tiles)."""
 
@@ -825,6 +876,25 @@ def decode_config(n_out: int, k_in: int, per: int, group: int, rows: int) -> tup
     return (block_p, gps, split, 4, 1 if mode == 4 else 3, mode)
 
 
+def gluon_config(n_out: int, k_in: int, rows: int) -> tuple[int, ...] | None:
+    """The Gluon base kernel's launch for a 4-bit, group-64 layer of ``n_out × k_in`` at
+    ``rows`` rows, or ``None`` where the Triton modes are the faster: per shape in
+    :data:`TUNED_GLUON`, else (the sweep's pattern) ``None`` at one row and at 2–16 rows of
+    layers under 4096×4096, otherwise 64 packed rows (128 outputs) a program, 8 warps, 3
+    stages, and K splits until the programs are at least 128 (at most 8, 2 steps each)."""
+    key = (n_out, k_in, rows)
+    if key in TUNED_GLUON:
+        return TUNED_GLUON[key]
+    if rows == 1 or (rows <= 16 and n_out * k_in < 4096 * 4096):
+        return None
+    block_p, steps = 64, k_in // 64
+    tiles = n_out // 2 // block_p
+    split = 1
+    while tiles * split < 128 and split < 8 and steps % (split * 2) == 0 and steps >= split * 4:
+        split *= 2
+    return (block_p, split, 8, 3)
+
+
 def _launch(
     x: Tensor,
     W_q: Tensor,
@@ -844,6 +914,17 @@ def _launch(
     bits, per, group, n_out, k_in = meta
     rows = x.shape[0]
     config = decode_config(n_out, k_in, per, group, rows)
+    # MODE 8 where the Gluon kernel applies, unless TUNED names a Triton mode for this
+    # shape and TUNED_GLUON nothing.
+    base = None
+    tuned_triton = (n_out, k_in, per, rows) in TUNED and (n_out, k_in, rows) not in TUNED_GLUON
+    if GLUON and not tuned_triton and _gluon.supported(x, W_q, scale, zero, meta):
+        base = gluon_config(n_out, k_in, rows)
+    if base is not None:
+        # MODE 8: the Gluon kernel's base term; this kernel's programs each finish a tile
+        # of outputs for 16 rows (adapter terms, the base's partials, DoRA, bias).
+        epilogue_p = base[4] if len(base) > 4 else EPILOGUE_BLOCK_P
+        config = (epilogue_p, 1, triton.cdiv(rows, DOT_ROWS), EPILOGUE_WARPS, 1, 8)
     block_p, gps, split, warps, stages, mode = config[:6]
     # A 7th entry caps the main kernel's registers per thread (more programs resident; 0:
     # no cap), an 8th sets PREFETCH for this shape.
@@ -852,19 +933,24 @@ def _launch(
     if mode in (2, 4) and rows != 1:  # the GEMVs take one row; the default above
         mode = 5
     block_m = 1 if mode in (2, 4) else max(16, triton.next_power_of_2(rows))
+    if mode == 8:
+        block_m = DOT_ROWS
     if mode == 5:
         gps = 1  # one group a step
     while gps > 1 and (k_in // group) % gps:
         gps //= 2
     steps = k_in // (group * gps)
-    while split > 1 and steps % split:
+    while split > 1 and steps % split and mode != 8:
         split //= 2
     tiles = triton.cdiv(n_out // per, block_p) * (per if mode == 1 else 1)
     device = x.device
     out = torch.empty(rows, n_out, dtype=out_dtype, device=device)
-    ws = torch.empty(
-        split * block_m * n_out if split > 1 else 1, dtype=torch.float32, device=device
-    )
+    if base is not None:
+        ws = torch.empty(base[1] * rows * n_out, dtype=torch.float32, device=device)
+    else:
+        ws = torch.empty(
+            split * block_m * n_out if split > 1 else 1, dtype=torch.float32, device=device
+        )
     counts = torch.empty(tiles, dtype=torch.int32, device=device)
     has_lora = lora_A is not None
     has_idx = index is not None
@@ -898,6 +984,12 @@ def _launch(
         rank, block_r, t_splits, t = 0, 16, 1, dummy
         if split > 1:
             counts.zero_()
+    if base is not None:
+        block_p_base, base_split, base_warps, base_stages = base[:4]
+        _gluon.base_partials(
+            x, W_q, scale, zero, meta, ws, block_p=block_p_base, split=base_split,
+            warps=base_warps, stages=base_stages, after_shrink=pdl,
+        )  # fmt: skip
     has_dora = magnitude is not None
     # MODE 3/5/7's exponent trick: bf16 holds 128 + q exactly for q < 128, fp16 1024 + q.
     magic, offset = 0, 0.0
@@ -905,7 +997,7 @@ def _launch(
         magic, offset = 0x6400, 1024.0
     elif mode in (3, 5, 7) and bits < 8:
         magic, offset = 0x4300, 128.0
-    rows_per_split = triton.cdiv(rows, split)
+    rows_per_split = min(rows, DOT_ROWS) if mode == 8 else triton.cdiv(rows, split)
     # Rows of adapter terms at a time: a gathered (rows, outputs, rank) tile of B of at
     # most TERM_FLOATS floats.
     nb = block_p * (1 if mode == 1 else per)
@@ -929,7 +1021,8 @@ def _launch(
         DOT_ROWS=DOT_ROWS if rows_per_split >= DOT_ROWS and nb >= 16 else 0,
         T_SPLITS=triton.next_power_of_2(t_splits),
         HAS_LORA=has_lora, HAS_IDX=has_idx, HAS_DORA=has_dora, HAS_BIAS=bias is not None,
-        MODE=mode, PREFETCH=prefetch if steps // split > 1 else 0,
+        MODE=mode, BASE_SPLITS=base[1] if base is not None else 0,
+        PREFETCH=prefetch if steps // split > 1 and mode != 8 else 0,
         MAGIC=magic, OFFSET=offset, USE_PDL=pdl,
         num_warps=warps, num_stages=stages, launch_pdl=pdl, **limits,
     )  # fmt: skip

@@ -9,7 +9,7 @@ import torch
 from helpers import assert_close_rel, cuda_layer, dense_reference, random_adapter
 
 import hqqlora
-from hqqlora import _decode
+from hqqlora import _decode, _gluon
 from hqqlora._base import quant_layout
 
 pytestmark = [
@@ -367,7 +367,85 @@ def test_split_k_reduction_is_stable_under_repetition(monkeypatch):
     assert_close_rel(first, dense_reference(layer, p, x), torch.bfloat16)
 
 
-@pytest.mark.parametrize("mode", [6, 7])
+def uses_gluon(fn, monkeypatch):
+    calls = []
+    real = _gluon.base_partials
+    monkeypatch.setattr(_gluon, "base_partials", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = fn()
+    monkeypatch.setattr(_gluon, "base_partials", real)
+    return out, bool(calls)
+
+
+def _gluon_runs():
+    return (
+        torch.cuda.is_available() and _decode.GLUON and torch.cuda.get_device_capability() == (9, 0)
+    )
+
+
+needs_gluon = pytest.mark.skipif(
+    not _gluon_runs(), reason="MODE 8 needs Gluon and compute capability 9.0"
+)
+
+
+@needs_gluon
+@pytest.mark.parametrize(
+    "config", [(64, 1, 8, 3), (64, 4, 8, 4, 32), (128, 2, 8, 3, 16), (32, 8, 4, 3)]
+)
+@pytest.mark.parametrize("tokens", [1, 5, 16, 17, 40, 64])
+@pytest.mark.parametrize("dtype", HALF)
+def test_gluon_base_kernel_matches_the_reference(dtype, tokens, config, monkeypatch):
+    # MODE 8: the Gluon kernel's base term, 16 steps of K in 1-8 splits, 1-2 tiles of
+    # 64-128 packed rows, rows padded to 8-64; the Triton kernel (tiles of 32-128 outputs)
+    # adds DoRA's adapter terms, the norms and the bias. Up to 16 rows one adapter (apply_lora), more a bank of two
+    # read through an index with rows of none.
+    layer = cuda_layer(4, dtype, size=(256, 1024))
+    adapters = [cuda_adapter(layer, dora=True, seed=i) for i in range(2)]
+    norms = [hqqlora.dora_weight_norm(layer, q) for q in adapters]
+    monkeypatch.setitem(_decode.TUNED_GLUON, (256, 1024, tokens), config)
+    x = torch.randn(tokens, 1024, device="cuda", dtype=dtype)
+    index = torch.arange(tokens, device="cuda") % 3 - 1 if tokens > 16 else None
+    with torch.no_grad():
+        if index is None:
+            got, ran = uses_gluon(
+                lambda: hqqlora.apply_lora(layer, adapters[0], x, weight_norm=norms[0]),
+                monkeypatch,
+            )
+        else:
+            bank = hqqlora.stack_adapters({"a": adapters[0], "b": adapters[1]})
+            got, ran = uses_gluon(
+                lambda: hqqlora.mixed_batch_indexed(
+                    x, bank, index, base=layer, weight_norm=torch.stack(norms)
+                ),
+                monkeypatch,
+            )
+    assert ran
+    for i in range(tokens):
+        k = 0 if index is None else int(index[i])
+        row = x[i : i + 1]
+        ref = _base_ref(layer, row) if k < 0 else dense_reference(layer, adapters[k], row)
+        assert_close_rel(got[i : i + 1], ref, dtype, factor=2)
+
+
+@needs_gluon
+@pytest.mark.parametrize("case", ["tuned_none", "group128", "2bit", "misaligned_x"])
+def test_gluon_base_kernel_steps_aside_where_it_does_not_apply(case, monkeypatch):
+    # A TUNED_GLUON entry of None, other groups or widths, and x not 16-byte aligned take
+    # the Triton modes, with the same result.
+    nbits, group = (2, 64) if case == "2bit" else (4, 128 if case == "group128" else 64)
+    layer = cuda_layer(nbits, torch.bfloat16, size=(256, 512), group=group)
+    p = cuda_adapter(layer)
+    if case == "tuned_none":
+        monkeypatch.setitem(_decode.TUNED_GLUON, (256, 512, 16), None)
+    x = torch.randn(16, 512, device="cuda", dtype=torch.bfloat16)
+    if case == "misaligned_x":
+        x = torch.randn(16 * 512 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(16, 512)
+    with torch.no_grad():
+        got, ran = uses_gluon(lambda: hqqlora.apply_lora(layer, p, x), monkeypatch)
+    assert not ran
+    assert_close_rel(got, dense_reference(layer, p, x), torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", [6, 7, 8])
 @pytest.mark.parametrize("nbits", [1, 2, 4, 8])
 @pytest.mark.parametrize("dtype", HALF)
 def test_mode6_multiplies_hqqs_own_weights_bit_for_bit(nbits, dtype, mode, monkeypatch):
@@ -381,8 +459,13 @@ def test_mode6_multiplies_hqqs_own_weights_bit_for_bit(nbits, dtype, mode, monke
     calls = []
     real = _decode.lora_decode
     monkeypatch.setattr(_decode, "lora_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    if mode == 8 and (nbits != 4 or not _gluon_runs()):
+        pytest.skip("MODE 8 (the Gluon kernel) takes 4-bit codes on compute capability 9.0")
     for cols in torch.arange(512, device="cuda").view(32, 16):  # 16 rows a call
-        monkeypatch.setitem(_decode.TUNED, (256, 512, per, len(cols)), (32, 2, 2, 4, 3, mode))
+        if mode == 8:
+            monkeypatch.setitem(_decode.TUNED_GLUON, (256, 512, len(cols)), (64, 2, 8, 3))
+        else:
+            monkeypatch.setitem(_decode.TUNED, (256, 512, per, len(cols)), (32, 2, 2, 4, 3, mode))
         x = torch.nn.functional.one_hot(cols, 512).to(dtype)
         with torch.no_grad():
             got = hqqlora.base_forward(layer, x)

@@ -800,3 +800,66 @@ def test_a_tuned_prefetch_level_reaches_the_kernel(monkeypatch):
         assert main["MODE"] == config[5]
         cap = config[6] if len(config) > 6 else 0
         assert main.get("maxnreg") == (cap or None)
+
+
+# MODE 8's Triton half (the Gluon base kernel needs an H100): the base partials come from
+# a stand-in writing float64-exact sums of each K split, and the Triton kernel must add
+# them in its row blocks of 16 to the adapter terms, DoRA's norms, the bias and the NaN of
+# an index outside the bank, for 1-40 rows and tiles of 32-128 outputs.
+MODE8_EPILOGUE = textwrap.dedent(
+    r"""
+    import torch
+    import hqqlora
+    from hqqlora import _decode, _gluon
+    from hqqlora._base import quant_layout, quant_tensors
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 256)
+    layer = HQQLinear(lin, BaseQuantizeConfig(nbits=4, group_size=64, axis=1),
+                      compute_dtype=torch.float16, device="cpu")
+    layout = quant_layout(layer)
+    W_q, scale, zero = quant_tensors(layer)
+    W = hqqlora.dequantize(layer).double()
+    seen = []
+
+    def stand_in(x, W_q, scale, zero, meta, ws, *, block_p, split, warps, stages, after_shrink):
+        part = ws.view(split, x.shape[0], meta[3])
+        for s, ks in enumerate(torch.arange(meta[4]).chunk(split)):
+            part[s] = (x.double()[:, ks] @ W[:, ks].T).float()
+        seen.append(split)
+
+    _gluon.supported = lambda *a: True
+    _gluon.base_partials = stand_in
+    n, r = 3, 8
+    A, B = torch.randn(n, r, 512) * 0.05, torch.randn(n, 256, r) * 0.05
+    s, is_dora = torch.tensor([0.5, 2.0, 1.0]), torch.tensor([True, False, True])
+    mag, norm = torch.rand(n, 256) + 0.5, torch.rand(n, 256) + 0.5
+    for rows, split, tile in ((1, 1, 64), (5, 2, 32), (16, 4, 64), (17, 8, 16), (40, 2, 32)):
+        _decode.TUNED_GLUON[(256, 512, rows)] = (64, split, 8, 3, tile)
+        x = torch.randn(rows, 512).half()
+        index = torch.arange(rows) % 5 - 1  # -1, 0, 1, 2, 3 (past the bank: NaN)
+        with torch.no_grad():
+            got = _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A, lora_B=B,
+                                      scaling=s, index=index, magnitude=mag, weight_norm=norm,
+                                      is_dora=is_dora, bias=layer.bias)
+        assert seen[-1] == split, (rows, seen)
+        for i in range(rows):
+            k = int(index[i])
+            if k == 3:
+                assert torch.isnan(got[i]).all(), (rows, i)
+                continue
+            ref = x[i].double() @ W.T
+            if k >= 0:
+                ref = ref + s[k].double() * (x[i].double() @ A[k].double().T) @ B[k].double().T
+                if is_dora[k]:
+                    ref = ref * (mag[k] / norm[k]).double()
+            ref = ref + layer.bias.double()
+            err = (got[i].double() - ref).abs().max().item()
+            assert err <= 2**-10 * ref.abs().max().item(), (rows, i, k, err)
+    """
+)
+
+
+def test_mode8_adds_the_gluon_partials_in_row_blocks():
+    interpret(MODE8_EPILOGUE)
