@@ -259,11 +259,11 @@ if triton is not None:
     @triton.jit  # type: ignore[untyped-decorator]
     def _one_adapter_terms(  # type: ignore[no-untyped-def]
         rows, mine, use, k, t_ptr, b_ptr, scaling_ptr, lt_ptr, M, N, R, t_splits, stride_b_bank,
-        n, n_ok, BLOCK_R: tl.constexpr, T_SPLITS: tl.constexpr,
+        n, n_ok, BLOCK_R: tl.constexpr, T_SPLITS: tl.constexpr, STORE: tl.constexpr,
     ):  # fmt: skip
         # ``s_k · t[rows] @ B[k]ᵀ`` for rows that all read adapter k (rows that read none
-        # give 0; only ``mine`` are stored): the column tile of B once, a float32-grade dot
-        # (TF32 three times).
+        # give 0; only ``mine`` are stored, with STORE): the column tile of B once, a
+        # float32-grade dot (TF32 three times). Returned (rows, NB) as well.
         r = tl.arange(0, BLOCK_R)
         r_ok = r < R
         ts = tl.arange(0, T_SPLITS)
@@ -281,11 +281,13 @@ if triton is not None:
         terms = tl.dot(t_rows, tl.trans(b), input_precision="tf32x3")  # (rows, NB)
         # Rows without an adapter get 0, not 0 · B: a NaN or inf in B or s_k stays its own.
         terms = tl.where(use[:, None], terms, 0.0)
-        tl.store(
-            lt_ptr + rows[:, None] * N + n[None, :],
-            terms,
-            mask=mine[:, None] & n_ok[None, :],
-        )
+        if STORE:
+            tl.store(
+                lt_ptr + rows[:, None] * N + n[None, :],
+                terms,
+                mask=mine[:, None] & n_ok[None, :],
+            )
+        return terms
 
     @triton.jit  # type: ignore[untyped-decorator]
     def _gathered_terms(  # type: ignore[no-untyped-def]
@@ -608,6 +610,21 @@ if triton is not None:
             k_rows = tl.load(idx_ptr + m, mask=m_ok, other=-1)
         else:
             k_rows = tl.where(m_ok, 0, -1)
+        if MODE == 8:
+            # The Gluon kernel's partials of this program's rows, loaded before the adapter
+            # terms so that their reads overlap.
+            base_sum = tl.zeros((BLOCK_M, NB), dtype=tl.float32)
+            for s_i in tl.static_range(BASE_SPLITS):
+                base_sum += tl.load(
+                    ws_ptr + (s_i * M + m[:, None]) * N + n[None, :],
+                    mask=m_ok[:, None] & n_ok[None, :],
+                    other=0,
+                    cache_modifier=".cg",
+                )
+        # MODE 8 keeps one adapter's terms of its (at most DOT_ROWS) rows in registers
+        # (``own``); terms gathered from several adapters go through ``lt`` (``n_lt``).
+        own = tl.zeros((DOT_ROWS if DOT_ROWS > 0 else 1, NB), dtype=tl.float32)
+        n_lt = 0
         if HAS_LORA and BLOCK_M == 1:
             # One token (the GEMVs): split 0's adapter term, reading the column tile of
             # B, added to its partial (measured faster than the stored-apart term here,
@@ -646,9 +663,10 @@ if triton is not None:
                     k_lo = tl.min(tl.where(use, k_d, n_bank), axis=0)
                     k_hi = tl.max(tl.where(use, k_d, -1), axis=0)
                     if k_lo >= k_hi:  # one adapter (k_hi) or none (no row uses one)
-                        _one_adapter_terms(
+                        own = _one_adapter_terms(
                             rows, mine, use, tl.maximum(k_hi, 0), t_ptr, b_ptr, scaling_ptr, lt_ptr,
                             M, N, R, t_splits, stride_b_bank, n, n_ok, BLOCK_R, T_SPLITS,
+                            MODE != 8,
                         )  # fmt: skip
                     else:
                         _gathered_terms(
@@ -656,7 +674,9 @@ if triton is not None:
                             idx_ptr, t_ptr, b_ptr, scaling_ptr, lt_ptr, M, N, R, t_splits,
                             stride_b_bank, n_bank, n, n_ok, HAS_IDX, BLOCK_R, T_SPLITS, TERM_ROWS,
                         )  # fmt: skip
+                        n_lt += 1
             else:
+                n_lt += 1
                 _gathered_terms(
                     split * ROWS_PER_SPLIT, ROWS_PER_SPLIT, idx_ptr, t_ptr, b_ptr, scaling_ptr,
                     lt_ptr, M, N, R, t_splits, stride_b_bank, n_bank, n, n_ok, HAS_IDX, BLOCK_R,
@@ -675,14 +695,7 @@ if triton is not None:
             last = True
         if last:
             if MODE == 8:
-                total = acc  # 0: the adapter terms come from ``lt``
-                for s_i in tl.static_range(BASE_SPLITS):
-                    total += tl.load(
-                        ws_ptr + (s_i * M + m[:, None]) * N + n[None, :],
-                        mask=m_ok[:, None] & n_ok[None, :],
-                        other=0,
-                        cache_modifier=".cg",
-                    )
+                total = acc + base_sum  # acc is 0 here
             elif SPLIT_K > 1:
                 total = tl.zeros((BLOCK_M, NB), dtype=tl.float32)
                 for s_i in tl.static_range(SPLIT_K):
@@ -694,8 +707,19 @@ if triton is not None:
                     )
             else:
                 total = acc
-            if HAS_LORA and BLOCK_M > 1:
-                if SPLIT_K == 1 or MODE == 8:
+            if HAS_LORA and BLOCK_M > 1 and MODE == 8:
+                if DOT_ROWS > 0:
+                    total += own
+                if n_lt > 0:
+                    tl.debug_barrier()  # this program's own ``lt`` stores, by other threads
+                    total += tl.load(
+                        lt_ptr + m[:, None] * N + n[None, :],
+                        mask=m_ok[:, None] & n_ok[None, :],
+                        other=0,
+                        cache_modifier=".cg",
+                    )
+            elif HAS_LORA and BLOCK_M > 1:
+                if SPLIT_K == 1:
                     tl.debug_barrier()  # this program's own ``lt`` stores, by other threads
                 total += tl.load(
                     lt_ptr + m[:, None] * N + n[None, :],
@@ -916,9 +940,14 @@ def _launch(
     config = decode_config(n_out, k_in, per, group, rows)
     # MODE 8 where the Gluon kernel applies, unless TUNED names a Triton mode for this
     # shape and TUNED_GLUON nothing.
+    # Nor for a bank of several adapters at more than DOT_ROWS rows: MODE 8 gathers the
+    # rows' tiles of B after the base kernel, where MODES 5-7 gather them beside their K
+    # loop (4096² at 64 rows, 64 adapters: 41.8 µs in MODE 8 against 38.3).
     base = None
     tuned_triton = (n_out, k_in, per, rows) in TUNED and (n_out, k_in, rows) not in TUNED_GLUON
-    if GLUON and not tuned_triton and _gluon.supported(x, W_q, scale, zero, meta):
+    bank_size = lora_A.shape[0] if lora_A is not None and lora_A.ndim == 3 else 1
+    gathers = index is not None and bank_size > 1 and rows > DOT_ROWS
+    if GLUON and not tuned_triton and not gathers and _gluon.supported(x, W_q, scale, zero, meta):
         base = gluon_config(n_out, k_in, rows)
     if base is not None:
         # MODE 8: the Gluon kernel's base term; this kernel's programs each finish a tile

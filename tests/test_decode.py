@@ -396,14 +396,17 @@ needs_gluon = pytest.mark.skipif(
 def test_gluon_base_kernel_matches_the_reference(dtype, tokens, config, monkeypatch):
     # MODE 8: the Gluon kernel's base term, 16 steps of K in 1-8 splits, 1-2 tiles of
     # 64-128 packed rows, rows padded to 8-64; the Triton kernel (tiles of 32-128 outputs)
-    # adds DoRA's adapter terms, the norms and the bias. Up to 16 rows one adapter (apply_lora), more a bank of two
-    # read through an index with rows of none.
+    # adds DoRA's adapter terms, the norms and the bias: rows of two adapters and of none
+    # (1 and 5 rows: terms gathered), one adapter without an index (16 rows: terms kept in
+    # registers), a bank of one and rows of none (more rows).
     layer = cuda_layer(4, dtype, size=(256, 1024))
     adapters = [cuda_adapter(layer, dora=True, seed=i) for i in range(2)]
     norms = [hqqlora.dora_weight_norm(layer, q) for q in adapters]
     monkeypatch.setitem(_decode.TUNED_GLUON, (256, 1024, tokens), config)
     x = torch.randn(tokens, 1024, device="cuda", dtype=dtype)
-    index = torch.arange(tokens, device="cuda") % 3 - 1 if tokens > 16 else None
+    rows = torch.arange(tokens, device="cuda")
+    index = None if tokens == 16 else rows % 3 - 1 if tokens < 16 else -(rows % 3 == 0).long()
+    kept = adapters if tokens < 16 else adapters[:1]
     with torch.no_grad():
         if index is None:
             got, ran = uses_gluon(
@@ -411,10 +414,10 @@ def test_gluon_base_kernel_matches_the_reference(dtype, tokens, config, monkeypa
                 monkeypatch,
             )
         else:
-            bank = hqqlora.stack_adapters({"a": adapters[0], "b": adapters[1]})
+            bank = hqqlora.stack_adapters({f"a{i}": q for i, q in enumerate(kept)})
             got, ran = uses_gluon(
                 lambda: hqqlora.mixed_batch_indexed(
-                    x, bank, index, base=layer, weight_norm=torch.stack(norms)
+                    x, bank, index, base=layer, weight_norm=torch.stack(norms[: len(kept)])
                 ),
                 monkeypatch,
             )
@@ -427,20 +430,70 @@ def test_gluon_base_kernel_matches_the_reference(dtype, tokens, config, monkeypa
 
 
 @needs_gluon
-@pytest.mark.parametrize("case", ["tuned_none", "group128", "2bit", "misaligned_x"])
+@pytest.mark.parametrize("pdl", [True, False])
+@pytest.mark.parametrize("rows", [2, 16, 40, 64])
+def test_gluon_path_replays_give_the_same_bits(rows, pdl, monkeypatch):
+    # MODE 8 on the tuned 4096² (16 and 64 rows) and by the rule (2 and 40): the base
+    # kernel beside the shrink kernel (programmatic dependent launch) and the Triton
+    # kernel after both. A race shows as a replay whose bits differ.
+    monkeypatch.setattr(_decode, "PDL", pdl)
+    layer = cuda_layer(4, torch.bfloat16, size=(4096, 4096))
+    p = cuda_adapter(layer, r=16)
+    bank = hqqlora.stack_adapters({"a": p})
+    index = -(torch.arange(rows, device="cuda") % 4 == 0).long()  # -1, 0, 0, 0, -1, ...
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+
+        def call():
+            return hqqlora.mixed_batch_indexed(x, bank, index, base=layer)
+
+        got, ran = uses_gluon(call, monkeypatch)
+        assert ran
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            call()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = call()
+        replays = []
+        for _ in range(200):
+            graph.replay()
+            replays.append(captured.clone())
+        torch.cuda.synchronize()
+    assert all(torch.equal(got, r) for r in replays)
+    for i in range(rows):
+        row = x[i : i + 1]
+        ref = _base_ref(layer, row) if index[i] < 0 else dense_reference(layer, p, row)
+        assert_close_rel(got[i : i + 1], ref, torch.bfloat16)
+
+
+@needs_gluon
+@pytest.mark.parametrize("case", ["tuned_none", "group128", "2bit", "misaligned_x", "bank"])
 def test_gluon_base_kernel_steps_aside_where_it_does_not_apply(case, monkeypatch):
-    # A TUNED_GLUON entry of None, other groups or widths, and x not 16-byte aligned take
-    # the Triton modes, with the same result.
+    # A TUNED_GLUON entry of None, other groups or widths, x not 16-byte aligned, and a
+    # bank of several adapters at more than 16 rows take the Triton modes, with the same
+    # result.
     nbits, group = (2, 64) if case == "2bit" else (4, 128 if case == "group128" else 64)
     layer = cuda_layer(nbits, torch.bfloat16, size=(256, 512), group=group)
     p = cuda_adapter(layer)
+    rows = 40 if case == "bank" else 16
+    monkeypatch.setitem(_decode.TUNED_GLUON, (256, 512, rows), (64, 2, 8, 3))
     if case == "tuned_none":
-        monkeypatch.setitem(_decode.TUNED_GLUON, (256, 512, 16), None)
-    x = torch.randn(16, 512, device="cuda", dtype=torch.bfloat16)
+        monkeypatch.setitem(_decode.TUNED_GLUON, (256, 512, rows), None)
+    x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
     if case == "misaligned_x":
-        x = torch.randn(16 * 512 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(16, 512)
+        x = torch.randn(rows * 512 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(rows, 512)
     with torch.no_grad():
-        got, ran = uses_gluon(lambda: hqqlora.apply_lora(layer, p, x), monkeypatch)
+        if case == "bank":
+            bank = hqqlora.stack_adapters({"a": p, "b": cuda_adapter(layer, seed=2)})
+            index = torch.zeros(rows, dtype=torch.long, device="cuda")
+            got, ran = uses_gluon(
+                lambda: hqqlora.mixed_batch_indexed(x, bank, index, base=layer), monkeypatch
+            )
+        else:
+            got, ran = uses_gluon(lambda: hqqlora.apply_lora(layer, p, x), monkeypatch)
     assert not ran
     assert_close_rel(got, dense_reference(layer, p, x), torch.bfloat16)
 

@@ -805,7 +805,8 @@ def test_a_tuned_prefetch_level_reaches_the_kernel(monkeypatch):
 # MODE 8's Triton half (the Gluon base kernel needs an H100): the base partials come from
 # a stand-in writing float64-exact sums of each K split, and the Triton kernel must add
 # them in its row blocks of 16 to the adapter terms, DoRA's norms, the bias and the NaN of
-# an index outside the bank, for 1-40 rows and tiles of 32-128 outputs.
+# an index outside the bank, for 1-40 rows and tiles of 32-128 outputs, with rows of
+# several adapters (terms through ``lt``) and of one (terms kept in registers).
 MODE8_EPILOGUE = textwrap.dedent(
     r"""
     import torch
@@ -835,10 +836,15 @@ MODE8_EPILOGUE = textwrap.dedent(
     A, B = torch.randn(n, r, 512) * 0.05, torch.randn(n, 256, r) * 0.05
     s, is_dora = torch.tensor([0.5, 2.0, 1.0]), torch.tensor([True, False, True])
     mag, norm = torch.rand(n, 256) + 0.5, torch.rand(n, 256) + 0.5
-    for rows, split, tile in ((1, 1, 64), (5, 2, 32), (16, 4, 64), (17, 8, 16), (40, 2, 32)):
+    cases = ((1, 1, 64, 5), (5, 2, 32, 5), (16, 4, 64, 5), (17, 8, 16, 5), (40, 2, 32, 5),
+             (16, 2, 64, 1), (17, 4, 32, 1), (40, 8, 64, 1))
+    for rows, split, tile, kinds in cases:
         _decode.TUNED_GLUON[(256, 512, rows)] = (64, split, 8, 3, tile)
         x = torch.randn(rows, 512).half()
-        index = torch.arange(rows) % 5 - 1  # -1, 0, 1, 2, 3 (past the bank: NaN)
+        if kinds == 5:  # -1, 0, 1, 2, 3 (past the bank: NaN): terms gathered through lt
+            index = torch.arange(rows) % 5 - 1
+        else:  # one adapter and rows of none: its terms kept in registers
+            index = torch.where(torch.arange(rows) % 3 == 0, -1, 2)
         with torch.no_grad():
             got = _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A, lora_B=B,
                                       scaling=s, index=index, magnitude=mag, weight_norm=norm,
