@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -191,10 +192,88 @@ if gluon is not None:
         return gl.convert_layout(gl.reshape(a, [2 * P, STEP_K]), dot_a, assert_trivial=True)
 
     @gluon.jit  # type: ignore[untyped-decorator]
+    def _finish_rows(  # type: ignore[no-untyped-def]
+        ws_ptr, tail, M, N, p0, half,
+        P: gl.constexpr, SPLITS: gl.constexpr, ROWS: gl.constexpr, BLOCK_R: gl.constexpr,
+        T_SPLITS: gl.constexpr, HAS_LORA: gl.constexpr, HAS_IDX: gl.constexpr,
+        HAS_DORA: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr,
+    ):  # fmt: skip
+        # The tile's last program, up to 16 rows, two at a time: the splits' partials in
+        # order, then ``s_k · t @ B_kᵀ`` (each row's own tile of B), DoRA's ``m / n``, the
+        # bias and the NaN of an index outside the bank, as the Triton kernel's epilogue
+        # does; stored in the output dtype.
+        (t_ptr, b_ptr, idx_ptr, scaling_ptr, mag_ptr, norm_ptr, is_dora_ptr, bias_ptr, out_ptr,
+         R, t_splits, stride_b_bank, stride_dora_bank, n_bank) = tail  # fmt: skip
+        L3: gl.constexpr = gl.BlockedLayout(
+            [1, 1, BLOCK_R], [1, 32, 1], [1, num_warps, 1], [2, 1, 0]
+        )
+        L2: gl.constexpr = gl.SliceLayout(2, L3)  # (rows, outputs)
+        i = gl.arange(0, 2 * P, layout=gl.SliceLayout(0, L2))
+        n = (i // P) * half + p0 + i % P
+        r = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
+        r_ok = r < R
+        ts = gl.arange(0, T_SPLITS, layout=gl.SliceLayout(0, L2))
+        for c in gl.static_range(ROWS // 2):
+            m = 2 * c + gl.arange(0, 2, layout=gl.SliceLayout(1, L2))
+            m_ok = m < M
+            ok = m_ok[:, None] & (n[None, :] >= 0)
+            total = gl.zeros([2, 2 * P], gl.float32, layout=L2)
+            for s_i in gl.static_range(SPLITS):
+                total += gl.load(
+                    ws_ptr + (s_i * M + m[:, None]) * N + n[None, :], mask=ok, other=0.0,
+                    cache_modifier=".cg",
+                )  # fmt: skip
+            if HAS_IDX:
+                k = gl.load(idx_ptr + m, mask=m_ok, other=-1).to(gl.int64)
+            else:
+                k = gl.where(m_ok, 0, -1).to(gl.int64)
+            valid = (k >= 0) & (k < n_bank)
+            k_safe = gl.where(valid, k, 0)
+            if HAS_LORA:
+                t_part = gl.load(
+                    t_ptr + (ts[None, :, None] * M + m[:, None, None]) * BLOCK_R
+                    + r[None, None, :],
+                    mask=valid[:, None, None] & (ts[None, :, None] < t_splits)
+                    & r_ok[None, None, :],
+                    other=0.0,
+                )  # fmt: skip
+                s_k = gl.load(scaling_ptr + k_safe, mask=valid, other=0.0).to(gl.float32)
+                s_k = gl.convert_layout(s_k, gl.SliceLayout(1, gl.SliceLayout(1, L3)))
+                t_rows = gl.sum(t_part, axis=1) * s_k[:, None]  # (2, BLOCK_R)
+                b = gl.load(
+                    b_ptr + k_safe[:, None, None] * stride_b_bank + n[None, :, None] * R
+                    + r[None, None, :],
+                    mask=valid[:, None, None] & r_ok[None, None, :],
+                    other=0.0,
+                ).to(gl.float32)  # fmt: skip
+                # Rows without an adapter get 0, not 0 · B (a NaN in B stays its own).
+                total += gl.where(valid[:, None], gl.sum(b * t_rows[:, None, :], axis=2), 0.0)
+            if HAS_DORA:
+                if HAS_IDX:
+                    dora = valid & (gl.load(is_dora_ptr + k_safe, mask=valid, other=0) != 0)
+                else:
+                    dora = valid
+                where = k_safe[:, None] * stride_dora_bank + n[None, :]
+                mag = gl.load(mag_ptr + where, mask=dora[:, None], other=1.0).to(gl.float32)
+                nrm = gl.load(norm_ptr + where, mask=dora[:, None], other=1.0).to(gl.float32)
+                total = total * (mag / nrm)
+            if HAS_BIAS:
+                total += gl.load(bias_ptr + n).to(gl.float32)[None, :]
+            if HAS_IDX:
+                total = gl.where(((k < -1) | (k >= n_bank))[:, None], float("nan"), total)
+            gl.store(
+                out_ptr + m[:, None] * N + n[None, :], total.to(out_ptr.dtype.element_ty),
+                mask=ok,
+            )  # fmt: skip
+
+    @gluon.jit  # type: ignore[untyped-decorator]
     def _base_kernel(  # type: ignore[no-untyped-def]
-        x_ptr, packed_ptr, scale_ptr, zero_ptr, ws_ptr, M, N, K, steps_per_split,
+        x_ptr, packed_ptr, scale_ptr, zero_ptr, ws_ptr, count_ptr, tail, M, N, K, steps_per_split,
         BM: gl.constexpr, P: gl.constexpr, STAGES: gl.constexpr, MAGIC2: gl.constexpr,
-        OFFSET: gl.constexpr, WAIT_PREVIOUS: gl.constexpr, num_warps: gl.constexpr,
+        OFFSET: gl.constexpr, WAIT_PREVIOUS: gl.constexpr, FINISH: gl.constexpr,
+        SPLITS: gl.constexpr, ROWS: gl.constexpr, BLOCK_R: gl.constexpr,
+        T_SPLITS: gl.constexpr, HAS_LORA: gl.constexpr, HAS_IDX: gl.constexpr,
+        HAS_DORA: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr,
     ):  # fmt: skip
         if WAIT_PREVIOUS:
             # The next kernel may launch now: it waits for this one before reading.
@@ -257,11 +336,22 @@ if gluon is not None:
         m = gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
         gl.store(ws_ptr + (split * M + m[None, :]) * N + n[:, None], acc, mask=(m < M)[None, :])
         if WAIT_PREVIOUS:
-            # Launched early beside the shrink kernel: finish only after it, so the kernel
-            # after this one, waiting for this one, also sees the shrink kernel's output.
+            # Launched early beside the shrink kernel: go on only after it (its ``t`` and
+            # zeroed counters), so that a kernel waiting for this one sees them too.
             gl.inline_asm_elementwise(
                 "griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1
             )
+        if FINISH:
+            # Up to 16 rows: the tile's last split to arrive (a counter, every thread's
+            # partial stored before it is released) finishes the rows, in a fixed order.
+            done = 0
+            if SPLITS > 1:
+                gl.thread_barrier()
+                done = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+            if done == SPLITS - 1:
+                _finish_rows(
+                    ws_ptr, tail, M, N, p0, half, P, SPLITS, ROWS, BLOCK_R, T_SPLITS, HAS_LORA, HAS_IDX, HAS_DORA, HAS_BIAS, num_warps,
+                )  # fmt: skip
 
 
 def base_partials(
@@ -271,17 +361,24 @@ def base_partials(
     zero: Tensor,
     meta: list[int],
     ws: Tensor,
+    counts: Tensor,
+    tail: tuple[Any, ...],
     *,
     block_p: int,
     split: int,
     warps: int,
     stages: int,
     after_shrink: bool,
+    finish: dict[str, Any] | None,
 ) -> None:
     """Writes ``x @ dequantize(W)ᵀ`` over split ``s`` of K into ``ws[s]`` (``(split,
     rows, out)`` float32), ``block_p`` packed rows (``2·block_p`` outputs) a program.
     ``after_shrink``: launched early beside the shrink kernel (programmatic dependent
-    launch), finishing after it. The caller checks :func:`supported`."""
+    launch), finishing after it. ``finish`` (at most 16 rows): the flags of the epilogue
+    (``HAS_LORA``, ``HAS_IDX``, ``HAS_DORA``, ``HAS_BIAS``, ``BLOCK_R``, ``T_SPLITS``) that
+    the last split of each tile then applies, writing the output (``tail``: the adapter,
+    index, DoRA, bias and output tensors and sizes, as ``_decode`` passes them; ``counts``
+    zeroed, one per tile). The caller checks :func:`supported`."""
     _, _, _, n_out, k_in = meta
     rows = x.shape[0]
     steps = k_in // GROUP
@@ -290,9 +387,17 @@ def base_partials(
             f"base_partials: split {split} must divide the {steps} steps and block_p "
             f"{block_p} divide out/2 = {n_out // 2} and be a multiple of 8 · {warps} warps"
         )
+    if finish is not None and rows > 16:
+        raise ValueError(f"base_partials: finish takes at most 16 rows, got {rows}")
+    flags = dict(
+        HAS_LORA=False, HAS_IDX=False, HAS_DORA=False, HAS_BIAS=False, BLOCK_R=16, T_SPLITS=1
+    )
+    flags.update(finish or {})
     magic2, offset = ("0x64006400", 1024.0) if x.dtype == torch.float16 else ("0x43004300", 128.0)
     _base_kernel[(n_out // 2 // block_p, split)](
-        x.view(torch.int32), W_q, scale, zero, ws, rows, n_out, k_in, steps // split,
-        BM=max(8, triton.next_power_of_2(rows)), P=block_p, STAGES=stages, MAGIC2=magic2,
-        OFFSET=offset, WAIT_PREVIOUS=after_shrink, num_warps=warps, launch_pdl=after_shrink,
+        x.view(torch.int32), W_q, scale, zero, ws, counts, tail, rows, n_out, k_in,
+        steps // split, BM=max(8, triton.next_power_of_2(rows)), P=block_p, STAGES=stages,
+        MAGIC2=magic2, OFFSET=offset, WAIT_PREVIOUS=after_shrink, FINISH=finish is not None,
+        SPLITS=split, ROWS=max(2, triton.next_power_of_2(rows)), num_warps=warps,
+        launch_pdl=after_shrink, **flags,
     )  # fmt: skip

@@ -393,12 +393,15 @@ needs_gluon = pytest.mark.skipif(
 )
 @pytest.mark.parametrize("tokens", [1, 5, 16, 17, 40, 64])
 @pytest.mark.parametrize("dtype", HALF)
-def test_gluon_base_kernel_matches_the_reference(dtype, tokens, config, monkeypatch):
+@pytest.mark.parametrize("finish_rows", [0, 16])
+def test_gluon_base_kernel_matches_the_reference(finish_rows, dtype, tokens, config, monkeypatch):
     # MODE 8: the Gluon kernel's base term, 16 steps of K in 1-8 splits, 1-2 tiles of
     # 64-128 packed rows, rows padded to 8-64; the Triton kernel (tiles of 32-128 outputs)
     # adds DoRA's adapter terms, the norms and the bias: rows of two adapters and of none
     # (1 and 5 rows: terms gathered), one adapter without an index (16 rows: terms kept in
-    # registers), a bank of one and rows of none (more rows).
+    # registers), a bank of one and rows of none (more rows). Up to ``finish_rows`` rows
+    # the Gluon kernel finishes them itself.
+    monkeypatch.setattr(_decode, "FINISH_ROWS", finish_rows)
     layer = cuda_layer(4, dtype, size=(256, 1024))
     adapters = [cuda_adapter(layer, dora=True, seed=i) for i in range(2)]
     norms = [hqqlora.dora_weight_norm(layer, q) for q in adapters]
@@ -427,6 +430,56 @@ def test_gluon_base_kernel_matches_the_reference(dtype, tokens, config, monkeypa
         row = x[i : i + 1]
         ref = _base_ref(layer, row) if k < 0 else dense_reference(layer, adapters[k], row)
         assert_close_rel(got[i : i + 1], ref, dtype, factor=2)
+
+
+@needs_gluon
+@pytest.mark.parametrize("case", ["base", "lora", "dora_bank", "none_in_bank", "outside"])
+@pytest.mark.parametrize("config", [(64, 1, 8, 3), (64, 4, 8, 4), (128, 16, 8, 3), (32, 8, 4, 3)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", HALF)
+def test_one_row_finishes_in_the_gluon_kernel(dtype, bias, config, case, monkeypatch):
+    # MODE 8 at one row: the last split of each tile to arrive adds the splits' partials,
+    # the adapter term, DoRA's norms and the bias, with no Triton kernel after it (more
+    # rows: test_gluon_base_kernel_matches_the_reference).
+    layer = cuda_layer(4, dtype, size=(256, 1024), bias=bias)
+    adapters = [cuda_adapter(layer, dora=True, seed=i) for i in range(2)]
+    norms = torch.stack([hqqlora.dora_weight_norm(layer, q) for q in adapters])
+    bank = hqqlora.stack_adapters({"a": adapters[0], "b": adapters[1]})
+    monkeypatch.setitem(_decode.TUNED_GLUON, (256, 1024, 1), config)
+    x = torch.randn(1, 1024, device="cuda", dtype=dtype)
+    k = {"dora_bank": 1, "none_in_bank": -1, "outside": 7}.get(case, 0)
+    calls = {
+        "base": lambda: hqqlora.base_forward(layer, x),
+        "lora": lambda: hqqlora.apply_lora(
+            layer, {n: v for n, v in adapters[0].items() if n != "magnitude"}, x
+        ),
+    }
+    fn = calls.get(case) or (
+        lambda: hqqlora.mixed_batch_indexed(
+            x, bank, torch.tensor([k], device="cuda"), base=layer, weight_norm=norms
+        )
+    )
+    with torch.no_grad():
+        got, ran = uses_gluon(fn, monkeypatch)
+        main = []
+        real = _decode._main_kernel
+        monkeypatch.setattr(
+            _decode,
+            "_main_kernel",
+            type("R", (), {"__getitem__": lambda s, g: main.append(g) or real[g]})(),
+        )
+        fn()
+    assert ran and not main
+    if case == "outside":
+        assert torch.isnan(got).all()
+        return
+    if case in ("base", "none_in_bank"):
+        ref = _base_ref(layer, x)
+    elif case == "lora":
+        ref = dense_reference(layer, {n: v for n, v in adapters[0].items() if n != "magnitude"}, x)
+    else:
+        ref = dense_reference(layer, adapters[1], x)
+    assert_close_rel(got, ref, dtype, factor=2)
 
 
 @needs_gluon

@@ -805,7 +805,7 @@ def test_a_tuned_prefetch_level_reaches_the_kernel(monkeypatch):
 # MODE 8's Triton half (the Gluon base kernel needs an H100): the base partials come from
 # a stand-in writing float64-exact sums of each K split, and the Triton kernel must add
 # them in its row blocks of 16 to the adapter terms, DoRA's norms, the bias and the NaN of
-# an index outside the bank, for 1-40 rows and tiles of 32-128 outputs, with rows of
+# an index outside the bank, for 2-40 rows and tiles of 32-128 outputs, with rows of
 # several adapters (terms through ``lt``) and of one (terms kept in registers).
 MODE8_EPILOGUE = textwrap.dedent(
     r"""
@@ -824,7 +824,9 @@ MODE8_EPILOGUE = textwrap.dedent(
     W = hqqlora.dequantize(layer).double()
     seen = []
 
-    def stand_in(x, W_q, scale, zero, meta, ws, *, block_p, split, warps, stages, after_shrink):
+    def stand_in(x, W_q, scale, zero, meta, ws, counts, tail, *, block_p, split, warps, stages,
+                 after_shrink, finish):
+        assert finish is None  # one row finishes in the Gluon kernel: tested on the GPU
         part = ws.view(split, x.shape[0], meta[3])
         for s, ks in enumerate(torch.arange(meta[4]).chunk(split)):
             part[s] = (x.double()[:, ks] @ W[:, ks].T).float()
@@ -832,26 +834,30 @@ MODE8_EPILOGUE = textwrap.dedent(
 
     _gluon.supported = lambda *a: True
     _gluon.base_partials = stand_in
+    _decode.FINISH_ROWS = 0  # the Triton kernel finishes every row count here
     n, r = 3, 8
     A, B = torch.randn(n, r, 512) * 0.05, torch.randn(n, 256, r) * 0.05
     s, is_dora = torch.tensor([0.5, 2.0, 1.0]), torch.tensor([True, False, True])
     mag, norm = torch.rand(n, 256) + 0.5, torch.rand(n, 256) + 0.5
-    cases = ((1, 1, 64, 5), (5, 2, 32, 5), (16, 4, 64, 5), (17, 8, 16, 5), (40, 2, 32, 5),
-             (16, 2, 64, 1), (17, 4, 32, 1), (40, 8, 64, 1))
+    # Rows of several adapters (up to 16 rows: above, a bank of several keeps the Triton
+    # modes) and of one adapter (a bank of one, adapter 2 of these).
+    cases = ((2, 1, 64, 5), (5, 2, 32, 5), (16, 4, 64, 5), (16, 2, 64, 1), (17, 4, 32, 1),
+             (17, 8, 16, 1), (40, 8, 64, 1), (40, 2, 32, 1))
     for rows, split, tile, kinds in cases:
         _decode.TUNED_GLUON[(256, 512, rows)] = (64, split, 8, 3, tile)
         x = torch.randn(rows, 512).half()
         if kinds == 5:  # -1, 0, 1, 2, 3 (past the bank: NaN): terms gathered through lt
-            index = torch.arange(rows) % 5 - 1
+            index, kept = torch.arange(rows) % 5 - 1, slice(None)
         else:  # one adapter and rows of none: its terms kept in registers
-            index = torch.where(torch.arange(rows) % 3 == 0, -1, 2)
+            index, kept = torch.where(torch.arange(rows) % 3 == 0, -1, 0), slice(2, 3)
         with torch.no_grad():
-            got = _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A, lora_B=B,
-                                      scaling=s, index=index, magnitude=mag, weight_norm=norm,
-                                      is_dora=is_dora, bias=layer.bias)
+            got = _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A[kept],
+                                      lora_B=B[kept], scaling=s[kept], index=index,
+                                      magnitude=mag[kept], weight_norm=norm[kept],
+                                      is_dora=is_dora[kept], bias=layer.bias)
         assert seen[-1] == split, (rows, seen)
         for i in range(rows):
-            k = int(index[i])
+            k = int(index[i]) + (2 if kinds == 1 and index[i] >= 0 else 0)
             if k == 3:
                 assert torch.isnan(got[i]).all(), (rows, i)
                 continue
