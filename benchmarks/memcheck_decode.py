@@ -2,7 +2,8 @@
 
 compute-sanitizer --tool memcheck --leak-check no python benchmarks/memcheck_decode.py
 (``... memcheck_decode.py prefetch``: only the configurations that set PREFETCH, MODE 7's
-among them)
+among them; ``... gluon``: only MODE 8, the Gluon base kernel, 4-bit, on compute
+capability 9.0)
 
 Default and tuned configurations at 1-64 rows, 2 and 4 bits: the base alone, a bank with
 DoRA, bias, rows without an adapter and rows past the bank, one adapter without an index,
@@ -18,8 +19,20 @@ from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 from hqqlora import _decode
 from hqqlora._base import quant_layout, quant_tensors
 
+# MODE 8: (rows, TUNED_GLUON entry, FINISH_ROWS); one row finishes in the Gluon kernel.
+GLUON = (
+    (1, (64, 4, 8, 3), 1),
+    (1, (32, 16, 4, 3), 1),
+    (2, (64, 16, 8, 4), 16),
+    (5, (64, 2, 8, 4), 1),
+    (16, (64, 8, 8, 3, 32), 1),
+    (16, (64, 1, 8, 3), 16),
+    (17, (32, 4, 4, 3, 16), 1),
+    (64, (64, 16, 8, 3), 1),
+)
 torch.manual_seed(0)
-for nbits in (4, 2):
+gluon = sys.argv[1:] == ["gluon"]
+for nbits in (4,) if gluon else (4, 2):
     lin = torch.nn.Linear(1024, 768)
     layer = HQQLinear(
         lin,
@@ -37,7 +50,8 @@ for nbits in (4, 2):
         torch.tensor([True, False, True], device="cuda"),
     )
     mag, norm = torch.rand(n, 768, device="cuda") + 0.5, torch.rand(n, 768, device="cuda") + 0.5
-    for rows, config in (
+    plan = [(rows, None, (entry, finish)) for rows, entry, finish in GLUON] if gluon else []
+    for rows, config, tuned_gluon in plan or [(rows, config, None) for rows, config in (
         (1, None),
         (1, (32, 4, 16, 4, 1, 4)),
         (1, (2, 4, 1, 2, 1, 4)),
@@ -54,12 +68,17 @@ for nbits in (4, 2):
         *((16, (32, 1, 4, 4, 2, 5, 0, p)) for p in (0, 1, 2)),
         *((64, (64, 1, 2, 8, 3, 6, 0, p)) for p in (0, 1, 2)),
         *((rows, (64, 1, 2, 8, 3, 7, 0, p)) for rows in (17, 64) for p in (1, 2)),
-    ):
+    )]:  # fmt: skip
         if sys.argv[1:] == ["prefetch"] and (config is None or len(config) < 8):
             continue
         _decode.TUNED.clear()
+        _decode.TUNED_GLUON.clear()
         if config is not None:
             _decode.TUNED[(768, 1024, per, rows)] = config
+        if tuned_gluon is not None:
+            _decode.TUNED_GLUON[(768, 1024, rows)], _decode.FINISH_ROWS = tuned_gluon
+        else:
+            _decode.TUNED_GLUON[(768, 1024, rows)] = None  # the Triton modes
         x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
         idx = torch.arange(rows, device="cuda") % 5 - 1  # -1, 0, 1, 2, 3 (past the bank)
         for kw in (
@@ -85,4 +104,4 @@ for nbits in (4, 2):
         ):
             _decode.lora_decode(x, W_q, scale, zero, layout, **kw)
         torch.cuda.synchronize()
-        print(nbits, rows, config, "ok", flush=True)
+        print(nbits, rows, config or tuned_gluon, "ok", flush=True)
