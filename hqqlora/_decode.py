@@ -43,6 +43,11 @@ Variants of the second kernel (``MODE``, per shape in :data:`TUNED`, else
 - 7, the default at 17–64 rows: MODE 6's weights, computed in the compute dtype two at
   a time (packed bf16/fp16 instructions, a quarter fewer in the loop; the same bits):
   9–11% faster than MODE 6 at 64 rows.
+- 8 (H100, 4-bit codes in groups of 64, per shape in :data:`TUNED_GLUON`): the base
+  term is :mod:`hqqlora._gluon`'s kernel (HQQ's weights, MODE 7's arithmetic,
+  dequantized straight into the tensor-core operand's registers), one float32 partial
+  per K split; this kernel then adds the partials in order, the adapter terms, DoRA and
+  the bias, a program per 16 rows (at one row the Gluon kernel does that itself).
 - 3: as 5 with ``x @ codesᵀ``; 0: every slot of the tile unpacked and reshaped in
   registers; 1: a program per slot; 2: a GEMV without the trick, with a register
   reshape. Slower on the H100 (``benchmarks/tune_decode.py``), kept for other GPUs'
@@ -61,7 +66,7 @@ Precision: MODES 0–5's base product is exact up to float32 accumulation of exa
 products (codes and bf16/fp16 ``x`` are exact in the compute dtype); against HQQ's dense
 ``x @ dequantize(W)ᵀ`` it differs by HQQ's two roundings of each weight (the dense
 path rounds ``q − z`` and ``(q − z)·s`` to the compute dtype; these modes do not).
-MODES 6 and 7 multiply HQQ's rounded weights themselves: they differ from the dense path
+MODES 6, 7 and 8 multiply HQQ's rounded weights themselves: they differ from the dense path
 only in the order of the float32 sums (HQQ keeps scale and zero in the compute dtype;
 were they wider, MODE 7 would round both to it first and MODE 6 the scale only, each
 within one rounding of the weight). The adapter term is computed in float32 from the
