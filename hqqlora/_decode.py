@@ -1024,7 +1024,8 @@ def _launch(
         )  # fmt: skip
     else:
         rank, block_r, t_splits, t = 0, 16, 1, dummy
-        if split > 1 or (base is not None and rows <= FINISH_ROWS):
+        # (MODE 8's splits share out rows and use no counter; its one-row finish does.)
+        if (split > 1 and base is None) or (base is not None and rows <= FINISH_ROWS):
             counts.zero_()
     has_dora = magnitude is not None
     if base is not None:

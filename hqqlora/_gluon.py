@@ -1,11 +1,13 @@
 """The base term of 4-bit decode on Hopper, written in Gluon: ``x @ dequantize(W)ᵀ`` for
 1–64 rows of ``x``, partial sums per K split into a float32 workspace that
-``_decode._main_kernel`` (MODE 8) adds up in a fixed order with the adapter terms.
+``_decode._main_kernel`` (MODE 8) adds up in a fixed order with the adapter terms; or,
+for few rows (``_decode.FINISH_ROWS``), the last split of each tile adds them itself
+(with the adapter terms, DoRA's norms and the bias) and writes the output.
 
 Why Gluon: the Triton kernels of ``_decode`` dequantize in one register layout and let
 the compiler move the weights into the tensor-core operand layout through shared memory
-every K step (``STS`` + ``LDSM`` + barriers), and ``ptxas`` serializes their ``HGMMA``s.
-Gluon names the layouts, so here each thread loads exactly the codes its operand
+every K step (``STS`` + ``LDSM`` + barriers), with a wait after each ``HGMMA``. Gluon
+names the layouts, so here each thread loads exactly the codes its operand
 fragment needs and the weights never leave its registers:
 
 - ``wgmma`` with the weights as operand A (registers) and ``x`` as operand B (shared
@@ -39,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-try:  # Gluon ships with Triton 3.5 and later
+try:  # Gluon ships with Triton 3.5 and later (see TESTED_TRITON)
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -51,8 +53,13 @@ try:  # Gluon ships with Triton 3.5 and later
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
 
-AVAILABLE = gluon is not None
-"""Whether this Triton has Gluon."""
+TESTED_TRITON = ("3.6.",)
+"""Triton versions this kernel was written and tested against: Gluon is an experimental
+API whose names and layouts move between releases, so other versions keep the Triton
+modes rather than fail to compile at the first call."""
+
+AVAILABLE = gluon is not None and triton.__version__.startswith(TESTED_TRITON)
+"""Whether this Triton has Gluon, in a tested version."""
 
 GROUP = 64
 """Inputs a K step (one group of codes)."""
@@ -344,9 +351,11 @@ if gluon is not None:
         if FINISH:
             # Up to 16 rows: the tile's last split to arrive (a counter, every thread's
             # partial stored before it is released) finishes the rows, in a fixed order.
+            # Every thread's partial is stored before any thread reads the tile's partials
+            # (this program's own included, stored by other threads).
+            gl.thread_barrier()
             done = 0
             if SPLITS > 1:
-                gl.thread_barrier()
                 done = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
             if done == SPLITS - 1:
                 _finish_rows(

@@ -484,12 +484,18 @@ def test_one_row_finishes_in_the_gluon_kernel(dtype, bias, config, case, monkeyp
 
 @needs_gluon
 @pytest.mark.parametrize("pdl", [True, False])
-@pytest.mark.parametrize("rows", [2, 16, 40, 64])
-def test_gluon_path_replays_give_the_same_bits(rows, pdl, monkeypatch):
-    # MODE 8 on the tuned 4096² (16 and 64 rows) and by the rule (2 and 40): the base
-    # kernel beside the shrink kernel (programmatic dependent launch) and the Triton
-    # kernel after both. A race shows as a replay whose bits differ.
+@pytest.mark.parametrize(
+    "rows, entry", [(1, (64, 8, 8, 3)), (1, (64, 1, 8, 3)), (2, None), (16, None), (40, None),
+                    (64, None)],
+)  # fmt: skip
+def test_gluon_path_replays_give_the_same_bits(rows, entry, pdl, monkeypatch):
+    # MODE 8 on the tuned 4096² (16 and 64 rows), by the rule (2 and 40), and at one row
+    # finished in the Gluon kernel (8 splits and a counter, or one split): the base
+    # kernel beside the shrink kernel (programmatic dependent launch), then the Triton
+    # kernel or the Gluon kernel's own finish. A race shows as a replay whose bits differ.
     monkeypatch.setattr(_decode, "PDL", pdl)
+    if entry is not None:
+        monkeypatch.setitem(_decode.TUNED_GLUON, (4096, 4096, rows), entry)
     layer = cuda_layer(4, torch.bfloat16, size=(4096, 4096))
     p = cuda_adapter(layer, r=16)
     bank = hqqlora.stack_adapters({"a": p})

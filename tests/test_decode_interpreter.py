@@ -805,8 +805,9 @@ def test_a_tuned_prefetch_level_reaches_the_kernel(monkeypatch):
 # MODE 8's Triton half (the Gluon base kernel needs an H100): the base partials come from
 # a stand-in writing float64-exact sums of each K split, and the Triton kernel must add
 # them in its row blocks of 16 to the adapter terms, DoRA's norms, the bias and the NaN of
-# an index outside the bank, for 2-40 rows and tiles of 32-128 outputs, with rows of
-# several adapters (terms through ``lt``) and of one (terms kept in registers).
+# an index outside the bank, for 1-40 rows and tiles of 32-128 outputs, with rows of
+# several adapters (terms through ``lt``) and of one (terms kept in registers), one
+# adapter without an index, and no adapter.
 MODE8_EPILOGUE = textwrap.dedent(
     r"""
     import torch
@@ -841,7 +842,7 @@ MODE8_EPILOGUE = textwrap.dedent(
     mag, norm = torch.rand(n, 256) + 0.5, torch.rand(n, 256) + 0.5
     # Rows of several adapters (up to 16 rows: above, a bank of several keeps the Triton
     # modes) and of one adapter (a bank of one, adapter 2 of these).
-    cases = ((2, 1, 64, 5), (5, 2, 32, 5), (16, 4, 64, 5), (16, 2, 64, 1), (17, 4, 32, 1),
+    cases = ((1, 2, 64, 5), (2, 1, 64, 5), (5, 2, 32, 5), (16, 4, 64, 5), (16, 2, 64, 1), (17, 4, 32, 1),
              (17, 8, 16, 1), (40, 8, 64, 1), (40, 2, 32, 1))
     for rows, split, tile, kinds in cases:
         _decode.TUNED_GLUON[(256, 512, rows)] = (64, split, 8, 3, tile)
@@ -869,6 +870,23 @@ MODE8_EPILOGUE = textwrap.dedent(
             ref = ref + layer.bias.double()
             err = (got[i].double() - ref).abs().max().item()
             assert err <= 2**-10 * ref.abs().max().item(), (rows, i, k, err)
+
+    # One adapter without an index (DoRA), and no adapter at all, at 1, 16 and 40 rows.
+    for rows, split in ((1, 2), (16, 4), (40, 8)):
+        _decode.TUNED_GLUON[(256, 512, rows)] = (64, split, 8, 3)
+        x = torch.randn(rows, 512).half()
+        W64 = x.double() @ W.T + layer.bias.double()
+        with torch.no_grad():
+            one = _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A[0], lora_B=B[0],
+                                      scaling=s[:1], magnitude=mag[0], weight_norm=norm[0],
+                                      bias=layer.bias)
+            base = _decode.lora_decode(x, W_q, scale, zero, layout, bias=layer.bias)
+        assert seen[-1] == split
+        ref = (x.double() @ W.T + s[0].double() * (x.double() @ A[0].double().T)
+               @ B[0].double().T) * (mag[0] / norm[0]).double() + layer.bias.double()
+        for got, want in ((one, ref), (base, W64)):
+            err = (got.double() - want).abs().max().item()
+            assert err <= 2**-10 * want.abs().max().item(), (rows, err)
     """
 )
 
