@@ -349,17 +349,18 @@ if gluon is not None:
                 "griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1
             )
         if FINISH:
-            # Up to 16 rows: the tile's last split to arrive (a counter, every thread's
-            # partial stored before it is released) finishes the rows, in a fixed order.
-            # Every thread's partial is stored before any thread reads the tile's partials
-            # (this program's own included, stored by other threads).
+            # Up to 16 rows: the tile's last split to arrive (a counter) finishes the rows,
+            # adding the partials in a fixed order. The barrier: every thread's partial is
+            # stored before the counter is released, and before this program reads its own
+            # partials back (stored by other threads) at a single split.
             gl.thread_barrier()
             done = 0
             if SPLITS > 1:
                 done = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
             if done == SPLITS - 1:
                 _finish_rows(
-                    ws_ptr, tail, M, N, p0, half, P, SPLITS, ROWS, BLOCK_R, T_SPLITS, HAS_LORA, HAS_IDX, HAS_DORA, HAS_BIAS, num_warps,
+                    ws_ptr, tail, M, N, p0, half, P, SPLITS, ROWS, BLOCK_R, T_SPLITS,
+                    HAS_LORA, HAS_IDX, HAS_DORA, HAS_BIAS, num_warps,
                 )  # fmt: skip
 
 
