@@ -397,9 +397,10 @@ needs_gluon = pytest.mark.skipif(
 def test_gluon_base_kernel_matches_the_reference(finish_rows, dtype, tokens, config, monkeypatch):
     # MODE 8: the Gluon kernel's base term, 16 steps of K in 1-8 splits, 1-2 tiles of
     # 64-128 packed rows, rows padded to 8-64; the Triton kernel (tiles of 32-128 outputs)
-    # adds DoRA's adapter terms, the norms and the bias: rows of two adapters and of none
-    # (1 and 5 rows: terms gathered), one adapter without an index (16 rows: terms kept in
-    # registers), a bank of one and rows of none (more rows). Up to ``finish_rows`` rows
+    # adds DoRA's adapter terms, the norms and the bias: a row of none (1 row; one row's
+    # adapter terms: test_one_row_finishes_in_the_gluon_kernel), rows of two adapters and
+    # of none (5 rows: terms gathered), one adapter without an index (16 rows: terms kept
+    # in registers), a bank of one and rows of none (more rows). Up to ``finish_rows`` rows
     # the Gluon kernel finishes them itself.
     monkeypatch.setattr(_decode, "FINISH_ROWS", finish_rows)
     layer = cuda_layer(4, dtype, size=(256, 1024))
