@@ -4,13 +4,16 @@ shared memory and the instruction mix of its K loop, from Triton's compiler and 
 
 python benchmarks/sass_decode.py --shape 4096 4096 --rows 64
 python benchmarks/sass_decode.py --shape 4096 4096 --rows 64 --config "(64, 1, 4, 8, 3, 6, 0, 1)"
+python benchmarks/sass_decode.py --rows 16 --gluon "(128, 8, 8, 3)"   # MODE 8's Gluon kernel
 
 The launch is the library's own: ``_decode._launch`` runs on CPU tensors with the kernels
 replaced by recorders, and the recorded arguments are compiled for ``sm_<arch>`` with the
 specialization Triton's launcher gives them (integers that are multiples of 16 marked so,
 1 made a constant; without it every load is one byte wide and the listing is not what
 runs). Programmatic dependent launch is compiled in where the GPU has it (``--arch`` 90 and
-up). No timing: for that, ``tune_decode.py`` on a GPU.
+up). No timing: for that, ``tune_decode.py`` on a GPU. With ``--gluon`` (a ``TUNED_GLUON``
+entry) the Gluon base kernel is compiled instead, and the bundled ``ptxas`` says whether
+it serializes the kernel's ``wgmma``s (its C7513 notice).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from common import make_hqq_layer
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hqqlora import _decode
+from hqqlora import _decode, _gluon
 from hqqlora._base import quant_layout, quant_tensors
 
 _TYPES = {
@@ -86,6 +89,97 @@ def recorded_launch(shape, rows, config, bank, dtype):
         _decode.TUNED.update(saved[0])
         _decode.PDL, _decode._main_kernel, _decode._shrink_kernel = saved[1:]
     return recorder.calls[0], _decode.decode_config(out_f, in_f, per, layout.group_size, rows)
+
+
+def recorded_gluon_launch(shape, rows, entry, bank, dtype):
+    """The Gluon base kernel's arguments for one LoRA call with ``TUNED_GLUON`` ``entry``,
+    as ``_decode._launch`` makes them (``_gluon.supported`` answered yes on the CPU)."""
+    out_f, in_f = shape
+    layer = make_hqq_layer(in_f, out_f, dtype=dtype)
+    layout = quant_layout(layer)
+    W_q, scale, zero = quant_tensors(layer)
+    bits, per = layout.packing_bits
+    n = max(bank, 1)
+    A, B, s = torch.zeros(n, 16, in_f), torch.zeros(n, out_f, 16), torch.ones(n)
+    index = torch.arange(rows) % bank if bank else None
+    if not bank:
+        A, B, s = A[0], B[0], s[:1]
+    x = torch.zeros(rows, in_f, dtype=dtype)
+    saved = (dict(_decode.TUNED_GLUON), _decode.PDL, _decode._main_kernel,
+             _decode._shrink_kernel, _gluon.supported, _gluon._base_kernel)  # fmt: skip
+    recorder = _Recorder()
+    try:
+        _decode.TUNED_GLUON[(out_f, in_f, rows)] = entry
+        _decode.PDL = False
+        _decode._main_kernel, _decode._shrink_kernel = _Recorder(), _Recorder()
+        _gluon.supported, _gluon._base_kernel = (lambda *a: True), recorder
+        meta = [bits, per, layout.group_size, out_f, in_f]
+        _decode._launch(
+            x, W_q, scale, zero, meta, A, B, s, index, None, None, None, None, dtype
+        )  # fmt: skip
+    finally:
+        _decode.TUNED_GLUON.clear()
+        _decode.TUNED_GLUON.update(saved[0])
+        (_decode.PDL, _decode._main_kernel, _decode._shrink_kernel, _gluon.supported,
+         _gluon._base_kernel) = saved[1:]  # fmt: skip
+    return recorder.calls[0]
+
+
+def compile_gluon(call, arch):
+    """Compiles the recorded call of ``_gluon._base_kernel`` for ``sm_<arch>`` (its tuple
+    argument element by element, with the launcher's specialization)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    kernel = _gluon._base_kernel
+    _, args, kwargs = call
+    names = list(inspect.signature(kernel.fn).parameters)
+    options = {"num_warps": kwargs.pop("num_warps")}
+    kwargs.pop("launch_pdl", None)
+    constants = {(names.index(k),): v for k, v in kwargs.items()}
+    constants[(names.index("num_warps"),)] = options["num_warps"]
+    signature = {k: "constexpr" for k in kwargs}
+    signature["num_warps"] = "constexpr"
+    attrs = {}
+
+    def one(path, value):
+        if isinstance(value, torch.Tensor):
+            attrs[path] = [["tt.divisibility", 16]]
+            return "*" + _TYPES[value.dtype]
+        if value == 1:  # Triton's launcher makes a 1 a constant
+            constants[path] = 1
+            return "constexpr"
+        if value % 16 == 0:
+            attrs[path] = [["tt.divisibility", 16]]
+        return "i32"
+
+    runtime = [n for n in names if n not in signature]
+    for name, value in zip(runtime, args, strict=True):
+        i = names.index(name)
+        if isinstance(value, tuple):
+            signature[name] = tuple(one((i, j), v) for j, v in enumerate(value))
+        else:
+            signature[name] = one((i,), value)
+    src = GluonASTSource(
+        kernel, {n: signature[n] for n in names}, constexprs=constants, attrs=attrs
+    )
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def serialized_wgmma(compiled, arch):
+    """Whether the bundled ``ptxas`` serializes the kernel's ``wgmma``s (notice C7513)."""
+    import triton.backends.nvidia as nvidia
+
+    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        out = subprocess.run(
+            [tool, f"-arch=sm_{arch}a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True,
+            text=True,
+        )
+    return "C7513" in out.stdout + out.stderr
 
 
 def compile_recorded(call, arch):
@@ -160,11 +254,19 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     parser.add_argument("--top", type=int, default=16, help="instructions to list")
-    args = parser.parse_args()
-    call, default = recorded_launch(
-        tuple(args.shape), args.rows, args.config, args.bank, getattr(torch, args.dtype)
+    parser.add_argument(
+        "--gluon", type=ast.literal_eval, help="a TUNED_GLUON entry: MODE 8's Gluon kernel"
     )
-    compiled = compile_recorded(call, args.arch)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    if args.gluon is not None:
+        call = recorded_gluon_launch(tuple(args.shape), args.rows, args.gluon, args.bank, dtype)
+        compiled, default = compile_gluon(call, args.arch), args.gluon
+        serial = serialized_wgmma(compiled, args.arch)
+        print(f"wgmma serialized by ptxas (C7513): {'yes' if serial else 'no'}")
+    else:
+        call, default = recorded_launch(tuple(args.shape), args.rows, args.config, args.bank, dtype)
+        compiled = compile_recorded(call, args.arch)
     usage = cuobjdump(compiled, "--dump-resource-usage")
     regs = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
