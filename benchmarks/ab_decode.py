@@ -16,7 +16,7 @@ import argparse
 import torch
 import triton.testing
 from common import environment, make_hqq_layer
-from tune_decode import _adapters
+from tune_decode import _adapters, _reference
 
 import hqqlora
 from hqqlora import _decode
@@ -48,11 +48,7 @@ def main() -> None:
         for tokens in args.tokens:
             x = torch.randn(tokens, in_f, device="cuda", dtype=dtype)
             A, B, s, index = _adapters(in_f, out_f, 16, args.bank, tokens)
-            if index is None:
-                ref = x.double() @ W.T + (x.double() @ A.double().T) @ B.double().T
-            else:
-                t = torch.einsum("mk,mrk->mr", x.double(), A[index].double())
-                ref = x.double() @ W.T + torch.einsum("mr,mnr->mn", t, B[index].double())
+            ref = _reference(x, W, A, B, index)
             key = (out_f, in_f, per, tokens)
             tuned = _decode.TUNED.get(key)
             config = _decode.decode_config(out_f, in_f, per, 64, tokens)

@@ -57,43 +57,12 @@ class _Recorder:
         return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
 
 
-def recorded_launch(shape, rows, config, bank, dtype):
-    """The main kernel's arguments for one LoRA call (a bank of ``bank`` adapters read
-    through an index, or one adapter when ``bank`` is 0), as ``_decode._launch`` makes them."""
-    out_f, in_f = shape
-    layer = make_hqq_layer(in_f, out_f, dtype=dtype)
-    layout = quant_layout(layer)
-    W_q, scale, zero = quant_tensors(layer)
-    bits, per = layout.packing_bits
-    n = max(bank, 1)
-    A, B = torch.zeros(n, 16, in_f), torch.zeros(n, out_f, 16)
-    s = torch.ones(n)
-    index = torch.arange(rows) % bank if bank else None
-    if not bank:
-        A, B, s = A[0], B[0], s[:1]
-    x = torch.zeros(rows, in_f, dtype=dtype)
-    key = (out_f, in_f, per, rows)
-    saved = dict(_decode.TUNED), _decode.PDL, _decode._main_kernel, _decode._shrink_kernel
-    recorder = _Recorder()
-    try:
-        if config is not None:
-            _decode.TUNED[key] = config
-        _decode.PDL = False  # decided from the GPU's capability; compiled in below instead
-        _decode._main_kernel, _decode._shrink_kernel = recorder, _Recorder()
-        meta = [bits, per, layout.group_size, out_f, in_f]
-        _decode._launch(
-            x, W_q, scale, zero, meta, A, B, s, index, None, None, None, None, dtype
-        )  # fmt: skip
-    finally:
-        _decode.TUNED.clear()
-        _decode.TUNED.update(saved[0])
-        _decode.PDL, _decode._main_kernel, _decode._shrink_kernel = saved[1:]
-    return recorder.calls[0], _decode.decode_config(out_f, in_f, per, layout.group_size, rows)
-
-
-def recorded_gluon_launch(shape, rows, entry, bank, dtype):
-    """The Gluon base kernel's arguments for one LoRA call with ``TUNED_GLUON`` ``entry``,
-    as ``_decode._launch`` makes them (``_gluon.supported`` answered yes on the CPU)."""
+def _record(shape, rows, bank, dtype, config=None, gluon_entry=None):
+    """Runs ``_decode._launch`` for one LoRA call (a bank of ``bank`` adapters read through
+    an index, or one adapter when ``bank`` is 0) on CPU tensors, every kernel replaced by
+    a recorder; ``config`` for ``TUNED``, ``gluon_entry`` for ``TUNED_GLUON`` (with
+    ``_gluon.supported`` answering yes). Returns the main and Gluon kernels' calls and
+    the layer's layout."""
     out_f, in_f = shape
     layer = make_hqq_layer(in_f, out_f, dtype=dtype)
     layout = quant_layout(layer)
@@ -105,24 +74,43 @@ def recorded_gluon_launch(shape, rows, entry, bank, dtype):
     if not bank:
         A, B, s = A[0], B[0], s[:1]
     x = torch.zeros(rows, in_f, dtype=dtype)
-    saved = (dict(_decode.TUNED_GLUON), _decode.PDL, _decode._main_kernel,
+    saved = (dict(_decode.TUNED), dict(_decode.TUNED_GLUON), _decode.PDL, _decode._main_kernel,
              _decode._shrink_kernel, _gluon.supported, _gluon._base_kernel)  # fmt: skip
-    recorder = _Recorder()
+    main, base = _Recorder(), _Recorder()
     try:
-        _decode.TUNED_GLUON[(out_f, in_f, rows)] = entry
-        _decode.PDL = False
-        _decode._main_kernel, _decode._shrink_kernel = _Recorder(), _Recorder()
-        _gluon.supported, _gluon._base_kernel = (lambda *a: True), recorder
+        if config is not None:
+            _decode.TUNED[(out_f, in_f, per, rows)] = config
+        if gluon_entry is not None:
+            _decode.TUNED_GLUON[(out_f, in_f, rows)] = gluon_entry
+            _gluon.supported = lambda *a: True
+        _decode.PDL = False  # decided from the GPU's capability; compiled in below instead
+        _decode._main_kernel, _decode._shrink_kernel = main, _Recorder()
+        _gluon._base_kernel = base
         meta = [bits, per, layout.group_size, out_f, in_f]
         _decode._launch(
             x, W_q, scale, zero, meta, A, B, s, index, None, None, None, None, dtype
         )  # fmt: skip
     finally:
-        _decode.TUNED_GLUON.clear()
-        _decode.TUNED_GLUON.update(saved[0])
+        for table, old in ((_decode.TUNED, saved[0]), (_decode.TUNED_GLUON, saved[1])):
+            table.clear()
+            table.update(old)
         (_decode.PDL, _decode._main_kernel, _decode._shrink_kernel, _gluon.supported,
-         _gluon._base_kernel) = saved[1:]  # fmt: skip
-    return recorder.calls[0]
+         _gluon._base_kernel) = saved[2:]  # fmt: skip
+    return main.calls, base.calls, layout
+
+
+def recorded_launch(shape, rows, config, bank, dtype):
+    """The main kernel's arguments for one LoRA call (see :func:`_record`), as
+    ``_decode._launch`` makes them, and the configuration it would take by default."""
+    calls, _, layout = _record(shape, rows, bank, dtype, config=config)
+    per = layout.packing_bits[1]
+    return calls[0], _decode.decode_config(*shape, per, layout.group_size, rows)
+
+
+def recorded_gluon_launch(shape, rows, entry, bank, dtype):
+    """The Gluon base kernel's arguments for one LoRA call with ``TUNED_GLUON`` ``entry``,
+    as ``_decode._launch`` makes them (see :func:`_record`)."""
+    return _record(shape, rows, bank, dtype, gluon_entry=entry)[1][0]
 
 
 def compile_gluon(call, arch):

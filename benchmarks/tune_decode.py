@@ -122,6 +122,15 @@ def _adapters(in_f, out_f, rank, bank, tokens):
     return A, B, s, torch.arange(tokens, device="cuda") % bank
 
 
+def _reference(x, W, A, B, index):
+    """``x @ Wᵀ + x @ Aᵀ @ Bᵀ`` in float64 (per row ``A[index]``, ``B[index]`` for a bank;
+    the scaling is 1)."""
+    if index is None:
+        return x.double() @ W.T + (x.double() @ A.double().T) @ B.double().T
+    t = torch.einsum("mk,mrk->mr", x.double(), A[index].double())
+    return x.double() @ W.T + torch.einsum("mr,mnr->mn", t, B[index].double())
+
+
 def precompile(jobs, workers=12):
     """Compiles every configuration in parallel worker processes (Triton's compile is
     CPU-bound and serial in one process)."""
@@ -197,12 +206,7 @@ def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True, explore=False
         for tokens in tokens_list:
             x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
             A, B, s, index = _adapters(in_f, out_f, rank, bank, tokens)
-            if index is None:
-                ref = x.double() @ W.T + (x.double() @ A.double().T) @ B.double().T
-            else:
-                Ak, Bk = A[index].double(), B[index].double()
-                t = torch.einsum("mk,mrk->mr", x.double(), Ak)
-                ref = x.double() @ W.T + torch.einsum("mr,mnr->mn", t, Bk)
+            ref = _reference(x, W, A, B, index)
             key = (out_f, in_f, per, tokens)
             results = []
             configs = _configs(tokens, in_f, explore, modes)
@@ -309,11 +313,7 @@ def tune_gluon(shapes=SHAPES, tokens_list=TOKENS, rank=16, bank=0, workers=12):
         for tokens in tokens_list:
             x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
             A, B, s, index = _adapters(in_f, out_f, rank, bank, tokens)
-            if index is None:
-                ref = x.double() @ W.T + (x.double() @ A.double().T) @ B.double().T
-            else:
-                t = torch.einsum("mk,mrk->mr", x.double(), A[index].double())
-                ref = x.double() @ W.T + torch.einsum("mr,mnr->mn", t, B[index].double())
+            ref = _reference(x, W, A, B, index)
             key = (out_f, in_f, tokens)
 
             def run(x=x, A=A, B=B, s=s, index=index):

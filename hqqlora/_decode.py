@@ -262,6 +262,19 @@ if triton is not None:
         return xs, packed, z, s, (ahead_x, ahead_p, ahead_z, ahead_s)
 
     @triton.jit  # type: ignore[untyped-decorator]
+    def _add_slices(total, ptr, slice_rows, m, n, ok, N, SLICES: tl.constexpr):  # type: ignore[no-untyped-def]
+        # ``total`` plus ``SLICES`` float32 slices of (slice_rows, N), rows m, columns n,
+        # in order, read from L2 (other programs or other threads wrote them).
+        for s_i in tl.static_range(SLICES):
+            total += tl.load(
+                ptr + (s_i * slice_rows + m[:, None]) * N + n[None, :],
+                mask=ok,
+                other=0,
+                cache_modifier=".cg",
+            )
+        return total
+
+    @triton.jit  # type: ignore[untyped-decorator]
     def _one_adapter_terms(  # type: ignore[no-untyped-def]
         rows, mine, use, k, t_ptr, b_ptr, scaling_ptr, lt_ptr, M, N, R, t_splits, stride_b_bank,
         n, n_ok, BLOCK_R: tl.constexpr, T_SPLITS: tl.constexpr, STORE: tl.constexpr,
@@ -618,14 +631,10 @@ if triton is not None:
         if MODE == 8:
             # The Gluon kernel's partials of this program's rows, loaded before the adapter
             # terms so that their reads overlap.
-            base_sum = tl.zeros((BLOCK_M, NB), dtype=tl.float32)
-            for s_i in tl.static_range(BASE_SPLITS):
-                base_sum += tl.load(
-                    ws_ptr + (s_i * M + m[:, None]) * N + n[None, :],
-                    mask=m_ok[:, None] & n_ok[None, :],
-                    other=0,
-                    cache_modifier=".cg",
-                )
+            base_sum = _add_slices(
+                tl.zeros((BLOCK_M, NB), dtype=tl.float32), ws_ptr, M, m, n,
+                m_ok[:, None] & n_ok[None, :], N, BASE_SPLITS,
+            )  # fmt: skip
         # MODE 8 keeps one adapter's terms of its (at most DOT_ROWS) rows in registers
         # (``own``); terms gathered from several adapters go through ``lt`` (``n_lt``).
         own = tl.zeros((DOT_ROWS if DOT_ROWS > 0 else 1, NB), dtype=tl.float32)
@@ -702,14 +711,10 @@ if triton is not None:
             if MODE == 8:
                 total = acc + base_sum  # acc is 0 here
             elif SPLIT_K > 1:
-                total = tl.zeros((BLOCK_M, NB), dtype=tl.float32)
-                for s_i in tl.static_range(SPLIT_K):
-                    total += tl.load(
-                        ws_ptr + (s_i * BLOCK_M + m[:, None]) * N + n[None, :],
-                        mask=m_ok[:, None] & n_ok[None, :],
-                        other=0,
-                        cache_modifier=".cg",
-                    )
+                total = _add_slices(
+                    tl.zeros((BLOCK_M, NB), dtype=tl.float32), ws_ptr, BLOCK_M, m, n,
+                    m_ok[:, None] & n_ok[None, :], N, SPLIT_K,
+                )  # fmt: skip
             else:
                 total = acc
             if HAS_LORA and BLOCK_M > 1 and MODE == 8:
@@ -717,21 +722,11 @@ if triton is not None:
                     total += own
                 if n_lt > 0:
                     tl.debug_barrier()  # this program's own ``lt`` stores, by other threads
-                    total += tl.load(
-                        lt_ptr + m[:, None] * N + n[None, :],
-                        mask=m_ok[:, None] & n_ok[None, :],
-                        other=0,
-                        cache_modifier=".cg",
-                    )
+                    total = _add_slices(total, lt_ptr, 0, m, n, m_ok[:, None] & n_ok[None, :], N, 1)
             elif HAS_LORA and BLOCK_M > 1:
                 if SPLIT_K == 1:
                     tl.debug_barrier()  # this program's own ``lt`` stores, by other threads
-                total += tl.load(
-                    lt_ptr + m[:, None] * N + n[None, :],
-                    mask=m_ok[:, None] & n_ok[None, :],
-                    other=0,
-                    cache_modifier=".cg",
-                )
+                total = _add_slices(total, lt_ptr, 0, m, n, m_ok[:, None] & n_ok[None, :], N, 1)
             if HAS_DORA:
                 # Only rows with an index in [0, n) read the bank (an index outside gives NaN).
                 valid = (k_rows >= 0) & (k_rows < n_bank)

@@ -90,25 +90,18 @@ if gluon is not None:
     STEP_K = gl.constexpr(GROUP)
 
     @gluon.constexpr_function
-    def _code_layout(P, num_warps):  # type: ignore[no-untyped-def]
-        # A step's codes as stored, (P packed rows, 64 bytes): lane q of a row's quad
-        # holds bytes 16q..16q+15, rows lane // 4 + 8·warp (+ 8·warps per repeat).
+    def _codes_layout(P, num_warps, in_k_order):  # type: ignore[no-untyped-def]
+        # A step's codes, (P packed rows, 64 bytes): lane q of a row's quad holds bytes
+        # 16q..16q+15, rows lane // 4 + 8·warp (+ 8·warps per repeat). ``in_k_order``:
+        # the same registers read in the MMA's K order, k = 16c + 8h + 2q + e.
         reps = [[8 * num_warps << i, 0] for i in range(int(math.log2(P // (8 * num_warps))))]
+        if in_k_order:
+            regs, lanes = [[0, 1], [0, 8], [0, 16], [0, 32]], [[0, 2], [0, 4]]
+        else:
+            regs, lanes = [[0, 1], [0, 2], [0, 4], [0, 8]], [[0, 16], [0, 32]]
         return gl.DistributedLinearLayout(
-            [[0, 1], [0, 2], [0, 4], [0, 8], *reps],
-            [[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]],
-            [[8 << i, 0] for i in range(int(math.log2(num_warps)))],
-            [],
-            [P, GROUP],
-        )
-
-    @gluon.constexpr_function
-    def _operand_layout(P, num_warps):  # type: ignore[no-untyped-def]
-        # The same registers read in the MMA's K order: k = 16c + 8h + 2q + e.
-        reps = [[8 * num_warps << i, 0] for i in range(int(math.log2(P // (8 * num_warps))))]
-        return gl.DistributedLinearLayout(
-            [[0, 1], [0, 8], [0, 16], [0, 32], *reps],
-            [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
+            [*regs, *reps],
+            [*lanes, [1, 0], [2, 0], [4, 0]],
             [[8 << i, 0] for i in range(int(math.log2(num_warps)))],
             [],
             [P, GROUP],
@@ -166,7 +159,7 @@ if gluon is not None:
         scale_ptr, zero_ptr, first_row, groups, step, P: gl.constexpr, num_warps: gl.constexpr
     ):
         # Zero and scale of outputs first_row .. first_row + P at one step.
-        L: gl.constexpr = _operand_layout(P, num_warps)
+        L: gl.constexpr = _codes_layout(P, num_warps, True)
         r = first_row + gl.arange(0, P, layout=gl.SliceLayout(1, L))
         return gl.load(zero_ptr + r * groups + step), gl.load(scale_ptr + r * groups + step)
 
@@ -180,10 +173,10 @@ if gluon is not None:
         dot_a: gl.constexpr = gl.DotOperandLayout(
             operand_index=0, parent=_mma_layout(BM, num_warps), k_width=2
         )
-        c = c_smem.index(slot).load(_code_layout(P, num_warps))
+        c = c_smem.index(slot).load(_codes_layout(P, num_warps, False))
         c = gl.permute(gl.reshape(c, [P, 4, 4, 2, 2]), (0, 2, 3, 1, 4))  # (q c h e) to (c h q e)
         c = gl.convert_layout(
-            gl.reshape(c, [P, STEP_K]), _operand_layout(P, num_warps), assert_trivial=True
+            gl.reshape(c, [P, STEP_K]), _codes_layout(P, num_warps, True), assert_trivial=True
         )
         qh, ql = gl.inline_asm_elementwise(
             _nibble_asm(MAGIC2),

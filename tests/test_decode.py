@@ -367,6 +367,25 @@ def test_split_k_reduction_is_stable_under_repetition(monkeypatch):
     assert_close_rel(first, dense_reference(layer, p, x), torch.bfloat16)
 
 
+def graph_replays(call, n):
+    """``call`` captured in a CUDA graph (after a warm-up on a side stream), then the
+    output of each of ``n`` replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    replays = []
+    for _ in range(n):
+        graph.replay()
+        replays.append(captured.clone())
+    torch.cuda.synchronize()
+    return replays
+
+
 def uses_gluon(fn, monkeypatch):
     calls = []
     real = _gluon.base_partials
@@ -509,19 +528,7 @@ def test_gluon_path_replays_give_the_same_bits(rows, entry, pdl, monkeypatch):
 
         got, ran = uses_gluon(call, monkeypatch)
         assert ran
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            call()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = call()
-        replays = []
-        for _ in range(200):
-            graph.replay()
-            replays.append(captured.clone())
-        torch.cuda.synchronize()
+        replays = graph_replays(call, 200)
     assert all(torch.equal(got, r) for r in replays)
     for i in range(rows):
         row = x[i : i + 1]
@@ -636,19 +643,7 @@ def test_graph_replays_give_the_same_bits(size, rows, pdl, shared, monkeypatch):
 
         got, fused = uses_decode(call, monkeypatch)
         assert fused
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            call()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = call()
-        replays = []
-        for _ in range(300):
-            graph.replay()
-            replays.append(captured.clone())
-        torch.cuda.synchronize()
+        replays = graph_replays(call, 300)
     assert all(torch.equal(got, r) for r in replays)
     for i in range(rows):
         k = int(index[i])
