@@ -28,6 +28,7 @@ GLUON = (
     (16, (64, 8, 8, 3, 32), 1),
     (16, (64, 1, 8, 3), 16),
     (17, (32, 4, 4, 3, 16), 1),
+    (40, (64, 4, 8, 4), 1),
     (64, (64, 16, 8, 3), 1),
 )
 torch.manual_seed(0)
@@ -73,12 +74,17 @@ for nbits in (4,) if gluon else (4, 2):
             continue
         _decode.TUNED.clear()
         _decode.TUNED_GLUON.clear()
+        _decode.TUNED_GATHER.clear()
         if config is not None:
             _decode.TUNED[(768, 1024, per, rows)] = config
         if tuned_gluon is not None:
             _decode.TUNED_GLUON[(768, 1024, rows)], _decode.FINISH_ROWS = tuned_gluon
+            # Above 16 rows the bank's rows gather several adapters: the bank's shrink
+            # kernel, and each row's tile of B loaded before the wait.
+            _decode.TUNED_GATHER[(768, 1024, rows)] = tuned_gluon[0][:4]
         else:
             _decode.TUNED_GLUON[(768, 1024, rows)] = None  # the Triton modes
+            _decode.TUNED_GATHER[(768, 1024, rows)] = None
         x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
         idx = torch.arange(rows, device="cuda") % 5 - 1  # -1, 0, 1, 2, 3 (past the bank)
         for kw in (

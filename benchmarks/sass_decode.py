@@ -60,9 +60,9 @@ class _Recorder:
 def _record(shape, rows, bank, dtype, config=None, gluon_entry=None):
     """Runs ``_decode._launch`` for one LoRA call (a bank of ``bank`` adapters read through
     an index, or one adapter when ``bank`` is 0) on CPU tensors, every kernel replaced by
-    a recorder; ``config`` for ``TUNED``, ``gluon_entry`` for ``TUNED_GLUON`` (with
-    ``_gluon.supported`` answering yes). Returns the main and Gluon kernels' calls and
-    the layer's layout."""
+    a recorder; ``config`` for ``TUNED``, ``gluon_entry`` for ``TUNED_GLUON`` and
+    ``TUNED_GATHER`` (with ``_gluon.supported`` answering yes). Returns the main and
+    Gluon kernels' calls and the layer's layout."""
     out_f, in_f = shape
     layer = make_hqq_layer(in_f, out_f, dtype=dtype)
     layout = quant_layout(layer)
@@ -74,28 +74,35 @@ def _record(shape, rows, bank, dtype, config=None, gluon_entry=None):
     if not bank:
         A, B, s = A[0], B[0], s[:1]
     x = torch.zeros(rows, in_f, dtype=dtype)
-    saved = (dict(_decode.TUNED), dict(_decode.TUNED_GLUON), _decode.PDL, _decode._main_kernel,
-             _decode._shrink_kernel, _gluon.supported, _gluon._base_kernel)  # fmt: skip
+    saved = (dict(_decode.TUNED), dict(_decode.TUNED_GLUON), dict(_decode.TUNED_GATHER),
+             _decode.PDL, _decode._main_kernel, _decode._shrink_kernel,
+             _decode._bank_shrink_kernel, _gluon.supported, _gluon._base_kernel)  # fmt: skip
     main, base = _Recorder(), _Recorder()
     try:
         if config is not None:
             _decode.TUNED[(out_f, in_f, per, rows)] = config
         if gluon_entry is not None:
             _decode.TUNED_GLUON[(out_f, in_f, rows)] = gluon_entry
+            _decode.TUNED_GATHER[(out_f, in_f, rows)] = gluon_entry
             _gluon.supported = lambda *a: True
         _decode.PDL = False  # decided from the GPU's capability; compiled in below instead
         _decode._main_kernel, _decode._shrink_kernel = main, _Recorder()
+        _decode._bank_shrink_kernel = _Recorder()
         _gluon._base_kernel = base
         meta = [bits, per, layout.group_size, out_f, in_f]
         _decode._launch(
             x, W_q, scale, zero, meta, A, B, s, index, None, None, None, None, dtype
         )  # fmt: skip
     finally:
-        for table, old in ((_decode.TUNED, saved[0]), (_decode.TUNED_GLUON, saved[1])):
+        for table, old in (
+            (_decode.TUNED, saved[0]),
+            (_decode.TUNED_GLUON, saved[1]),
+            (_decode.TUNED_GATHER, saved[2]),
+        ):
             table.clear()
             table.update(old)
-        (_decode.PDL, _decode._main_kernel, _decode._shrink_kernel, _gluon.supported,
-         _gluon._base_kernel) = saved[2:]  # fmt: skip
+        (_decode.PDL, _decode._main_kernel, _decode._shrink_kernel, _decode._bank_shrink_kernel,
+         _gluon.supported, _gluon._base_kernel) = saved[3:]  # fmt: skip
     return main.calls, base.calls, layout
 
 

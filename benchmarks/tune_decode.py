@@ -271,6 +271,12 @@ def gluon_candidates(out_f, in_f, tokens):
     return out
 
 
+def _gluon_table(bank, tokens):
+    """The table MODE 8 reads its launch from: TUNED_GATHER for a bank of several
+    adapters above 16 rows, TUNED_GLUON otherwise."""
+    return _decode.TUNED_GATHER if bank > 1 and tokens > _decode.DOT_ROWS else _decode.TUNED_GLUON
+
+
 def _warm_gluon(job):
     """Compiles the Gluon kernel's configurations in a worker (see :func:`_warm`)."""
     (out_f, in_f), tokens, rank, bank, configs = job
@@ -281,7 +287,7 @@ def _warm_gluon(job):
     x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
     A, B, s, index = _adapters(in_f, out_f, rank, bank, tokens)
     for config in configs:
-        _decode.TUNED_GLUON[(out_f, in_f, tokens)] = config
+        _gluon_table(bank, tokens)[(out_f, in_f, tokens)] = config
         with contextlib.suppress(Exception):
             _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A, lora_B=B, scaling=s,
                                 index=index)  # fmt: skip
@@ -290,7 +296,8 @@ def _warm_gluon(job):
 
 def tune_gluon(shapes=SHAPES, tokens_list=TOKENS, rank=16, bank=0, workers=12):
     """Best Gluon base kernel launch per ``(out, in, tokens)`` beside the Triton modes'
-    tuned time (the same call with ``_decode.GLUON`` off), LoRA as :func:`tune`."""
+    tuned time (the same call with ``_decode.GLUON`` off), LoRA as :func:`tune` (with a
+    bank of several adapters above 16 rows, entries of ``TUNED_GATHER``)."""
     import concurrent.futures
     import multiprocessing
 
@@ -315,6 +322,7 @@ def tune_gluon(shapes=SHAPES, tokens_list=TOKENS, rank=16, bank=0, workers=12):
             A, B, s, index = _adapters(in_f, out_f, rank, bank, tokens)
             ref = _reference(x, W, A, B, index)
             key = (out_f, in_f, tokens)
+            table = _gluon_table(bank, tokens)
 
             def run(x=x, A=A, B=B, s=s, index=index):
                 return _decode.lora_decode(
@@ -326,7 +334,7 @@ def tune_gluon(shapes=SHAPES, tokens_list=TOKENS, rank=16, bank=0, workers=12):
             _decode.GLUON = True
             results = []
             for config in gluon_candidates(out_f, in_f, tokens):
-                _decode.TUNED_GLUON[key] = config
+                table[key] = config
                 try:
                     err = ((run().double() - ref).norm() / ref.norm()).item()
                     if not err < 1e-2:
@@ -337,7 +345,7 @@ def tune_gluon(shapes=SHAPES, tokens_list=TOKENS, rank=16, bank=0, workers=12):
                     print(f"{key} {config}: {type(exc).__name__}: {str(exc)[:80]}")
                     continue
                 results.append((us, err, config))
-            _decode.TUNED_GLUON.pop(key, None)
+            table.pop(key, None)
             results.sort()
             top = [(round(us, 1), c) for us, _, c in results[:4]]
             print(f"{key}: Triton modes {triton_us:.1f} us; Gluon best {top} "
@@ -467,7 +475,7 @@ def main() -> None:
         return
     if "m8" in args.modes:
         best = tune_gluon(shapes, tokens, bank=args.bank, workers=args.workers)
-        print("TUNED_GLUON = {")
+        print("TUNED_GATHER = {" if args.bank > 1 else "TUNED_GLUON = {")
         for key, config in sorted(best.items()):
             print(f"    {key}: {config},")
         print("}", flush=True)

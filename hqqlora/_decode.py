@@ -7,7 +7,9 @@ its cost is the bytes it reads. Two Triton kernels read each of them once:
    partial per split, summed by the reader), ``x`` read in its own dtype and upcast in
    registers; each row reads its own adapter's ``A`` (rows that share an adapter hit
    the cache), so a bank is never copied per row. It also zeroes the second kernel's
-   counters, so no memset runs.
+   counters, so no memset runs. Under MODE 8 over a bank of several adapters above 16
+   rows, ``_bank_shrink_kernel`` instead: a program per row and slice of its adapter's
+   rank, all of ``in`` in long contiguous runs, ``t`` whole (no partials).
 2. ``_main_kernel``: HQQ's packed codes, read in HQQ's own layout (one byte gives the
    output rows of all its slots), times ``x`` with float32 accumulation. Split along
    ``in``: each split writes its float32 partial and computes the adapter term
@@ -47,7 +49,9 @@ Variants of the second kernel (``MODE``, per shape in :data:`TUNED`, else
   term is :mod:`hqqlora._gluon`'s kernel (HQQ's weights, MODE 7's arithmetic,
   dequantized straight into the tensor-core operand's registers), one float32 partial
   per K split; this kernel then adds the partials in order, the adapter terms, DoRA and
-  the bias, a program per 16 rows (at one row the Gluon kernel does that itself).
+  the bias, a program per 16 rows (at one row the Gluon kernel does that itself). Over a
+  bank of several adapters above 16 rows (:data:`TUNED_GATHER`), its programs take 32
+  outputs and load each row's tile of B before they wait for the kernels before them.
 - 3: as 5 with ``x @ codesᵀ``; 0: every slot of the tile unpacked and reshaped in
   registers; 1: a program per slot; 2: a GEMV without the trick, with a register
   reshape. Slower on the H100 (``benchmarks/tune_decode.py``), kept for other GPUs'
@@ -171,6 +175,37 @@ if triton is not None:
                 ).to(tl.float32)
                 acc += tl.sum(xs[:, None, :] * a[None, :, :], axis=2)
         tl.store(t_ptr + (split * M + m[:, None]) * BLOCK_R + r[None, :], acc, mask=m_ok[:, None])
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _bank_shrink_kernel(  # type: ignore[no-untyped-def]
+        x_ptr, a_ptr, idx_ptr, t_ptr, count_ptr, n_counts, K, R, stride_a_bank, n_bank,
+        R_PER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        USE_PDL: tl.constexpr,
+    ):  # fmt: skip
+        # The shrink of a bank read by many rows: a program per row and R_PER rows of its
+        # adapter's A, each a contiguous run of ``in`` floats, over the whole of K: ``t`` is
+        # whole (no partials to add), and every program reads its bytes in long runs.
+        if USE_PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        row = tl.program_id(0)
+        part = tl.program_id(1)
+        c = (row * tl.num_programs(1) + part) * 1024 + tl.arange(0, 1024)
+        tl.store(count_ptr + c, tl.zeros((1024,), dtype=tl.int32), mask=c < n_counts)
+        k_row = tl.load(idx_ptr + row)
+        valid = (k_row >= 0) & (k_row < n_bank)
+        r = part * R_PER + tl.arange(0, R_PER)
+        r_ok = (r < R) & valid
+        a_row = a_ptr + tl.where(valid, k_row, 0).to(tl.int64) * stride_a_bank
+        acc = tl.zeros((R_PER, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            xs = tl.load(x_ptr + row * K + k, mask=k_ok, other=0).to(tl.float32)
+            a = tl.load(
+                a_row + r[:, None] * K + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0
+            ).to(tl.float32)
+            acc += a * xs[None, :]
+        tl.store(t_ptr + row * BLOCK_R + r, tl.sum(acc, axis=1), mask=r < R)
 
     @triton.jit  # type: ignore[untyped-decorator]
     def _step_codes(  # type: ignore[no-untyped-def]
@@ -395,6 +430,7 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         MODE: tl.constexpr,
         BASE_SPLITS: tl.constexpr,
+        GATHER_EARLY: tl.constexpr,
         PREFETCH: tl.constexpr,
         MAGIC: tl.constexpr,
         OFFSET: tl.constexpr,
@@ -618,12 +654,30 @@ if triton is not None:
                     s = tl.load(scale_ptr + meta, mask=n_ok[None, :], other=0).to(tl.float32)
                     acc += tl.sum((d3 - x_sum[:, :, None] * z[:, None, :]) * s[:, None, :], axis=0)
 
+        r = tl.arange(0, BLOCK_R)
+        r_ok = r < R
+        if MODE == 8 and GATHER_EARLY:
+            # Rows of a bank's several adapters: each row's column tile of its own B, read
+            # before waiting for the kernels before this one (B is the caller's, so these
+            # reads may overlap the Gluon kernel's K loop); the dot waits for ``t``.
+            if HAS_IDX:
+                k_early = tl.load(idx_ptr + m, mask=m_ok, other=-1)
+            else:
+                k_early = tl.where(m_ok, 0, -1)
+            use_early = m_ok & (k_early >= 0) & (k_early < n_bank)
+            k_early = tl.where(use_early, k_early, 0).to(tl.int64)
+            b_early = tl.load(
+                b_ptr
+                + k_early[:, None, None] * stride_b_bank
+                + n[None, :, None] * R
+                + r[None, None, :],
+                mask=use_early[:, None, None] & n_ok[None, :, None] & r_ok[None, None, :],
+                other=0,
+            ).to(tl.float32)  # (BLOCK_M, NB, BLOCK_R)
         if USE_PDL:
             # Launched early (programmatic dependent launch): wait for the shrink kernel's
             # ``t`` and zeroed counters before reading either.
             tl.extra.cuda.gdc_wait()
-        r = tl.arange(0, BLOCK_R)
-        r_ok = r < R
         if HAS_IDX:  # noqa: SIM108 - Triton wants a plain branch on a constexpr
             k_rows = tl.load(idx_ptr + m, mask=m_ok, other=-1)
         else:
@@ -659,6 +713,18 @@ if triton is not None:
                 ).to(tl.float32)
                 term = tl.sum(b * t_row[None, :], axis=1)  # (NB,)
                 acc += tl.where(m[:, None] == split, term[None, :], 0.0)
+        elif HAS_LORA and MODE == 8 and GATHER_EARLY:
+            ts = tl.arange(0, T_SPLITS)
+            t_part = tl.load(
+                t_ptr + (ts[None, :, None] * M + m[:, None, None]) * BLOCK_R + r[None, None, :],
+                mask=use_early[:, None, None]
+                & (ts[None, :, None] < t_splits)
+                & r_ok[None, None, :],
+                other=0,
+            )
+            s_early = tl.load(scaling_ptr + k_early, mask=use_early, other=0).to(tl.float32)
+            t_rows = tl.sum(t_part, axis=1) * s_early[:, None]  # (BLOCK_M, BLOCK_R)
+            own = tl.sum(b_early * t_rows[:, None, :], axis=2)  # (BLOCK_M, NB)
         elif HAS_LORA:
             # This split's share of the rows: their adapter terms, stored apart (``lt``) for
             # the last split to add. DOT_ROWS rows at a time that share one adapter (or
@@ -718,7 +784,7 @@ if triton is not None:
             else:
                 total = acc
             if HAS_LORA and BLOCK_M > 1 and MODE == 8:
-                if DOT_ROWS > 0:
+                if DOT_ROWS > 0 or GATHER_EARLY:
                     total += own
                 if n_lt > 0:
                     tl.debug_barrier()  # this program's own ``lt`` stores, by other threads
@@ -843,6 +909,18 @@ TUNED_GLUON: dict[tuple[int, int, int], tuple[int, ...] | None] = {
     (14336, 4096, 64): (128, 2, 8, 3),
 }
 
+# The same for rows of a bank's several adapters above 16 rows (MODE 8 after the bank's
+# shrink kernel, each row's tile of B gathered by the Triton kernel, ``GATHER_GLUON``): the
+# best on an H100 of the 64-row launches swept over a bank of 64 float32 adapters, one per
+# row (``tune_decode.py --modes m8 --bank 64 --tokens 64``); other shapes take
+# :func:`gluon_config`'s rule.
+TUNED_GATHER: dict[tuple[int, int, int], tuple[int, ...] | None] = {
+    (1024, 4096, 64): (64, 8, 8, 4),
+    (4096, 4096, 64): (64, 4, 8, 4),
+    (14336, 4096, 64): (128, 2, 8, 3),
+    (4096, 14336, 64): (64, 4, 8, 4),
+}
+
 EPILOGUE_WARPS = 4
 """Warps of MODE 8's Triton kernel (adapter terms and the sums, 16 rows a program)."""
 
@@ -854,6 +932,28 @@ one row 22.2 against 26.6 µs (14336×4096), 16 rows 35.8 against 15.0 (4096²).
 
 EPILOGUE_BLOCK_P = 64
 """Packed rows a program of MODE 8's Triton kernel takes (64: 128 outputs at 4 bits)."""
+
+BANK_SHRINK_ROWS = 17
+"""Rows at least from which MODE 8 over a bank of several adapters (``GATHER_GLUON``) takes
+``_bank_shrink_kernel`` (a program per row and a slice of its adapter's ``A``, all of K,
+no partials). The Triton modes keep ``_shrink_kernel``, whose fewer programs leave room
+for the main kernel's long K loop beside them (4096×14336 at 64 rows over 64 adapters, on
+an H100: 76.2 µs against 87.2 with the bank's kernel)."""
+
+BANK_SHRINK_PROGRAMS = 512
+"""Programs at most of ``_bank_shrink_kernel`` (rows of ``A`` a program are doubled until
+they fit)."""
+
+BANK_SHRINK_FLOATS = 4096
+"""Floats of ``A`` a program of ``_bank_shrink_kernel`` loads per step."""
+
+GATHER_GLUON = True
+"""Whether a bank of several adapters at more than 16 rows may take MODE 8 (the Gluon base
+kernel), its Triton kernel loading each row's tile of B before it waits for the base."""
+
+GATHER_BLOCK_P = 16
+"""Packed rows a program of MODE 8's Triton kernel takes where its rows gather several
+adapters (each program reads 16 rows' tiles of B: narrower tiles, more programs)."""
 
 SHRINK_ROWS = 4
 """Rows of ``x`` per shrink program (more rows, fewer programs but larger register tiles)."""
@@ -906,15 +1006,20 @@ def decode_config(n_out: int, k_in: int, per: int, group: int, rows: int) -> tup
     return (block_p, gps, split, 4, 1 if mode == 4 else 3, mode)
 
 
-def gluon_config(n_out: int, k_in: int, rows: int) -> tuple[int, ...] | None:
+def gluon_config(
+    n_out: int, k_in: int, rows: int, gathered: bool = False
+) -> tuple[int, ...] | None:
     """The Gluon base kernel's launch for a 4-bit, group-64 layer of ``n_out × k_in`` at
     ``rows`` rows, or ``None`` where the Triton modes are the faster: per shape in
-    :data:`TUNED_GLUON`, else (the sweep's pattern) ``None`` at one row and at 2–16 rows of
-    layers under 4096×4096, otherwise 64 packed rows (128 outputs) a program, 8 warps, 3
-    stages, and K splits until the programs are at least 128 (at most 8, 2 steps each)."""
+    :data:`TUNED_GLUON` (:data:`TUNED_GATHER` where ``gathered``: rows of a bank's several
+    adapters, above 16 rows), else (the sweeps' pattern) ``None`` at one row and at 2–16
+    rows of layers under 4096×4096, otherwise 64 packed rows (128 outputs) a program, 8
+    warps, 3 stages, and K splits until the programs are at least 128 (at most 8, 2 steps
+    each)."""
     key = (n_out, k_in, rows)
-    if key in TUNED_GLUON:
-        return TUNED_GLUON[key]
+    table = TUNED_GATHER if gathered else TUNED_GLUON
+    if key in table:
+        return table[key]
     if rows == 1 or (rows <= 16 and n_out * k_in < 4096 * 4096):
         return None
     block_p, steps = 64, k_in // 64
@@ -945,20 +1050,23 @@ def _launch(
     rows = x.shape[0]
     config = decode_config(n_out, k_in, per, group, rows)
     # MODE 8 where the Gluon kernel applies, unless TUNED names a Triton mode for this
-    # shape and TUNED_GLUON nothing.
-    # Nor for a bank of several adapters at more than DOT_ROWS rows: MODE 8 gathers the
-    # rows' tiles of B after the base kernel, where MODES 5-7 gather them beside their K
-    # loop (4096² at 64 rows, 64 adapters: 41.8 µs in MODE 8 against 38.3).
+    # shape and TUNED_GLUON nothing. A bank of several adapters at more than DOT_ROWS rows
+    # (``gathers``) has its own table and shrink kernel (GATHER_GLUON).
     base = None
     tuned_triton = (n_out, k_in, per, rows) in TUNED and (n_out, k_in, rows) not in TUNED_GLUON
     bank_size = lora_A.shape[0] if lora_A is not None and lora_A.ndim == 3 else 1
     gathers = index is not None and bank_size > 1 and rows > DOT_ROWS
-    if GLUON and not tuned_triton and not gathers and _gluon.supported(x, W_q, scale, zero, meta):
-        base = gluon_config(n_out, k_in, rows)
+    if GLUON and _gluon.supported(x, W_q, scale, zero, meta):
+        if gathers and GATHER_GLUON:
+            base = gluon_config(n_out, k_in, rows, gathered=True)
+        elif not gathers and not tuned_triton:
+            base = gluon_config(n_out, k_in, rows)
     if base is not None:
         # MODE 8: the Gluon kernel's base term; this kernel's programs each finish a tile
         # of outputs for 16 rows (adapter terms, the base's partials, DoRA, bias).
         epilogue_p = base[4] if len(base) > 4 else EPILOGUE_BLOCK_P
+        if gathers:
+            epilogue_p = GATHER_BLOCK_P
         config = (epilogue_p, 1, triton.cdiv(rows, DOT_ROWS), EPILOGUE_WARPS, 1, 8)
     block_p, gps, split, warps, stages, mode = config[:6]
     # A 7th entry caps the main kernel's registers per thread (more programs resident; 0:
@@ -1000,6 +1108,24 @@ def _launch(
         assert lora_A is not None and lora_B is not None and scaling is not None
         rank = lora_A.shape[-2]
         block_r = max(16, triton.next_power_of_2(rank))
+    if has_lora and gathers and base is not None and rows >= BANK_SHRINK_ROWS:
+        assert lora_A is not None
+        r_per = 1
+        while r_per < block_r and rows * triton.cdiv(rank, r_per) > BANK_SHRINK_PROGRAMS:
+            r_per *= 2
+        parts = triton.cdiv(rank, r_per)
+        t_splits = 1
+        t = torch.empty(rows * block_r, dtype=torch.float32, device=device)
+        if tiles_counted > rows * parts * 1024:
+            counts.zero_()
+        _bank_shrink_kernel[(rows, parts)](
+            x, lora_A, index, t, counts, tiles_counted, k_in, rank, lora_A.stride(0), n_bank,
+            R_PER=r_per, BLOCK_R=block_r,
+            BLOCK_K=min(triton.next_power_of_2(k_in), max(128, BANK_SHRINK_FLOATS // r_per)),
+            USE_PDL=pdl, num_warps=4,
+        )  # fmt: skip
+    elif has_lora:
+        assert lora_A is not None
         t_block_m = min(SHRINK_ROWS, triton.next_power_of_2(rows))
         t_block_k = 64 if block_r * t_block_m <= 256 else 32
         k_chunks = triton.cdiv(k_in, t_block_k)
@@ -1081,6 +1207,7 @@ def _launch(
         T_SPLITS=triton.next_power_of_2(t_splits),
         HAS_LORA=has_lora, HAS_IDX=has_idx, HAS_DORA=has_dora, HAS_BIAS=bias is not None,
         MODE=mode, BASE_SPLITS=base[1] if base is not None else 0,
+        GATHER_EARLY=mode == 8 and gathers,
         PREFETCH=prefetch if steps // split > 1 and mode != 8 else 0,
         MAGIC=magic, OFFSET=offset, USE_PDL=pdl,
         num_warps=warps, num_stages=stages, launch_pdl=pdl, **limits,

@@ -537,11 +537,89 @@ def test_gluon_path_replays_give_the_same_bits(rows, entry, pdl, monkeypatch):
 
 
 @needs_gluon
+@pytest.mark.parametrize("bank_shrink", [True, False])
+@pytest.mark.parametrize("config", [None, (64, 4, 8, 4), (128, 2, 8, 3), (32, 8, 4, 3)])
+@pytest.mark.parametrize("rows", [17, 40, 64])
+@pytest.mark.parametrize("dtype", HALF)
+def test_gluon_path_over_a_gathered_bank_matches_the_reference(
+    dtype, rows, config, bank_shrink, monkeypatch
+):
+    # MODE 8 over a bank of several adapters above 16 rows: the bank's shrink kernel (a
+    # program per row and rank slice, all of K) or the K-split one, the Gluon base kernel
+    # in 1-8 splits, then the Triton kernel, which loads each row's tile of B before it
+    # waits. LoRA and DoRA entries of ranks 3-12 (padded to 12), rows of none (-1) and
+    # past the bank (NaN), a bias, the table's entry or the rule (None).
+    if not bank_shrink:
+        monkeypatch.setattr(_decode, "BANK_SHRINK_ROWS", _decode.MAX_ROWS + 1)
+    if config is not None:
+        monkeypatch.setitem(_decode.TUNED_GATHER, (256, 1024, rows), config)
+    layer = cuda_layer(4, dtype, size=(256, 1024))
+    ranks = (4, 8, 12, 8, 3)
+    adapters = {
+        f"a{i}": cuda_adapter(layer, dora=i % 2 == 1, seed=i, r=r) for i, r in enumerate(ranks)
+    }
+    bank = hqqlora.stack_adapters(adapters)
+    norm = hqqlora.bank_weight_norm(layer, bank)
+    index = torch.arange(rows, device="cuda") % 7 - 1  # -1, 0, ..., 4, 5 (past the bank)
+    x = torch.randn(rows, 1024, device="cuda", dtype=dtype)
+    shrinks = []
+    real = _decode._bank_shrink_kernel
+    monkeypatch.setattr(
+        _decode,
+        "_bank_shrink_kernel",
+        type("R", (), {"__getitem__": lambda s, g: shrinks.append(g) or real[g]})(),
+    )
+    with torch.no_grad():
+        got, ran = uses_gluon(
+            lambda: hqqlora.mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norm),
+            monkeypatch,
+        )
+    assert ran
+    assert bool(shrinks) == bank_shrink
+    for i in range(rows):
+        k = int(index[i])
+        if k == len(ranks):
+            assert torch.isnan(got[i]).all(), i
+            continue
+        row = x[i : i + 1]
+        ref = _base_ref(layer, row) if k < 0 else dense_reference(layer, adapters[f"a{k}"], row)
+        assert_close_rel(got[i : i + 1], ref, dtype, factor=2)
+
+
+@needs_gluon
+@pytest.mark.parametrize("pdl", [True, False])
+def test_gathered_bank_replays_give_the_same_bits(pdl, monkeypatch):
+    # 64 rows over a bank of 64 adapters (4096², the tuned launch): the bank's shrink
+    # kernel, the Gluon kernel beside it, and the Triton kernel that loads the rows' tiles
+    # of B before waiting. A race shows as a replay whose bits differ.
+    monkeypatch.setattr(_decode, "PDL", pdl)
+    layer = cuda_layer(4, torch.bfloat16, size=(4096, 4096))
+    adapters = {f"a{i}": cuda_adapter(layer, r=16, seed=i) for i in range(64)}
+    bank = hqqlora.stack_adapters(adapters)
+    index = torch.arange(64, device="cuda")
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+
+        def call():
+            return hqqlora.mixed_batch_indexed(x, bank, index, base=layer)
+
+        got, ran = uses_gluon(call, monkeypatch)
+        assert ran
+        replays = graph_replays(call, 200)
+    assert all(torch.equal(got, r) for r in replays)
+    for i in (0, 17, 63):
+        row = x[i : i + 1]
+        assert_close_rel(
+            got[i : i + 1], dense_reference(layer, adapters[f"a{i}"], row), torch.bfloat16
+        )
+
+
+@needs_gluon
 @pytest.mark.parametrize("case", ["tuned_none", "group128", "2bit", "misaligned_x", "bank"])
 def test_gluon_base_kernel_steps_aside_where_it_does_not_apply(case, monkeypatch):
     # A TUNED_GLUON entry of None, other groups or widths, x not 16-byte aligned, and a
-    # bank of several adapters at more than 16 rows take the Triton modes, with the same
-    # result.
+    # bank of several adapters at more than 16 rows with GATHER_GLUON off take the Triton
+    # modes, with the same result.
     nbits, group = (2, 64) if case == "2bit" else (4, 128 if case == "group128" else 64)
     layer = cuda_layer(nbits, torch.bfloat16, size=(256, 512), group=group)
     p = cuda_adapter(layer)
@@ -554,6 +632,7 @@ def test_gluon_base_kernel_steps_aside_where_it_does_not_apply(case, monkeypatch
         x = torch.randn(rows * 512 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(rows, 512)
     with torch.no_grad():
         if case == "bank":
+            monkeypatch.setattr(_decode, "GATHER_GLUON", False)
             bank = hqqlora.stack_adapters({"a": p, "b": cuda_adapter(layer, seed=2)})
             index = torch.zeros(rows, dtype=torch.long, device="cuda")
             got, ran = uses_gluon(

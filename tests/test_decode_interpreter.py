@@ -840,12 +840,17 @@ MODE8_EPILOGUE = textwrap.dedent(
     A, B = torch.randn(n, r, 512) * 0.05, torch.randn(n, 256, r) * 0.05
     s, is_dora = torch.tensor([0.5, 2.0, 1.0]), torch.tensor([True, False, True])
     mag, norm = torch.rand(n, 256) + 0.5, torch.rand(n, 256) + 0.5
-    # Rows of several adapters (up to 16 rows: above, a bank of several keeps the Triton
-    # modes) and of one adapter (a bank of one, adapter 2 of these).
+    # Rows of several adapters (above 16 rows each row's tile of B is loaded before the
+    # wait, after the bank's own shrink kernel) and of one adapter (a bank of one, adapter
+    # 2 of these).
     cases = ((1, 2, 64, 5), (2, 1, 64, 5), (5, 2, 32, 5), (16, 4, 64, 5), (16, 2, 64, 1), (17, 4, 32, 1),
-             (17, 8, 16, 1), (40, 8, 64, 1), (40, 2, 32, 1))
+             (17, 8, 16, 1), (40, 8, 64, 1), (40, 2, 32, 1), (17, 4, 32, 5), (40, 8, 16, 5),
+             (33, 2, 64, 5))
     for rows, split, tile, kinds in cases:
+        # (TUNED_GATHER: a bank of several adapters above 16 rows)
         _decode.TUNED_GLUON[(256, 512, rows)] = (64, split, 8, 3, tile)
+        _decode.TUNED_GATHER[(256, 512, rows)] = (64, split, 8, 3)
+        _decode.GATHER_BLOCK_P = tile
         x = torch.randn(rows, 512).half()
         if kinds == 5:  # -1, 0, 1, 2, 3 (past the bank: NaN): terms gathered through lt
             index, kept = torch.arange(rows) % 5 - 1, slice(None)
