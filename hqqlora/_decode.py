@@ -953,7 +953,8 @@ kernel), its Triton kernel loading each row's tile of B before it waits for the 
 
 GATHER_BLOCK_P = 16
 """Packed rows a program of MODE 8's Triton kernel takes where its rows gather several
-adapters (each program reads 16 rows' tiles of B: narrower tiles, more programs)."""
+adapters of rank up to 16 (each program reads 16 rows' tiles of B: narrower tiles, more
+programs; halved with each doubling of the rank above 16)."""
 
 SHRINK_ROWS = 4
 """Rows of ``x`` per shrink program (more rows, fewer programs but larger register tiles)."""
@@ -1065,8 +1066,11 @@ def _launch(
         # MODE 8: the Gluon kernel's base term; this kernel's programs each finish a tile
         # of outputs for 16 rows (adapter terms, the base's partials, DoRA, bias).
         epilogue_p = base[4] if len(base) > 4 else EPILOGUE_BLOCK_P
-        if gathers:
-            epilogue_p = GATHER_BLOCK_P
+        if gathers and lora_A is not None:
+            # Each program holds 16 rows' tiles of B in registers: fewer outputs a program
+            # above rank 16 (GATHER_BLOCK_P is for rank 16).
+            rank_slots = max(16, triton.next_power_of_2(lora_A.shape[-2]))
+            epilogue_p = max(1, GATHER_BLOCK_P * 16 // rank_slots)
         config = (epilogue_p, 1, triton.cdiv(rows, DOT_ROWS), EPILOGUE_WARPS, 1, 8)
     block_p, gps, split, warps, stages, mode = config[:6]
     # A 7th entry caps the main kernel's registers per thread (more programs resident; 0:

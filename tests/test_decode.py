@@ -537,24 +537,25 @@ def test_gluon_path_replays_give_the_same_bits(rows, entry, pdl, monkeypatch):
 
 
 @needs_gluon
+@pytest.mark.parametrize("ranks", [(4, 8, 12, 8, 3), (40, 8, 24, 8, 3)])
 @pytest.mark.parametrize("bank_shrink", [True, False])
 @pytest.mark.parametrize("config", [None, (64, 4, 8, 4), (128, 2, 8, 3), (32, 8, 4, 3)])
 @pytest.mark.parametrize("rows", [17, 40, 64])
 @pytest.mark.parametrize("dtype", HALF)
 def test_gluon_path_over_a_gathered_bank_matches_the_reference(
-    dtype, rows, config, bank_shrink, monkeypatch
+    dtype, rows, config, bank_shrink, ranks, monkeypatch
 ):
     # MODE 8 over a bank of several adapters above 16 rows: the bank's shrink kernel (a
     # program per row and rank slice, all of K) or the K-split one, the Gluon base kernel
     # in 1-8 splits, then the Triton kernel, which loads each row's tile of B before it
-    # waits. LoRA and DoRA entries of ranks 3-12 (padded to 12), rows of none (-1) and
-    # past the bank (NaN), a bias, the table's entry or the rule (None).
+    # waits (32 outputs a program, 8 at rank 40). LoRA and DoRA entries of ranks 3-12 or
+    # 3-40 (padded to the largest), rows of none (-1) and past the bank (NaN), a bias, the
+    # table's entry or the rule (None).
     if not bank_shrink:
         monkeypatch.setattr(_decode, "BANK_SHRINK_ROWS", _decode.MAX_ROWS + 1)
     if config is not None:
         monkeypatch.setitem(_decode.TUNED_GATHER, (256, 1024, rows), config)
     layer = cuda_layer(4, dtype, size=(256, 1024))
-    ranks = (4, 8, 12, 8, 3)
     adapters = {
         f"a{i}": cuda_adapter(layer, dora=i % 2 == 1, seed=i, r=r) for i, r in enumerate(ranks)
     }

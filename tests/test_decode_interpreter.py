@@ -876,6 +876,28 @@ MODE8_EPILOGUE = textwrap.dedent(
             err = (got[i].double() - ref).abs().max().item()
             assert err <= 2**-10 * ref.abs().max().item(), (rows, i, k, err)
 
+    # A bank of rank 40 (64 slots) above 16 rows: the Triton kernel's tiles shrink to 8
+    # outputs (16 rows' tiles of B in registers).
+    _decode.GATHER_BLOCK_P = 16
+    A40, B40 = torch.randn(n, 40, 512) * 0.05, torch.randn(n, 256, 40) * 0.05
+    for rows in (17, 40):
+        _decode.TUNED_GATHER[(256, 512, rows)] = (64, 2, 8, 3)
+        x = torch.randn(rows, 512).half()
+        index = torch.arange(rows) % 5 - 1
+        with torch.no_grad():
+            got = _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A40, lora_B=B40,
+                                      scaling=s, index=index, bias=layer.bias)
+        for i in range(rows):
+            k = int(index[i])
+            if k == 3:
+                assert torch.isnan(got[i]).all(), (rows, i)
+                continue
+            ref = x[i].double() @ W.T + layer.bias.double()
+            if k >= 0:
+                ref = ref + s[k].double() * (x[i].double() @ A40[k].double().T) @ B40[k].double().T
+            err = (got[i].double() - ref).abs().max().item()
+            assert err <= 2**-10 * ref.abs().max().item(), (rows, i, k, err)
+
     # One adapter without an index (DoRA), and no adapter at all, at 1, 16 and 40 rows.
     for rows, split in ((1, 2), (16, 4), (40, 8)):
         _decode.TUNED_GLUON[(256, 512, rows)] = (64, split, 8, 3)
