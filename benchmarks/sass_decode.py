@@ -5,6 +5,7 @@ shared memory and the instruction mix of its K loop, from Triton's compiler and 
 python benchmarks/sass_decode.py --shape 4096 4096 --rows 64
 python benchmarks/sass_decode.py --shape 4096 4096 --rows 64 --config "(64, 1, 4, 8, 3, 6, 0, 1)"
 python benchmarks/sass_decode.py --rows 16 --gluon "(128, 8, 8, 3)"   # MODE 8's Gluon kernel
+python benchmarks/sass_decode.py --rows 64 --bank 64 --rank 64 --gluon "(64, 4, 8, 4)" --mode8-triton
 
 The launch is the library's own: ``_decode._launch`` runs on CPU tensors with the kernels
 replaced by recorders, and the recorded arguments are compiled for ``sm_<arch>`` with the
@@ -57,7 +58,7 @@ class _Recorder:
         return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
 
 
-def _record(shape, rows, bank, dtype, config=None, gluon_entry=None):
+def _record(shape, rows, bank, dtype, config=None, gluon_entry=None, rank=16):
     """Runs ``_decode._launch`` for one LoRA call (a bank of ``bank`` adapters read through
     an index, or one adapter when ``bank`` is 0) on CPU tensors, every kernel replaced by
     a recorder; ``config`` for ``TUNED``, ``gluon_entry`` for ``TUNED_GLUON`` and
@@ -69,7 +70,7 @@ def _record(shape, rows, bank, dtype, config=None, gluon_entry=None):
     W_q, scale, zero = quant_tensors(layer)
     bits, per = layout.packing_bits
     n = max(bank, 1)
-    A, B, s = torch.zeros(n, 16, in_f), torch.zeros(n, out_f, 16), torch.ones(n)
+    A, B, s = torch.zeros(n, rank, in_f), torch.zeros(n, out_f, rank), torch.ones(n)
     index = torch.arange(rows) % bank if bank else None
     if not bank:
         A, B, s = A[0], B[0], s[:1]
@@ -114,10 +115,12 @@ def recorded_launch(shape, rows, config, bank, dtype):
     return calls[0], _decode.decode_config(*shape, per, layout.group_size, rows)
 
 
-def recorded_gluon_launch(shape, rows, entry, bank, dtype):
+def recorded_gluon_launch(shape, rows, entry, bank, dtype, rank=16):
     """The Gluon base kernel's arguments for one LoRA call with ``TUNED_GLUON`` ``entry``,
-    as ``_decode._launch`` makes them (see :func:`_record`)."""
-    return _record(shape, rows, bank, dtype, gluon_entry=entry)[1][0]
+    as ``_decode._launch`` makes them (see :func:`_record`), and those of the Triton
+    kernel after it (MODE 8)."""
+    main, base, _ = _record(shape, rows, bank, dtype, gluon_entry=entry, rank=rank)
+    return base[0], main[0] if main else None
 
 
 def compile_gluon(call, arch):
@@ -252,13 +255,28 @@ def main() -> None:
     parser.add_argument(
         "--gluon", type=ast.literal_eval, help="a TUNED_GLUON entry: MODE 8's Gluon kernel"
     )
+    parser.add_argument(
+        "--mode8-triton",
+        action="store_true",
+        help="with --gluon: MODE 8's Triton kernel after the Gluon kernel instead",
+    )
+    parser.add_argument("--rank", type=int, default=16, help="the adapters' rank")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     if args.gluon is not None:
-        call = recorded_gluon_launch(tuple(args.shape), args.rows, args.gluon, args.bank, dtype)
-        compiled, default = compile_gluon(call, args.arch), args.gluon
-        serial = serialized_wgmma(compiled, args.arch)
-        print(f"wgmma serialized by ptxas (C7513): {'yes' if serial else 'no'}")
+        call, after = recorded_gluon_launch(
+            tuple(args.shape), args.rows, args.gluon, args.bank, dtype, args.rank
+        )
+        default = args.gluon
+        if args.mode8_triton:
+            if after is None:
+                parser.error("at one row the Gluon kernel finishes the rows: no Triton kernel")
+            compiled = compile_recorded(after, args.arch)
+            print(f"MODE 8's Triton kernel: BLOCK_P {after[2]['BLOCK_P']}, grid {after[0]}")
+        else:
+            compiled = compile_gluon(call, args.arch)
+            serial = serialized_wgmma(compiled, args.arch)
+            print(f"wgmma serialized by ptxas (C7513): {'yes' if serial else 'no'}")
     else:
         call, default = recorded_launch(tuple(args.shape), args.rows, args.config, args.bank, dtype)
         compiled = compile_recorded(call, args.arch)

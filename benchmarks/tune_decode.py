@@ -475,10 +475,17 @@ def main() -> None:
         return
     if "m8" in args.modes:
         best = tune_gluon(shapes, tokens, bank=args.bank, workers=args.workers)
-        print("TUNED_GATHER = {" if args.bank > 1 else "TUNED_GLUON = {")
-        for key, config in sorted(best.items()):
-            print(f"    {key}: {config},")
-        print("}", flush=True)
+        for name in ("TUNED_GLUON", "TUNED_GATHER"):
+            entries = {
+                key: config
+                for key, config in best.items()
+                if _gluon_table(args.bank, key[2]) is getattr(_decode, name)
+            }
+            if entries:
+                print(f"{name} = {{")
+                for key, config in sorted(entries.items()):
+                    print(f"    {key}: {config},")
+                print("}", flush=True)
         return
     best = tune(
         shapes,

@@ -51,7 +51,8 @@ Variants of the second kernel (``MODE``, per shape in :data:`TUNED`, else
   per K split; this kernel then adds the partials in order, the adapter terms, DoRA and
   the bias, a program per 16 rows (at one row the Gluon kernel does that itself). Over a
   bank of several adapters above 16 rows (:data:`TUNED_GATHER`), its programs take 32
-  outputs and load each row's tile of B before they wait for the kernels before them.
+  outputs (fewer above rank 16) and load each row's tile of B before they wait for the
+  kernels before them.
 - 3: as 5 with ``x @ codesᵀ``; 0: every slot of the tile unpacked and reshaped in
   registers; 1: a program per slot; 2: a GEMV without the trick, with a register
   reshape. Slower on the H100 (``benchmarks/tune_decode.py``), kept for other GPUs'
@@ -909,11 +910,11 @@ TUNED_GLUON: dict[tuple[int, int, int], tuple[int, ...] | None] = {
     (14336, 4096, 64): (128, 2, 8, 3),
 }
 
-# The same for rows of a bank's several adapters above 16 rows (MODE 8 after the bank's
-# shrink kernel, each row's tile of B gathered by the Triton kernel, ``GATHER_GLUON``): the
-# best on an H100 of the 64-row launches swept over a bank of 64 float32 adapters, one per
-# row (``tune_decode.py --modes m8 --bank 64 --tokens 64``); other shapes take
-# :func:`gluon_config`'s rule.
+# The same (four fields: the Triton kernel's tile is GATHER_BLOCK_P's) for rows of a bank's
+# several adapters above 16 rows (MODE 8 after the bank's shrink kernel, each row's tile of
+# B gathered by the Triton kernel, ``GATHER_GLUON``): the best on an H100 of the 64-row
+# launches swept over a bank of 64 float32 adapters, one per row (``tune_decode.py --modes
+# m8 --bank 64 --tokens 64``); other shapes take :func:`gluon_config`'s rule.
 TUNED_GATHER: dict[tuple[int, int, int], tuple[int, ...] | None] = {
     (1024, 4096, 64): (64, 8, 8, 4),
     (4096, 4096, 64): (64, 4, 8, 4),
@@ -934,7 +935,7 @@ EPILOGUE_BLOCK_P = 64
 """Packed rows a program of MODE 8's Triton kernel takes (64: 128 outputs at 4 bits)."""
 
 BANK_SHRINK_ROWS = 17
-"""Rows at least from which MODE 8 over a bank of several adapters (``GATHER_GLUON``) takes
+"""Rows at least (17 and up: a bank gathers from 17 rows) from which MODE 8 over a bank of several adapters (``GATHER_GLUON``) takes
 ``_bank_shrink_kernel`` (a program per row and a slice of its adapter's ``A``, all of K,
 no partials). The Triton modes keep ``_shrink_kernel``, whose fewer programs leave room
 for the main kernel's long K loop beside them (4096×14336 at 64 rows over 64 adapters, on
@@ -950,6 +951,10 @@ BANK_SHRINK_FLOATS = 4096
 GATHER_GLUON = True
 """Whether a bank of several adapters at more than 16 rows may take MODE 8 (the Gluon base
 kernel), its Triton kernel loading each row's tile of B before it waits for the base."""
+
+GATHER_MAX_RANK = 128
+"""Rank at most (padded) of a bank that MODE 8 gathers above 16 rows; larger ranks keep the
+Triton modes (sm_90, offline: 174 registers a thread at rank 128, spills at 512)."""
 
 GATHER_BLOCK_P = 16
 """Packed rows a program of MODE 8's Triton kernel takes where its rows gather several
@@ -1057,8 +1062,12 @@ def _launch(
     tuned_triton = (n_out, k_in, per, rows) in TUNED and (n_out, k_in, rows) not in TUNED_GLUON
     bank_size = lora_A.shape[0] if lora_A is not None and lora_A.ndim == 3 else 1
     gathers = index is not None and bank_size > 1 and rows > DOT_ROWS
+    if gathers and lora_A is not None and lora_A.shape[-2] > GATHER_MAX_RANK:
+        gathers_in_mode8 = False  # 16 rows' tiles of B would not fit in registers
+    else:
+        gathers_in_mode8 = GATHER_GLUON
     if GLUON and _gluon.supported(x, W_q, scale, zero, meta):
-        if gathers and GATHER_GLUON:
+        if gathers and gathers_in_mode8:
             base = gluon_config(n_out, k_in, rows, gathered=True)
         elif not gathers and not tuned_triton:
             base = gluon_config(n_out, k_in, rows)
@@ -1120,10 +1129,9 @@ def _launch(
         parts = triton.cdiv(rank, r_per)
         t_splits = 1
         t = torch.empty(rows * block_r, dtype=torch.float32, device=device)
-        if tiles_counted > rows * parts * 1024:
-            counts.zero_()
+        # (No counters to zero: MODE 8 above one row uses none.)
         _bank_shrink_kernel[(rows, parts)](
-            x, lora_A, index, t, counts, tiles_counted, k_in, rank, lora_A.stride(0), n_bank,
+            x, lora_A, index, t, counts, 0, k_in, rank, lora_A.stride(0), n_bank,
             R_PER=r_per, BLOCK_R=block_r,
             BLOCK_K=min(triton.next_power_of_2(k_in), max(128, BANK_SHRINK_FLOATS // r_per)),
             USE_PDL=pdl, num_warps=4,
@@ -1192,7 +1200,7 @@ def _launch(
     nb = block_p * (1 if mode == 1 else per)
     term_rows = min(triton.next_power_of_2(rows_per_split), max(1, TERM_FLOATS // (nb * block_r)))
     lt = dummy
-    if has_lora and block_m > 1:
+    if has_lora and block_m > 1 and not (mode == 8 and gathers):
         lt = torch.empty(rows, n_out, dtype=torch.float32, device=device)
     _main_kernel[(tiles, split)](
         x, W_q, scale, zero,

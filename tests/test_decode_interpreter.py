@@ -852,7 +852,7 @@ MODE8_EPILOGUE = textwrap.dedent(
         _decode.TUNED_GATHER[(256, 512, rows)] = (64, split, 8, 3)
         _decode.GATHER_BLOCK_P = tile
         x = torch.randn(rows, 512).half()
-        if kinds == 5:  # -1, 0, 1, 2, 3 (past the bank: NaN): terms gathered through lt
+        if kinds == 5:  # -1, 0, 1, 2, 3 (past the bank: NaN): several adapters' terms
             index, kept = torch.arange(rows) % 5 - 1, slice(None)
         else:  # one adapter and rows of none: its terms kept in registers
             index, kept = torch.where(torch.arange(rows) % 3 == 0, -1, 0), slice(2, 3)
@@ -876,17 +876,51 @@ MODE8_EPILOGUE = textwrap.dedent(
             err = (got[i].double() - ref).abs().max().item()
             assert err <= 2**-10 * ref.abs().max().item(), (rows, i, k, err)
 
-    # A bank of rank 40 (64 slots) above 16 rows: the Triton kernel's tiles shrink to 8
-    # outputs (16 rows' tiles of B in registers).
+    # Banks above 16 rows, the launches recorded: rank 40 (64 slots: the Triton kernel's
+    # tiles shrink to 8 outputs), rank 9 at 64 rows (the shrink's last rank slice is
+    # partial), the shrink's K loop in several steps (BANK_SHRINK_FLOATS 256), the K-split
+    # shrink's partials under the early loads (BANK_SHRINK_ROWS past 64), and rank 160
+    # (past GATHER_MAX_RANK: the Triton modes).
+    launches = []
+
+    def spy(name):
+        real = getattr(_decode, name)
+
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    launches.append((name, kw))
+                    return real[grid](*args, **kw)
+                return launch
+
+        setattr(_decode, name, Spy())
+
+    for name in ("_bank_shrink_kernel", "_shrink_kernel", "_main_kernel"):
+        spy(name)
     _decode.GATHER_BLOCK_P = 16
-    A40, B40 = torch.randn(n, 40, 512) * 0.05, torch.randn(n, 256, 40) * 0.05
-    for rows in (17, 40):
+    for rank, rows, floats, shrink_rows, tile in ((40, 17, 4096, 17, 4), (40, 40, 4096, 17, 4),
+                                                  (9, 64, 256, 17, 16), (16, 33, 4096, 65, 16),
+                                                  (160, 20, 4096, 17, None)):
+        _decode.BANK_SHRINK_FLOATS, _decode.BANK_SHRINK_ROWS = floats, shrink_rows
         _decode.TUNED_GATHER[(256, 512, rows)] = (64, 2, 8, 3)
+        Ar, Br = torch.randn(n, rank, 512) * 0.05, torch.randn(n, 256, rank) * 0.05
         x = torch.randn(rows, 512).half()
         index = torch.arange(rows) % 5 - 1
+        launches.clear()
         with torch.no_grad():
-            got = _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A40, lora_B=B40,
+            got = _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=Ar, lora_B=Br,
                                       scaling=s, index=index, bias=layer.bias)
+        names = [name for name, _ in launches]
+        main = launches[-1][1]
+        if tile is None:  # the Triton modes
+            assert main["MODE"] != 8 and "_shrink_kernel" in names, (rank, names)
+        else:
+            shrink = "_bank_shrink_kernel" if shrink_rows <= rows else "_shrink_kernel"
+            assert shrink in names and main["GATHER_EARLY"], (rank, rows, names)
+            assert main["MODE"] == 8 and main["BLOCK_P"] == tile, (rank, main["BLOCK_P"])
+            if shrink == "_bank_shrink_kernel":
+                block_k = launches[names.index(shrink)][1]["BLOCK_K"]
+                assert floats > 4096 // 2 or block_k < 512, block_k  # several K steps
         for i in range(rows):
             k = int(index[i])
             if k == 3:
@@ -894,9 +928,10 @@ MODE8_EPILOGUE = textwrap.dedent(
                 continue
             ref = x[i].double() @ W.T + layer.bias.double()
             if k >= 0:
-                ref = ref + s[k].double() * (x[i].double() @ A40[k].double().T) @ B40[k].double().T
+                ref = ref + s[k].double() * (x[i].double() @ Ar[k].double().T) @ Br[k].double().T
             err = (got[i].double() - ref).abs().max().item()
-            assert err <= 2**-10 * ref.abs().max().item(), (rows, i, k, err)
+            assert err <= 2**-10 * ref.abs().max().item(), (rank, rows, i, k, err)
+    _decode.BANK_SHRINK_FLOATS, _decode.BANK_SHRINK_ROWS = 4096, 17
 
     # One adapter without an index (DoRA), and no adapter at all, at 1, 16 and 40 rows.
     for rows, split in ((1, 2), (16, 4), (40, 8)):
