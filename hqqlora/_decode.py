@@ -190,6 +190,7 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         part = tl.program_id(1)
+        # Zeroes n_counts counters, 1024 a program (0 where no kernel after it counts).
         c = (row * tl.num_programs(1) + part) * 1024 + tl.arange(0, 1024)
         tl.store(count_ptr + c, tl.zeros((1024,), dtype=tl.int32), mask=c < n_counts)
         k_row = tl.load(idx_ptr + row)
@@ -935,11 +936,12 @@ EPILOGUE_BLOCK_P = 64
 """Packed rows a program of MODE 8's Triton kernel takes (64: 128 outputs at 4 bits)."""
 
 BANK_SHRINK_ROWS = 17
-"""Rows at least (17 and up: a bank gathers from 17 rows) from which MODE 8 over a bank of several adapters (``GATHER_GLUON``) takes
-``_bank_shrink_kernel`` (a program per row and a slice of its adapter's ``A``, all of K,
-no partials). The Triton modes keep ``_shrink_kernel``, whose fewer programs leave room
-for the main kernel's long K loop beside them (4096×14336 at 64 rows over 64 adapters, on
-an H100: 76.2 µs against 87.2 with the bank's kernel)."""
+"""Rows at least (a bank gathers from 17 rows, so lower values act as 17) from which MODE 8
+over a bank of several adapters (``GATHER_GLUON``) takes ``_bank_shrink_kernel`` (a
+program per row and a slice of its adapter's ``A``, all of K, no partials). The Triton
+modes keep ``_shrink_kernel``, whose fewer programs leave room for the main kernel's long
+K loop beside them (4096×14336 at 64 rows over 64 adapters, on an H100: 76.2 µs against
+87.2 with the bank's kernel)."""
 
 BANK_SHRINK_PROGRAMS = 512
 """Programs at most of ``_bank_shrink_kernel`` (rows of ``A`` a program are doubled until
