@@ -505,21 +505,24 @@ def test_one_row_finishes_in_the_gluon_kernel(dtype, bias, config, case, monkeyp
 @needs_gluon
 @pytest.mark.parametrize("pdl", [True, False])
 @pytest.mark.parametrize(
-    "rows, entry", [(1, (64, 8, 8, 3)), (1, (64, 1, 8, 3)), (2, None), (16, None), (40, None),
-                    (64, None)],
+    "rows, entry, n", [(1, (64, 8, 8, 3), 1), (1, (64, 1, 8, 3), 1), (2, None, 1),
+                       (16, None, 1), (40, None, 1), (64, None, 1), (64, None, 64)],
 )  # fmt: skip
-def test_gluon_path_replays_give_the_same_bits(rows, entry, pdl, monkeypatch):
+def test_gluon_path_replays_give_the_same_bits(rows, entry, n, pdl, monkeypatch):
     # MODE 8 on the tuned 4096² (16 and 64 rows), by the rule (2 and 40), and at one row
     # finished in the Gluon kernel (8 splits and a counter, or one split): the base
     # kernel beside the shrink kernel (programmatic dependent launch), then the Triton
-    # kernel or the Gluon kernel's own finish. A race shows as a replay whose bits differ.
+    # kernel or the Gluon kernel's own finish; over a bank of 64 at 64 rows, the bank's
+    # shrink kernel and the Triton kernel that loads each row's tile of B before it
+    # waits. A race shows as a replay whose bits differ.
     monkeypatch.setattr(_decode, "PDL", pdl)
     if entry is not None:
         monkeypatch.setitem(_decode.TUNED_GLUON, (4096, 4096, rows), entry)
     layer = cuda_layer(4, torch.bfloat16, size=(4096, 4096))
-    p = cuda_adapter(layer, r=16)
-    bank = hqqlora.stack_adapters({"a": p})
-    index = -(torch.arange(rows, device="cuda") % 4 == 0).long()  # -1, 0, 0, 0, -1, ...
+    adapters = [cuda_adapter(layer, r=16, seed=k) for k in range(n)]
+    bank = hqqlora.stack_adapters({f"a{k}": q for k, q in enumerate(adapters)})
+    ar = torch.arange(rows, device="cuda")
+    index = torch.where(ar % 4 == 0, -1, ar % n)  # -1, then each row its own (mod n) adapter
     x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
 
@@ -531,8 +534,8 @@ def test_gluon_path_replays_give_the_same_bits(rows, entry, pdl, monkeypatch):
         replays = graph_replays(call, 200)
     assert all(torch.equal(got, r) for r in replays)
     for i in range(rows):
-        row = x[i : i + 1]
-        ref = _base_ref(layer, row) if index[i] < 0 else dense_reference(layer, p, row)
+        row, k = x[i : i + 1], int(index[i])
+        ref = _base_ref(layer, row) if k < 0 else dense_reference(layer, adapters[k], row)
         assert_close_rel(got[i : i + 1], ref, torch.bfloat16)
 
 
@@ -585,34 +588,6 @@ def test_gluon_path_over_a_gathered_bank_matches_the_reference(
         row = x[i : i + 1]
         ref = _base_ref(layer, row) if k < 0 else dense_reference(layer, adapters[f"a{k}"], row)
         assert_close_rel(got[i : i + 1], ref, dtype, factor=2)
-
-
-@needs_gluon
-@pytest.mark.parametrize("pdl", [True, False])
-def test_gathered_bank_replays_give_the_same_bits(pdl, monkeypatch):
-    # 64 rows over a bank of 64 adapters (4096², the tuned launch): the bank's shrink
-    # kernel, the Gluon kernel beside it, and the Triton kernel that loads the rows' tiles
-    # of B before waiting. A race shows as a replay whose bits differ.
-    monkeypatch.setattr(_decode, "PDL", pdl)
-    layer = cuda_layer(4, torch.bfloat16, size=(4096, 4096))
-    adapters = {f"a{i}": cuda_adapter(layer, r=16, seed=i) for i in range(64)}
-    bank = hqqlora.stack_adapters(adapters)
-    index = torch.arange(64, device="cuda")
-    x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-
-        def call():
-            return hqqlora.mixed_batch_indexed(x, bank, index, base=layer)
-
-        got, ran = uses_gluon(call, monkeypatch)
-        assert ran
-        replays = graph_replays(call, 200)
-    assert all(torch.equal(got, r) for r in replays)
-    for i in (0, 17, 63):
-        row = x[i : i + 1]
-        assert_close_rel(
-            got[i : i + 1], dense_reference(layer, adapters[f"a{i}"], row), torch.bfloat16
-        )
 
 
 @needs_gluon

@@ -805,9 +805,10 @@ def test_a_tuned_prefetch_level_reaches_the_kernel(monkeypatch):
 # MODE 8's Triton half (the Gluon base kernel needs an H100): the base partials come from
 # a stand-in writing float64-exact sums of each K split, and the Triton kernel must add
 # them in its row blocks of 16 to the adapter terms, DoRA's norms, the bias and the NaN of
-# an index outside the bank, for 1-40 rows and tiles of 32-128 outputs, with rows of
-# several adapters (terms through ``lt``) and of one (terms kept in registers), one
-# adapter without an index, and no adapter.
+# an index outside the bank, for 1-64 rows and tiles of 8-128 outputs, with rows of
+# several adapters (terms through ``lt`` up to 16 rows; above, each row's tile of B loaded
+# before the wait, after the bank's shrink kernel) and of one (terms kept in registers),
+# one adapter without an index, and no adapter.
 MODE8_EPILOGUE = textwrap.dedent(
     r"""
     import torch
