@@ -19,7 +19,8 @@ from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 from hqqlora import _decode
 from hqqlora._base import quant_layout, quant_tensors
 
-# MODE 8: (rows, TUNED_GLUON entry, FINISH_ROWS); one row finishes in the Gluon kernel.
+# MODE 8: (rows, TUNED_GLUON entry, FINISH_ROWS); up to FINISH_ROWS rows finish in the Gluon
+# kernel.
 GLUON = (
     (1, (64, 4, 8, 3), 1),
     (1, (32, 16, 4, 3), 1),
@@ -30,6 +31,9 @@ GLUON = (
     (17, (32, 4, 4, 3, 16), 1),
     (40, (64, 4, 8, 4), 1),
     (64, (64, 16, 8, 3), 1),
+    # Finished in the Gluon kernel above one row (one adapter, a bank of 3).
+    (5, (64, 2, 8, 4), 16),
+    (16, (128, 8, 8, 3), 16),
 )
 torch.manual_seed(0)
 gluon = sys.argv[1:] == ["gluon"]
@@ -111,6 +115,9 @@ for nbits in (4,) if gluon else (4, 2):
             # bank's shrink is partial).
             {"lora_A": A[:, :9].contiguous(), "lora_B": B[..., :9].contiguous(), "scaling": s,
              "index": idx},
+            # Rank 40 (64 rank slots).
+            {"lora_A": A[0].repeat(3, 1)[:40].contiguous(),
+             "lora_B": B[0].repeat(1, 3)[:, :40].contiguous(), "scaling": s[:1]},
         ):  # fmt: skip
             _decode.lora_decode(x, W_q, scale, zero, layout, **kw)
         torch.cuda.synchronize()

@@ -261,7 +261,12 @@ def main() -> None:
         help="with --gluon: MODE 8's Triton kernel after the Gluon kernel instead",
     )
     parser.add_argument("--rank", type=int, default=16, help="the adapters' rank")
+    parser.add_argument(
+        "--finish-rows", type=int, help="_decode.FINISH_ROWS (rows the Gluon kernel finishes)"
+    )
     args = parser.parse_args()
+    if args.finish_rows is not None:
+        _decode.FINISH_ROWS = args.finish_rows
     dtype = getattr(torch, args.dtype)
     if args.gluon is not None:
         call, after = recorded_gluon_launch(
@@ -270,7 +275,7 @@ def main() -> None:
         default = args.gluon
         if args.mode8_triton:
             if after is None:
-                parser.error("at one row the Gluon kernel finishes the rows: no Triton kernel")
+                parser.error("the Gluon kernel finishes these rows: no Triton kernel")
             compiled = compile_recorded(after, args.arch)
             print(f"MODE 8's Triton kernel: BLOCK_P {after[2]['BLOCK_P']}, grid {after[0]}")
         else:

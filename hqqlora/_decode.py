@@ -927,10 +927,13 @@ EPILOGUE_WARPS = 4
 """Warps of MODE 8's Triton kernel (adapter terms and the sums, 16 rows a program)."""
 
 FINISH_ROWS = 1
-"""Rows at most that MODE 8's Gluon kernel finishes itself (its last split of each tile);
-above, a Triton kernel adds the adapter terms, 16 rows a program. The Gluon kernel can
-finish up to 16 rows, but its one program a tile does them two at a time: on an H100,
-one row 22.2 against 26.6 µs (14336×4096), 16 rows 35.8 against 15.0 (4096²)."""
+"""Rows at most that MODE 8's Gluon kernel finishes itself (its last split of each tile;
+never rows that gather a bank above 16 rows); above, a Triton kernel adds the adapter
+terms, 16 rows a program. The Gluon kernel can finish up to 16 rows, but its one program
+a tile is then the tail: on an H100, one row 22.2 against 26.6 µs (14336×4096), 16 rows
+35.8 against 15.0 (4096²). A finish of 16 rows at once (every load before its store, t
+summed once) measured no better: 4096² 14.9 against 14.7, 14336×4096 35.3 against 30.4,
+16 rows of 16 adapters 47.1 against 24.4 (``benchmarks/RESULTS.md``, eighth pass)."""
 
 EPILOGUE_BLOCK_P = 64
 """Packed rows a program of MODE 8's Triton kernel takes (64: 128 outputs at 4 bits)."""
@@ -1167,7 +1170,7 @@ def _launch(
         # Up to FINISH_ROWS rows: the Gluon kernel's last split of each tile finishes the
         # rows itself (adapter terms, DoRA, bias), and no Triton kernel follows.
         finish = None
-        if rows <= FINISH_ROWS:
+        if rows <= FINISH_ROWS and not gathers:
             finish = dict(
                 HAS_LORA=has_lora, HAS_IDX=has_idx, HAS_DORA=has_dora, HAS_BIAS=bias is not None,
                 BLOCK_R=block_r, T_SPLITS=triton.next_power_of_2(t_splits),

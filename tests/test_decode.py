@@ -412,23 +412,29 @@ needs_gluon = pytest.mark.skipif(
 )
 @pytest.mark.parametrize("tokens", [1, 5, 16, 17, 40, 64])
 @pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("rank", [8, 40])
 @pytest.mark.parametrize("finish_rows", [0, 16])
-def test_gluon_base_kernel_matches_the_reference(finish_rows, dtype, tokens, config, monkeypatch):
+def test_gluon_base_kernel_matches_the_reference(
+    finish_rows, rank, dtype, tokens, config, monkeypatch
+):
     # MODE 8: the Gluon kernel's base term, 16 steps of K in 1-8 splits, 1-2 tiles of
     # 64-128 packed rows, rows padded to 8-64; the Triton kernel (tiles of 32-128 outputs)
     # adds DoRA's adapter terms, the norms and the bias: a row of none (1 row; one row's
     # adapter terms: test_one_row_finishes_in_the_gluon_kernel), rows of two adapters and
     # of none (5 rows: terms gathered), one adapter without an index (16 rows: terms kept
-    # in registers), a bank of one and rows of none (more rows). Up to ``finish_rows`` rows
-    # the Gluon kernel finishes them itself.
+    # in registers), a bank of one and rows of none (more rows); at 5 rows a row past the
+    # bank (NaN). Up to ``finish_rows`` rows the Gluon kernel's last split of each tile
+    # finishes them itself. Ranks 8 and 40 (padded to 16 and 64).
     monkeypatch.setattr(_decode, "FINISH_ROWS", finish_rows)
     layer = cuda_layer(4, dtype, size=(256, 1024))
-    adapters = [cuda_adapter(layer, dora=True, seed=i) for i in range(2)]
+    adapters = [cuda_adapter(layer, r=rank, dora=True, seed=i) for i in range(2)]
     norms = [hqqlora.dora_weight_norm(layer, q) for q in adapters]
     monkeypatch.setitem(_decode.TUNED_GLUON, (256, 1024, tokens), config)
     x = torch.randn(tokens, 1024, device="cuda", dtype=dtype)
     rows = torch.arange(tokens, device="cuda")
     index = None if tokens == 16 else rows % 3 - 1 if tokens < 16 else -(rows % 3 == 0).long()
+    if tokens == 5:
+        index[3] = 7
     kept = adapters if tokens < 16 else adapters[:1]
     with torch.no_grad():
         if index is None:
@@ -448,6 +454,9 @@ def test_gluon_base_kernel_matches_the_reference(finish_rows, dtype, tokens, con
     for i in range(tokens):
         k = 0 if index is None else int(index[i])
         row = x[i : i + 1]
+        if k >= len(kept):
+            assert torch.isnan(got[i]).all()
+            continue
         ref = _base_ref(layer, row) if k < 0 else dense_reference(layer, adapters[k], row)
         assert_close_rel(got[i : i + 1], ref, dtype, factor=2)
 
