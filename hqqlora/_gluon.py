@@ -1,13 +1,13 @@
 """The base term of 4-bit decode on Hopper, written in Gluon: ``x @ dequantize(W)ᵀ`` for
 1–64 rows of ``x``, partial sums per K split into a float32 workspace that
-``_decode._main_kernel`` (MODE 8) adds up in a fixed order with the adapter terms; or,
-for few rows (``_decode.FINISH_ROWS``), the last split of each tile adds them itself
-(with the adapter terms, DoRA's norms and the bias) and writes the output.
+``_decode_kernels._main_kernel`` (MODE 8) adds up in a fixed order with the adapter
+terms; or, for few rows (``_decode.FINISH_ROWS``), the last split of each tile adds them
+itself (with the adapter terms, DoRA's norms and the bias) and writes the output.
 
-Why Gluon: the Triton kernels of ``_decode`` dequantize in one register layout and let
-the compiler move the weights into the tensor-core operand layout through shared memory
-every K step (``STS`` + ``LDSM`` + barriers), with a wait after each ``HGMMA``. Gluon
-names the layouts, so here each thread loads exactly the codes its operand
+Why Gluon: the Triton kernels of ``_decode_kernels`` dequantize in one register layout
+and let the compiler move the weights into the tensor-core operand layout through shared
+memory every K step (``STS`` + ``LDSM`` + barriers), with a wait after each ``HGMMA``.
+Gluon names the layouts, so here each thread loads exactly the codes its operand
 fragment needs and the weights never leave its registers:
 
 - ``wgmma`` with the weights as operand A (registers) and ``x`` as operand B (shared
