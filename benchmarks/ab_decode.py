@@ -27,9 +27,7 @@ SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--flag", required=True, help="a module-level name in hqqlora._decode (or _gluon.NAME)"
-    )
+    parser.add_argument("--flag", required=True, help="a module-level name in hqqlora._decode")
     parser.add_argument("values", nargs="+", type=int, help="values to try")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--bank", type=int, default=0, help="a bank of N adapters, one per row")
@@ -37,12 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     print(environment("cuda"))
     dtype = getattr(torch, args.dtype)
-    # A dotted name reaches a module hqqlora._decode imports: _gluon.FINISH_STEP.
-    *path, name = args.flag.split(".")
-    owner = _decode
-    for part in path:
-        owner = getattr(owner, part)
-    saved = getattr(owner, name)
+    saved = getattr(_decode, args.flag)
     head = " | ".join(f"{args.flag}={v} µs (err)" for v in args.values)
     print(f"| layer | rows | config | {head} |")
     for out_f, in_f in SHAPES:
@@ -63,7 +56,7 @@ def main() -> None:
                 _decode.TUNED[key] = config[:7]
             cells = []
             for value in args.values:
-                setattr(owner, name, type(saved)(value))
+                setattr(_decode, args.flag, type(saved)(value))
 
                 def run(x=x, A=A, B=B, s=s, index=index):
                     return _decode.lora_decode(
@@ -73,7 +66,7 @@ def main() -> None:
                 err = ((run().double() - ref).norm() / ref.norm()).item()
                 us = 1e3 * triton.testing.do_bench_cudagraph(run, rep=50, return_mode="median")
                 cells.append(f"{us:.1f} ({err:.1e})")
-            setattr(owner, name, saved)
+            setattr(_decode, args.flag, saved)
             if tuned is not None:
                 _decode.TUNED[key] = tuned
             print(f"| {out_f}x{in_f} | {tokens} | {config} | {' | '.join(cells)} |", flush=True)

@@ -262,10 +262,14 @@ def main() -> None:
     )
     parser.add_argument("--rank", type=int, default=16, help="the adapters' rank")
     parser.add_argument(
-        "--finish-rows", type=int, help="_decode.FINISH_ROWS (rows the Gluon kernel finishes)"
+        "--finish-rows", type=int, help="_decode.FINISH_ROWS, 0-16 (rows the Gluon kernel finishes)"
     )
     args = parser.parse_args()
     if args.finish_rows is not None:
+        if not 0 <= args.finish_rows <= 16:
+            parser.error(
+                f"--finish-rows takes 0 to 16 (the Gluon finish's limit), got {args.finish_rows}"
+            )
         _decode.FINISH_ROWS = args.finish_rows
     dtype = getattr(torch, args.dtype)
     if args.gluon is not None:

@@ -230,8 +230,9 @@ never rows that gather a bank above 16 rows); above, a Triton kernel adds the ad
 terms, 16 rows a program. The Gluon kernel can finish up to 16 rows, but its one program
 a tile is then the tail: on an H100, one row 22.2 against 26.6 µs (14336×4096), 16 rows
 35.8 against 15.0 (4096²). A finish of 16 rows at once (every load before its store, t
-summed once) measured no better: 4096² 14.9 against 14.7, 14336×4096 35.3 against 30.4,
-16 rows of 16 adapters 47.1 against 24.4 (``benchmarks/RESULTS.md``, eighth pass)."""
+summed once) was faster only at 4096×14336 (29.5 against 30.9 µs at 16 rows): 4096² 14.9
+against 14.7, 14336×4096 35.3 against 30.4, 4096² with 16 rows of 16 adapters 47.1
+against 24.4 (``benchmarks/RESULTS.md``, eighth pass)."""
 
 EPILOGUE_BLOCK_P = 64
 """Packed rows a program of MODE 8's Triton kernel takes (64: 128 outputs at 4 bits)."""
@@ -432,7 +433,7 @@ def _launch(
         parts = triton.cdiv(rank, r_per)
         t_splits = 1
         t = torch.empty(rows * block_r, dtype=torch.float32, device=device)
-        # (No counters to zero: MODE 8 above one row uses none.)
+        # (No counters to zero: gathered rows never finish in the Gluon kernel.)
         _bank_shrink_kernel[(rows, parts)](
             x, lora_A, index, t, counts, 0, k_in, rank, lora_A.stride(0), n_bank,
             R_PER=r_per, BLOCK_R=block_r,
@@ -460,13 +461,15 @@ def _launch(
         )  # fmt: skip
     else:
         rank, block_r, t_splits, t = 0, 16, 1, dummy
-        # (MODE 8's splits share out rows and use no counter; its one-row finish does.)
+        # (MODE 8's splits share out rows and use no counter; its finish, up to
+        # FINISH_ROWS rows that gather no bank, does.)
         if (split > 1 and base is None) or (base is not None and rows <= FINISH_ROWS):
             counts.zero_()
     has_dora = magnitude is not None
     if base is not None:
-        # Up to FINISH_ROWS rows: the Gluon kernel's last split of each tile finishes the
-        # rows itself (adapter terms, DoRA, bias), and no Triton kernel follows.
+        # Up to FINISH_ROWS rows that gather no bank: the Gluon kernel's last split of each
+        # tile finishes the rows itself (adapter terms, DoRA, bias), and no Triton kernel
+        # follows.
         finish = None
         if rows <= FINISH_ROWS and not gathers:
             finish = dict(
