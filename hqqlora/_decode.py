@@ -50,10 +50,11 @@ Variants of the second kernel (``MODE``, per shape in :data:`TUNED`, else
   term is :mod:`hqqlora._gluon`'s kernel (HQQ's weights, MODE 7's arithmetic,
   dequantized straight into the tensor-core operand's registers), one float32 partial
   per K split; this kernel then adds the partials in order, the adapter terms, DoRA and
-  the bias, a program per 16 rows (at one row the Gluon kernel does that itself). Over a
-  bank of several adapters above 16 rows (:data:`TUNED_GATHER`), its programs take 32
-  outputs (fewer above rank 16) and load each row's tile of B before they wait for the
-  kernels before them.
+  the bias, a program per 16 rows (at one row the Gluon kernel does that itself); the
+  Gluon kernel goes first there and the shrink kernel beside it (:data:`GLUON_FIRST`).
+  Over a bank of several adapters above 16 rows (:data:`TUNED_GATHER`), its programs
+  take 32 outputs (fewer above rank 16) and load each row's tile of B before they wait
+  for the kernels before them.
 - 3: as 5 with ``x @ codesᵀ``; 0: every slot of the tile unpacked and reshaped in
   registers; 1: a program per slot; 2: a GEMV without the trick, with a register
   reshape. Slower on the H100 (``benchmarks/tune_decode.py``), kept for other GPUs'
@@ -83,6 +84,7 @@ float32's precision, not its bits). One rounding to the output dtype at the end.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -192,17 +194,19 @@ TUNED: dict[tuple[int, int, int, int], tuple[int, ...]] = {
 # (packed rows per program, K splits, warps, cp.async stages[, packed rows per program of
 # the Triton kernel after it]) of the Gluon base kernel (MODE 8, :mod:`hqqlora._gluon`)
 # by (out, in, rows), the best of ``benchmarks/tune_decode.py --modes m8`` on an H100
-# (``ab_decode.py --flag EPILOGUE_BLOCK_P`` for the 5th entry); other shapes take
-# :func:`gluon_config`'s rule. Rows where the Triton modes measured faster map to ``None``.
+# (``ab_decode.py --flag EPILOGUE_BLOCK_P`` for the 5th entry); the 16- and 64-row entries
+# of 4096², 4096×14336 at 16 and 1024×4096 at 64 re-measured with the Gluon kernel first
+# (GLUON_FIRST; RESULTS.md, ninth pass). Other shapes take :func:`gluon_config`'s rule.
+# Rows where the Triton modes measured faster map to ``None``.
 TUNED_GLUON: dict[tuple[int, int, int], tuple[int, ...] | None] = {
     (1024, 4096, 1): None,
     (1024, 4096, 16): None,
-    (1024, 4096, 64): (64, 16, 8, 3, 32),
+    (1024, 4096, 64): (64, 8, 8, 4),
     (4096, 4096, 1): None,
-    (4096, 4096, 16): (128, 8, 8, 3),
-    (4096, 4096, 64): (64, 8, 8, 4),
+    (4096, 4096, 16): (64, 8, 8, 3),
+    (4096, 4096, 64): (64, 4, 8, 4),
     (4096, 14336, 1): (128, 16, 8, 3),
-    (4096, 14336, 16): (128, 8, 8, 3),
+    (4096, 14336, 16): (64, 8, 8, 3),
     (4096, 14336, 64): None,
     (14336, 4096, 1): (128, 4, 8, 3),
     (14336, 4096, 16): (64, 4, 8, 3),
@@ -233,6 +237,16 @@ a tile is then the tail: on an H100, one row 22.2 against 26.6 µs (14336×4096)
 summed once) was faster only at 4096×14336 (29.5 against 30.9 µs at 16 rows): 4096² 14.9
 against 14.7, 14336×4096 35.3 against 30.4, 4096² with 16 rows of 16 adapters 47.1
 against 24.4 (``benchmarks/RESULTS.md``, eighth pass)."""
+
+GLUON_FIRST = True
+"""Whether MODE 8, where a Triton kernel finishes (more than ``FINISH_ROWS`` rows that
+gather no bank), launches the Gluon kernel first and the shrink kernel beside it
+(programmatic dependent launch; the shrink kernel finishes after it), rather than the
+Gluon kernel beside the shrink kernel. Launched second, the Gluon kernel's CTAs go where
+the shrink kernel leaves room, two or three to an SM where they are small: on an H100,
+4096² at 16 rows with (64, 8, 8, 3), 17.7 µs that way against 11.9 first
+(``benchmarks/RESULTS.md``, ninth pass). One row (the Gluon kernel finishes, after the
+shrink kernel has zeroed its counters) and a gathered bank keep the shrink kernel first."""
 
 EPILOGUE_BLOCK_P = 64
 """Packed rows a program of MODE 8's Triton kernel takes (64: 128 outputs at 4 bits)."""
@@ -421,6 +435,9 @@ def _launch(
     pdl = has_lora and PDL and torch.cuda.get_device_capability(device)[0] >= 9
     n_bank = lora_A.shape[0] if lora_A is not None and lora_A.ndim == 3 else 1
     dummy = out
+    # MODE 8 with a Triton kernel after it: the Gluon kernel first, the shrink beside it.
+    gluon_first = GLUON_FIRST and pdl and base is not None and not gathers and rows > FINISH_ROWS
+    shrink = None
     if has_lora:
         assert lora_A is not None and lora_B is not None and scaling is not None
         rank = lora_A.shape[-2]
@@ -453,12 +470,15 @@ def _launch(
         t = torch.empty(t_splits * rows * block_r, dtype=torch.float32, device=device)
         if tiles_counted > triton.cdiv(rows, t_block_m) * t_splits * 1024:
             counts.zero_()
-        _shrink_kernel[(triton.cdiv(rows, t_block_m), t_splits)](
+        shrink = functools.partial(
+            _shrink_kernel[(triton.cdiv(rows, t_block_m), t_splits)],
             x, lora_A, index if has_idx else x, t, counts, tiles_counted, rows, k_in, rank,
             lora_A.stride(0) if lora_A.ndim == 3 else 0, k_per_split, n_bank,
             HAS_IDX=has_idx, BLOCK_M=t_block_m, BLOCK_R=block_r, BLOCK_K=t_block_k,
-            USE_PDL=pdl, num_warps=4,
+            USE_PDL=pdl, WAIT_AFTER=gluon_first, num_warps=4, launch_pdl=gluon_first,
         )  # fmt: skip
+        if not gluon_first:
+            shrink()
     else:
         rank, block_r, t_splits, t = 0, 16, 1, dummy
         # (MODE 8's splits share out rows and use no counter; its finish, up to
@@ -489,9 +509,12 @@ def _launch(
         block_p_base, base_split, base_warps, base_stages = base[:4]
         _gluon.base_partials(
             x, W_q, scale, zero, meta, ws, counts, tail, block_p=block_p_base,
-            split=base_split, warps=base_warps, stages=base_stages, after_shrink=pdl,
-            finish=finish,
+            split=base_split, warps=base_warps, stages=base_stages,
+            after_shrink=pdl and not gluon_first, finish=finish, before_shrink=gluon_first,
         )  # fmt: skip
+        if gluon_first:
+            assert shrink is not None
+            shrink()
         if finish is not None:
             return out
     # MODE 3/5/7's exponent trick: bf16 holds 128 + q exactly for q < 128, fp16 1024 + q.

@@ -39,6 +39,7 @@ if triton is not None:
         BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr,
         USE_PDL: tl.constexpr,
+        WAIT_AFTER: tl.constexpr = False,
     ):
         if USE_PDL:
             # The main kernel may start now: it reads the codes while this one runs, and
@@ -78,6 +79,10 @@ if triton is not None:
                 ).to(tl.float32)
                 acc += tl.sum(xs[:, None, :] * a[None, :, :], axis=2)
         tl.store(t_ptr + (split * M + m[:, None]) * BLOCK_R + r[None, :], acc, mask=m_ok[:, None])
+        if WAIT_AFTER:
+            # Launched beside the Gluon kernel (programmatic dependent launch): finish only
+            # after it, so that a kernel waiting for this one sees its partials too.
+            tl.extra.cuda.gdc_wait()
 
     @triton.jit  # type: ignore[untyped-decorator]
     def _bank_shrink_kernel(  # type: ignore[no-untyped-def]

@@ -270,13 +270,15 @@ if gluon is not None:
     def _base_kernel(  # type: ignore[no-untyped-def]
         x_ptr, packed_ptr, scale_ptr, zero_ptr, ws_ptr, count_ptr, tail, M, N, K, steps_per_split,
         BM: gl.constexpr, P: gl.constexpr, STAGES: gl.constexpr, MAGIC2: gl.constexpr,
-        OFFSET: gl.constexpr, WAIT_PREVIOUS: gl.constexpr, FINISH: gl.constexpr,
+        OFFSET: gl.constexpr, WAIT_PREVIOUS: gl.constexpr, FIRST: gl.constexpr,
+        FINISH: gl.constexpr,
         SPLITS: gl.constexpr, ROWS: gl.constexpr, BLOCK_R: gl.constexpr,
         T_SPLITS: gl.constexpr, HAS_LORA: gl.constexpr, HAS_IDX: gl.constexpr,
         HAS_DORA: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr,
     ):  # fmt: skip
-        if WAIT_PREVIOUS:
-            # The next kernel may launch now: it waits for this one before reading.
+        if WAIT_PREVIOUS or FIRST:
+            # The next kernel may launch now: it waits for this one before reading (FIRST:
+            # the shrink kernel, beside this one, waits for it before it finishes).
             gl.inline_asm_elementwise(
                 "griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
                 is_pure=False, pack=1,
@@ -373,11 +375,14 @@ def base_partials(
     stages: int,
     after_shrink: bool,
     finish: dict[str, Any] | None,
+    before_shrink: bool = False,
 ) -> None:
     """Writes ``x @ dequantize(W)ᵀ`` over split ``s`` of K into ``ws[s]`` (``(split,
     rows, out)`` float32), ``block_p`` packed rows (``2·block_p`` outputs) a program.
     ``after_shrink``: launched early beside the shrink kernel (programmatic dependent
-    launch), finishing after it. ``finish`` (at most 16 rows): the flags of the epilogue
+    launch), finishing after it. ``before_shrink``: launched first, the shrink kernel a
+    programmatic dependent launch beside it (finishing after it). ``finish`` (at most 16
+    rows): the flags of the epilogue
     (``HAS_LORA``, ``HAS_IDX``, ``HAS_DORA``, ``HAS_BIAS``, ``BLOCK_R``, ``T_SPLITS``) that
     the last split of each tile then applies, writing the output (``tail``: the adapter,
     index, DoRA, bias and output tensors and sizes, as ``_decode`` passes them; ``counts``
@@ -392,6 +397,11 @@ def base_partials(
         )
     if finish is not None and rows > 16:
         raise ValueError(f"base_partials: finish takes at most 16 rows, got {rows}")
+    if before_shrink and (after_shrink or finish is not None):
+        raise ValueError(
+            "base_partials: before_shrink excludes after_shrink and finish (the shrink "
+            "kernel's t is not there yet)"
+        )
     flags = dict(
         HAS_LORA=False, HAS_IDX=False, HAS_DORA=False, HAS_BIAS=False, BLOCK_R=16, T_SPLITS=1
     )
@@ -400,7 +410,8 @@ def base_partials(
     _base_kernel[(n_out // 2 // block_p, split)](
         x.view(torch.int32), W_q, scale, zero, ws, counts, tail, rows, n_out, k_in,
         steps // split, BM=max(8, triton.next_power_of_2(rows)), P=block_p, STAGES=stages,
-        MAGIC2=magic2, OFFSET=offset, WAIT_PREVIOUS=after_shrink, FINISH=finish is not None,
+        MAGIC2=magic2, OFFSET=offset, WAIT_PREVIOUS=after_shrink, FIRST=before_shrink,
+        FINISH=finish is not None,
         SPLITS=split, ROWS=max(2, triton.next_power_of_2(rows)), num_warps=warps,
         launch_pdl=after_shrink, **flags,
     )  # fmt: skip

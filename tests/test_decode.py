@@ -512,19 +512,22 @@ def test_one_row_finishes_in_the_gluon_kernel(dtype, bias, config, case, monkeyp
 
 
 @needs_gluon
-@pytest.mark.parametrize("pdl", [True, False])
+@pytest.mark.parametrize("pdl, first", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize(
     "rows, entry, n", [(1, (64, 8, 8, 3), 1), (1, (64, 1, 8, 3), 1), (2, None, 1),
                        (16, None, 1), (40, None, 1), (64, None, 1), (64, None, 64)],
 )  # fmt: skip
-def test_gluon_path_replays_give_the_same_bits(rows, entry, n, pdl, monkeypatch):
+def test_gluon_path_replays_give_the_same_bits(rows, entry, n, pdl, first, monkeypatch):
     # MODE 8 on the tuned 4096² (16 and 64 rows), by the rule (2 and 40), and at one row
     # finished in the Gluon kernel (8 splits and a counter, or one split): the base
     # kernel beside the shrink kernel (programmatic dependent launch), then the Triton
     # kernel or the Gluon kernel's own finish; over a bank of 64 at 64 rows, the bank's
     # shrink kernel and the Triton kernel that loads each row's tile of B before it
-    # waits. A race shows as a replay whose bits differ.
+    # waits. Where the Triton kernel finishes one adapter's rows, the Gluon kernel goes
+    # first and the shrink kernel beside it, or (``first`` off) the other way round. A
+    # race shows as a replay whose bits differ.
     monkeypatch.setattr(_decode, "PDL", pdl)
+    monkeypatch.setattr(_decode, "GLUON_FIRST", first)
     if entry is not None:
         monkeypatch.setitem(_decode.TUNED_GLUON, (4096, 4096, rows), entry)
     layer = cuda_layer(4, torch.bfloat16, size=(4096, 4096))

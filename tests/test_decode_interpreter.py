@@ -802,6 +802,79 @@ def test_a_tuned_prefetch_level_reaches_the_kernel(monkeypatch):
         assert main.get("maxnreg") == (cap or None)
 
 
+# MODE 8's launch order, recorded in process (nothing runs; the kernels' GPU tests run
+# both orders): where a Triton kernel finishes (more than FINISH_ROWS rows gathering no
+# bank), the Gluon kernel goes first and the shrink kernel beside it, finishing after it
+# (GLUON_FIRST); at one row, over a gathered bank and with GLUON_FIRST off, the shrink
+# kernel goes first and the Gluon kernel beside it; without an adapter nothing overlaps.
+def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
+    import torch
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    from hqqlora import _decode, _gluon
+    from hqqlora._base import quant_tensors
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, kwargs))
+
+    for name in ("_main_kernel", "_shrink_kernel", "_bank_shrink_kernel"):
+        monkeypatch.setattr(_decode, name, Recorder(name))
+    monkeypatch.setattr(_gluon, "_base_kernel", Recorder("gluon"))
+    monkeypatch.setattr(_gluon, "supported", lambda *a: True)
+    monkeypatch.setattr(_decode, "PDL", True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    layer = HQQLinear(
+        torch.nn.Linear(1024, 256),
+        BaseQuantizeConfig(nbits=4, group_size=64, axis=1),
+        compute_dtype=torch.bfloat16,
+        device="cpu",
+    )
+    W_q, scale, zero = quant_tensors(layer)
+    meta = [4, 2, 64, 256, 1024]  # bits, codes a byte, group, out, in
+    for rows in (1, 16, 64):
+        monkeypatch.setitem(_decode.TUNED_GLUON, (256, 1024, rows), (64, 4, 8, 3))
+        monkeypatch.setitem(_decode.TUNED_GATHER, (256, 1024, rows), (64, 4, 8, 3))
+
+    def order(rows, bank, first=True, lora=True):
+        monkeypatch.setattr(_decode, "GLUON_FIRST", first)
+        n = max(bank, 1)
+        A, B, s = torch.zeros(n, 8, 1024), torch.zeros(n, 256, 8), torch.ones(n)
+        index = torch.arange(rows) % bank if bank else None
+        if not bank:
+            A, B, s = A[0], B[0], s[:1]
+        if not lora:
+            A = B = s = None
+        x = torch.zeros(rows, 1024, dtype=torch.bfloat16)
+        launches.clear()
+        _decode._launch(x, W_q, scale, zero, meta, A, B, s, index, None, None, None, None,
+                        torch.bfloat16)  # fmt: skip
+        return [name for name, _ in launches], dict(launches)
+
+    names, kw = order(16, 0)
+    assert names == ["gluon", "_shrink_kernel", "_main_kernel"]
+    assert kw["gluon"]["FIRST"] and not kw["gluon"]["WAIT_PREVIOUS"]
+    assert not kw["gluon"]["launch_pdl"]
+    assert kw["_shrink_kernel"]["WAIT_AFTER"] and kw["_shrink_kernel"]["launch_pdl"]
+    assert kw["_shrink_kernel"]["USE_PDL"] and kw["_main_kernel"]["launch_pdl"]
+    assert order(64, 1)[0] == ["gluon", "_shrink_kernel", "_main_kernel"]  # a bank of one
+    for rows, bank, first in ((16, 0, False), (1, 0, True), (64, 4, True)):
+        names, kw = order(rows, bank, first)
+        shrink = "_bank_shrink_kernel" if bank > 1 else "_shrink_kernel"
+        assert names[:2] == [shrink, "gluon"], (rows, bank, first, names)
+        assert kw["gluon"]["WAIT_PREVIOUS"] and kw["gluon"]["launch_pdl"]
+        assert not kw["gluon"]["FIRST"] and not kw[shrink].get("WAIT_AFTER", False)
+        assert not kw[shrink].get("launch_pdl", False)
+    names, kw = order(16, 0, lora=False)
+    assert names == ["gluon", "_main_kernel"]
+    assert not kw["gluon"]["FIRST"] and not kw["gluon"]["WAIT_PREVIOUS"]
+
+
 # MODE 8's Triton half (the Gluon base kernel needs an H100): the base partials come from
 # a stand-in writing float64-exact sums of each K split, and the Triton kernel must add
 # them in its row blocks of 16 to the adapter terms, DoRA's norms, the bias and the NaN of
@@ -827,7 +900,7 @@ MODE8_EPILOGUE = textwrap.dedent(
     seen = []
 
     def stand_in(x, W_q, scale, zero, meta, ws, counts, tail, *, block_p, split, warps, stages,
-                 after_shrink, finish):
+                 after_shrink, finish, before_shrink=False):
         assert finish is None  # one row finishes in the Gluon kernel: tested on the GPU
         part = ws.view(split, x.shape[0], meta[3])
         for s, ks in enumerate(torch.arange(meta[4]).chunk(split)):
