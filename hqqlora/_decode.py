@@ -436,6 +436,8 @@ def _launch(
     n_bank = lora_A.shape[0] if lora_A is not None and lora_A.ndim == 3 else 1
     dummy = out
     # MODE 8 with a Triton kernel after it: the Gluon kernel first, the shrink beside it.
+    # The Triton kernel waits for the shrink kernel only; the shrink kernel waits for the
+    # Gluon kernel before it ends, so the Gluon kernel's partials are written by then.
     gluon_first = GLUON_FIRST and pdl and base is not None and not gathers and rows > FINISH_ROWS
     shrink = None
     if has_lora:

@@ -802,8 +802,8 @@ def test_a_tuned_prefetch_level_reaches_the_kernel(monkeypatch):
         assert main.get("maxnreg") == (cap or None)
 
 
-# MODE 8's launch order, recorded in process (nothing runs; the kernels' GPU tests run
-# both orders): where a Triton kernel finishes (more than FINISH_ROWS rows gathering no
+# MODE 8's launch order, recorded in process (nothing runs: whether the shrink kernel
+# really waits for the Gluon kernel is for the GPU tests, which run both orders): where a Triton kernel finishes (more than FINISH_ROWS rows gathering no
 # bank), the Gluon kernel goes first and the shrink kernel beside it, finishing after it
 # (GLUON_FIRST); at one row, over a gathered bank and with GLUON_FIRST off, the shrink
 # kernel goes first and the Gluon kernel beside it; without an adapter nothing overlaps.
@@ -837,32 +837,38 @@ def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
     )
     W_q, scale, zero = quant_tensors(layer)
     meta = [4, 2, 64, 256, 1024]  # bits, codes a byte, group, out, in
-    for rows in (1, 16, 64):
+    for rows in (1, 5, 16, 64):
         monkeypatch.setitem(_decode.TUNED_GLUON, (256, 1024, rows), (64, 4, 8, 3))
         monkeypatch.setitem(_decode.TUNED_GATHER, (256, 1024, rows), (64, 4, 8, 3))
 
-    def order(rows, bank, first=True, lora=True):
+    def order(rows, bank, first=True, lora=True, dora=False):
         monkeypatch.setattr(_decode, "GLUON_FIRST", first)
         n = max(bank, 1)
         A, B, s = torch.zeros(n, 8, 1024), torch.zeros(n, 256, 8), torch.ones(n)
+        mag = norm = torch.ones(n, 256) if dora else None
         index = torch.arange(rows) % bank if bank else None
         if not bank:
             A, B, s = A[0], B[0], s[:1]
+            mag, norm = (mag[0], norm[0]) if dora else (None, None)
         if not lora:
             A = B = s = None
+        bias = torch.zeros(256, dtype=torch.bfloat16) if dora else None
         x = torch.zeros(rows, 1024, dtype=torch.bfloat16)
         launches.clear()
-        _decode._launch(x, W_q, scale, zero, meta, A, B, s, index, None, None, None, None,
+        _decode._launch(x, W_q, scale, zero, meta, A, B, s, index, mag, norm, None, bias,
                         torch.bfloat16)  # fmt: skip
         return [name for name, _ in launches], dict(launches)
 
-    names, kw = order(16, 0)
-    assert names == ["gluon", "_shrink_kernel", "_main_kernel"]
-    assert kw["gluon"]["FIRST"] and not kw["gluon"]["WAIT_PREVIOUS"]
-    assert not kw["gluon"]["launch_pdl"]
-    assert kw["_shrink_kernel"]["WAIT_AFTER"] and kw["_shrink_kernel"]["launch_pdl"]
-    assert kw["_shrink_kernel"]["USE_PDL"] and kw["_main_kernel"]["launch_pdl"]
-    assert order(64, 1)[0] == ["gluon", "_shrink_kernel", "_main_kernel"]  # a bank of one
+    # One adapter, a bank of one at 64 rows, a bank of four at 16 (each row its own B,
+    # no gathering), DoRA with a bias.
+    for rows, bank, dora in ((16, 0, False), (64, 1, False), (16, 4, False), (5, 0, True)):
+        names, kw = order(rows, bank, dora=dora)
+        assert names == ["gluon", "_shrink_kernel", "_main_kernel"], (rows, bank, names)
+        assert kw["gluon"]["FIRST"] and not kw["gluon"]["WAIT_PREVIOUS"]
+        assert not kw["gluon"]["launch_pdl"]
+        assert kw["_shrink_kernel"]["WAIT_AFTER"] and kw["_shrink_kernel"]["launch_pdl"]
+        assert kw["_shrink_kernel"]["USE_PDL"] and kw["_main_kernel"]["launch_pdl"]
+        assert kw["_main_kernel"]["HAS_DORA"] == dora == kw["_main_kernel"]["HAS_BIAS"]
     for rows, bank, first in ((16, 0, False), (1, 0, True), (64, 4, True)):
         names, kw = order(rows, bank, first)
         shrink = "_bank_shrink_kernel" if bank > 1 else "_shrink_kernel"
