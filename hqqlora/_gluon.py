@@ -382,11 +382,11 @@ def base_partials(
     ``after_shrink``: launched early beside the shrink kernel (programmatic dependent
     launch), finishing after it. ``before_shrink``: launched first, the shrink kernel a
     programmatic dependent launch beside it (finishing after it). ``finish`` (at most 16
-    rows): the flags of the epilogue
-    (``HAS_LORA``, ``HAS_IDX``, ``HAS_DORA``, ``HAS_BIAS``, ``BLOCK_R``, ``T_SPLITS``) that
-    the last split of each tile then applies, writing the output (``tail``: the adapter,
-    index, DoRA, bias and output tensors and sizes, as ``_decode`` passes them; ``counts``
-    zeroed, one per tile). The caller checks :func:`supported`."""
+    rows): the flags of the epilogue (``HAS_LORA``, ``HAS_IDX``, ``HAS_DORA``,
+    ``HAS_BIAS``, ``BLOCK_R``, ``T_SPLITS``) that the last split of each tile then
+    applies, writing the output (``tail``: the adapter, index, DoRA, bias and output
+    tensors and sizes, as ``_decode`` passes them; ``counts`` zeroed, one per tile). The
+    caller checks :func:`supported`."""
     _, _, _, n_out, k_in = meta
     rows = x.shape[0]
     steps = k_in // GROUP

@@ -367,9 +367,10 @@ def test_split_k_reduction_is_stable_under_repetition(monkeypatch):
     assert_close_rel(first, dense_reference(layer, p, x), torch.bfloat16)
 
 
-def graph_replays(call, n):
+def graph_replays(call, n, feeds=()):
     """``call`` captured in a CUDA graph (after a warm-up on a side stream), then the
-    output of each of ``n`` replays."""
+    output of each of ``n`` replays. ``feeds``: ``(tensor, values)`` pairs; before replay
+    ``i``, ``tensor`` (an input the graph reads) takes ``values[i % len(values)]``."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -379,7 +380,9 @@ def graph_replays(call, n):
     with torch.cuda.graph(graph):
         captured = call()
     replays = []
-    for _ in range(n):
+    for i in range(n):
+        for tensor, values in feeds:
+            tensor.copy_(values[i % len(values)])
         graph.replay()
         replays.append(captured.clone())
     torch.cuda.synchronize()
@@ -525,7 +528,9 @@ def test_gluon_path_replays_give_the_same_bits(rows, entry, n, pdl, first, monke
     # shrink kernel and the Triton kernel that loads each row's tile of B before it
     # waits. Where the Triton kernel finishes one adapter's rows, the Gluon kernel goes
     # first and the shrink kernel beside it, or (``first`` off) the other way round. A
-    # race shows as a replay whose bits differ.
+    # race shows as a replay whose bits differ: the replays alternate two inputs, so a
+    # read of the workspaces before this replay's kernels wrote them sees the other
+    # input's values.
     monkeypatch.setattr(_decode, "PDL", pdl)
     monkeypatch.setattr(_decode, "GLUON_FIRST", first)
     if entry is not None:
@@ -543,8 +548,13 @@ def test_gluon_path_replays_give_the_same_bits(rows, entry, n, pdl, first, monke
 
         got, ran = uses_gluon(call, monkeypatch)
         assert ran
-        replays = graph_replays(call, 200)
-    assert all(torch.equal(got, r) for r in replays)
+        xs = (x.clone(), torch.randn_like(x))
+        x.copy_(xs[1])
+        expected = (got, call())
+        replays = graph_replays(call, 200, feeds=[(x, xs)])
+        x.copy_(xs[0])
+    assert not torch.equal(*expected)
+    assert all(torch.equal(r, expected[i % 2]) for i, r in enumerate(replays))
     for i in range(rows):
         row, k = x[i : i + 1], int(index[i])
         ref = _base_ref(layer, row) if k < 0 else dense_reference(layer, adapters[k], row)

@@ -803,10 +803,11 @@ def test_a_tuned_prefetch_level_reaches_the_kernel(monkeypatch):
 
 
 # MODE 8's launch order, recorded in process (nothing runs: whether the shrink kernel
-# really waits for the Gluon kernel is for the GPU tests, which run both orders): where a Triton kernel finishes (more than FINISH_ROWS rows gathering no
-# bank), the Gluon kernel goes first and the shrink kernel beside it, finishing after it
-# (GLUON_FIRST); at one row, over a gathered bank and with GLUON_FIRST off, the shrink
-# kernel goes first and the Gluon kernel beside it; without an adapter nothing overlaps.
+# really waits for the Gluon kernel is for the GPU tests, which run both orders). Where a
+# Triton kernel finishes (more than FINISH_ROWS rows gathering no bank), the Gluon kernel
+# goes first and the shrink kernel beside it, finishing after it (GLUON_FIRST); at one
+# row, over a gathered bank and with GLUON_FIRST off, the shrink kernel goes first and
+# the Gluon kernel beside it; without an adapter nothing overlaps.
 def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
     import torch
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
