@@ -753,32 +753,44 @@ def test_k_loops_of_several_steps_at_each_prefetch_level_match_float64():
     interpret(PREFETCHED_STEPS)
 
 
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` appends ``(name,
+    kwargs)`` to ``launches`` (in process: nothing runs)."""
+
+    def __init__(self, launches, name=""):
+        self.launches, self.name = launches, name
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.name, kwargs))
+
+
+def _cpu_layer(in_f, out_f, group, dtype):
+    import torch
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    return HQQLinear(
+        torch.nn.Linear(in_f, out_f),
+        BaseQuantizeConfig(nbits=4, group_size=group, axis=1),
+        compute_dtype=dtype,
+        device="cpu",
+    )
+
+
 # Outputs cannot tell the PREFETCH levels apart (they give the same bits), so the launch
 # itself is recorded here (in process, nothing runs): a TUNED entry's 8th field reaches the
 # kernel, a 7-field entry gets the module default, and a program of one step gets 0.
 def test_a_tuned_prefetch_level_reaches_the_kernel(monkeypatch):
     import torch
-    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
     from hqqlora import _decode
     from hqqlora._base import quant_tensors
 
     launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(kwargs)
-
-    monkeypatch.setattr(_decode, "_main_kernel", Recorder())
-    monkeypatch.setattr(_decode, "_shrink_kernel", Recorder())
+    monkeypatch.setattr(_decode, "_main_kernel", _Recorder(launches))
+    monkeypatch.setattr(_decode, "_shrink_kernel", _Recorder(launches))
     monkeypatch.setattr(_decode, "PDL", False)
     monkeypatch.setattr(_decode, "TUNED", {})
-    layer = HQQLinear(
-        torch.nn.Linear(256, 64),
-        BaseQuantizeConfig(nbits=4, group_size=32, axis=1),
-        compute_dtype=torch.float16,
-        device="cpu",
-    )
+    layer = _cpu_layer(256, 64, 32, torch.float16)
     W_q, scale, zero = quant_tensors(layer)
     meta = [4, 2, 32, 64, 256]  # bits, codes a byte, group, out, in
     A, B, s = torch.zeros(8, 256), torch.zeros(64, 8), torch.ones(1)
@@ -795,7 +807,7 @@ def test_a_tuned_prefetch_level_reaches_the_kernel(monkeypatch):
         launches.clear()
         _decode._launch(x, W_q, scale, zero, meta, A, B, s, None, None, None, None, None,
                         torch.float16)  # fmt: skip
-        (main,) = [k for k in launches if "PREFETCH" in k]
+        (main,) = [kw for _, kw in launches if "PREFETCH" in kw]
         assert main["PREFETCH"] == expected, (config, main["PREFETCH"])
         assert main["MODE"] == config[5]
         cap = config[6] if len(config) > 6 else 0
@@ -810,32 +822,18 @@ def test_a_tuned_prefetch_level_reaches_the_kernel(monkeypatch):
 # the Gluon kernel beside it; without an adapter nothing overlaps.
 def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
     import torch
-    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
     from hqqlora import _decode, _gluon
     from hqqlora._base import quant_tensors
 
     launches = []
-
-    class Recorder:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.name, kwargs))
-
     for name in ("_main_kernel", "_shrink_kernel", "_bank_shrink_kernel"):
-        monkeypatch.setattr(_decode, name, Recorder(name))
-    monkeypatch.setattr(_gluon, "_base_kernel", Recorder("gluon"))
+        monkeypatch.setattr(_decode, name, _Recorder(launches, name))
+    monkeypatch.setattr(_gluon, "_base_kernel", _Recorder(launches, "gluon"))
     monkeypatch.setattr(_gluon, "supported", lambda *a: True)
     monkeypatch.setattr(_decode, "PDL", True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    layer = HQQLinear(
-        torch.nn.Linear(1024, 256),
-        BaseQuantizeConfig(nbits=4, group_size=64, axis=1),
-        compute_dtype=torch.bfloat16,
-        device="cpu",
-    )
+    layer = _cpu_layer(1024, 256, 64, torch.bfloat16)
     W_q, scale, zero = quant_tensors(layer)
     meta = [4, 2, 64, 256, 1024]  # bits, codes a byte, group, out, in
     for rows in (1, 5, 16, 64):
