@@ -19,8 +19,9 @@ from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 from hqqlora import _decode
 from hqqlora._base import quant_layout, quant_tensors
 
-# MODE 8: (rows, TUNED_GLUON entry, FINISH_ROWS); up to FINISH_ROWS rows finish in the Gluon
-# kernel.
+# MODE 8: (rows, TUNED_GLUON entry, FINISH_ROWS[, GATHER_SIDE]); up to FINISH_ROWS rows
+# finish in the Gluon kernel; above 16 rows a bank's rows gather several adapters, their
+# kernels beside the Gluon kernel (GATHER_SIDE 1) or before it (0).
 GLUON = (
     (1, (64, 4, 8, 3), 1),
     (1, (32, 16, 4, 3), 1),
@@ -28,9 +29,11 @@ GLUON = (
     (5, (64, 2, 8, 4), 1),
     (16, (64, 8, 8, 3, 32), 1),
     (16, (64, 1, 8, 3), 16),
-    (17, (32, 4, 4, 3, 16), 1),
-    (40, (64, 4, 8, 4), 1),
-    (64, (64, 16, 8, 3), 1),
+    (17, (32, 4, 4, 3, 16), 1, 1),
+    (17, (32, 4, 4, 3, 16), 1, 0),
+    (40, (64, 4, 8, 4), 1, 1),
+    (64, (64, 16, 8, 3), 1, 1),
+    (64, (64, 16, 8, 3), 1, 0),
     # Finished in the Gluon kernel above one row (one adapter, a bank of 3).
     (5, (64, 2, 8, 4), 16),
     (16, (128, 8, 8, 3), 16),
@@ -55,7 +58,8 @@ for nbits in (4,) if gluon else (4, 2):
         torch.tensor([True, False, True], device="cuda"),
     )
     mag, norm = torch.rand(n, 768, device="cuda") + 0.5, torch.rand(n, 768, device="cuda") + 0.5
-    plan = [(rows, None, (entry, finish)) for rows, entry, finish in GLUON] if gluon else []
+    plan = [(rows, None, (entry, finish, *side)) for rows, entry, finish, *side in GLUON]
+    plan = plan if gluon else []
     for rows, config, tuned_gluon in plan or [(rows, config, None) for rows, config in (
         (1, None),
         (1, (32, 4, 16, 4, 1, 4)),
@@ -82,9 +86,8 @@ for nbits in (4,) if gluon else (4, 2):
         if config is not None:
             _decode.TUNED[(768, 1024, per, rows)] = config
         if tuned_gluon is not None:
-            _decode.TUNED_GLUON[(768, 1024, rows)], _decode.FINISH_ROWS = tuned_gluon
-            # Above 16 rows the bank's rows gather several adapters: the bank's shrink
-            # kernel, and each row's tile of B loaded before the wait.
+            _decode.TUNED_GLUON[(768, 1024, rows)], _decode.FINISH_ROWS = tuned_gluon[:2]
+            _decode.GATHER_SIDE = tuned_gluon[2] if len(tuned_gluon) > 2 else 2
             _decode.TUNED_GATHER[(768, 1024, rows)] = tuned_gluon[0][:4]
         else:
             _decode.TUNED_GLUON[(768, 1024, rows)] = None  # the Triton modes

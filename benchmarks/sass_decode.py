@@ -77,7 +77,8 @@ def _record(shape, rows, bank, dtype, config=None, gluon_entry=None, rank=16):
     x = torch.zeros(rows, in_f, dtype=dtype)
     saved = (dict(_decode.TUNED), dict(_decode.TUNED_GLUON), dict(_decode.TUNED_GATHER),
              _decode.PDL, _decode._main_kernel, _decode._shrink_kernel,
-             _decode._bank_shrink_kernel, _gluon.supported, _gluon._base_kernel)  # fmt: skip
+             _decode._bank_shrink_kernel, _gluon.supported, _gluon._base_kernel,
+             _decode._bank_terms_kernel)  # fmt: skip
     main, base = _Recorder(), _Recorder()
     try:
         if config is not None:
@@ -88,7 +89,7 @@ def _record(shape, rows, bank, dtype, config=None, gluon_entry=None, rank=16):
             _gluon.supported = lambda *a: True
         _decode.PDL = False  # decided from the GPU's capability; compiled in below instead
         _decode._main_kernel, _decode._shrink_kernel = main, _Recorder()
-        _decode._bank_shrink_kernel = _Recorder()
+        _decode._bank_shrink_kernel = _decode._bank_terms_kernel = _Recorder()
         _gluon._base_kernel = base
         meta = [bits, per, layout.group_size, out_f, in_f]
         _decode._launch(
@@ -103,7 +104,7 @@ def _record(shape, rows, bank, dtype, config=None, gluon_entry=None, rank=16):
             table.clear()
             table.update(old)
         (_decode.PDL, _decode._main_kernel, _decode._shrink_kernel, _decode._bank_shrink_kernel,
-         _gluon.supported, _gluon._base_kernel) = saved[3:]  # fmt: skip
+         _gluon.supported, _gluon._base_kernel, _decode._bank_terms_kernel) = saved[3:]  # fmt: skip
     return main.calls, base.calls, layout
 
 

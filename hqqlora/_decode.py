@@ -119,7 +119,12 @@ _SUPPORTED_PACKINGS = {"8bit_u8": (8, 1), "4bit_u8": (4, 2), "2bit_u8": (2, 4), 
 
 
 if triton is not None:
-    from hqqlora._decode_kernels import _bank_shrink_kernel, _main_kernel, _shrink_kernel
+    from hqqlora._decode_kernels import (
+        _bank_shrink_kernel,
+        _bank_terms_kernel,
+        _main_kernel,
+        _shrink_kernel,
+    )
 
 
 def supported(W_q: Tensor, layout: QuantLayout, rows: int) -> bool:
@@ -269,6 +274,19 @@ BANK_SHRINK_FLOATS = 4096
 GATHER_GLUON = True
 """Whether a bank of several adapters at more than 16 rows may take MODE 8 (the Gluon base
 kernel), its Triton kernel loading each row's tile of B before it waits for the base."""
+
+GATHER_SIDE = 2
+"""Where MODE 8 over a bank above 16 rows runs its adapter kernels on a second stream,
+beside the Gluon kernel (``_bank_shrink_kernel``, then ``_bank_terms_kernel`` writing the
+terms to ``lt``; the Triton kernel after both adds the partials, the terms, DoRA and the
+bias): 0 nowhere, 1 everywhere, 2 on layers with more outputs than inputs. Elsewhere the
+shrink kernel runs first, the Gluon kernel beside it, and the Triton kernel computes the
+terms, loading each row's tile of B before it waits. On an H100, 64 rows over 64 float32
+adapters of rank 16 (graph µs, best Gluon launch each way): 14336×4096 61.0 beside
+against 67.0; 4096² 27.3 against 25.5, 4096×14336 66.9 against 64.5, 1024×4096 11.7
+against 11.8 (``benchmarks/RESULTS.md``, tenth pass). Beside it, the adapters' reads slow
+the Gluon kernel's K loop (4096²: 12 µs alone, 23 beside them); they pay where B, read
+after the Gluon kernel otherwise, is the larger of the two adapter matrices."""
 
 GATHER_MAX_RANK = 128
 """Rank at most (padded) of a bank that MODE 8 gathers above 16 rows; larger ranks keep the
@@ -439,6 +457,15 @@ def _launch(
     # The Triton kernel waits for the shrink kernel only; the shrink kernel waits for the
     # Gluon kernel before it ends, so the Gluon kernel's partials are written by then.
     gluon_first = GLUON_FIRST and pdl and base is not None and not gathers and rows > FINISH_ROWS
+    # MODE 8 over a bank above 16 rows: the adapter's kernels on a stream beside the Gluon
+    # kernel's (GATHER_SIDE).
+    side = (
+        has_lora
+        and gathers
+        and base is not None
+        and rows >= BANK_SHRINK_ROWS
+        and (GATHER_SIDE == 1 or (GATHER_SIDE == 2 and n_out > k_in))
+    )
     shrink = None
     if has_lora:
         assert lora_A is not None and lora_B is not None and scaling is not None
@@ -453,12 +480,15 @@ def _launch(
         t_splits = 1
         t = torch.empty(rows * block_r, dtype=torch.float32, device=device)
         # (No counters to zero: gathered rows never finish in the Gluon kernel.)
-        _bank_shrink_kernel[(rows, parts)](
+        shrink = functools.partial(
+            _bank_shrink_kernel[(rows, parts)],
             x, lora_A, index, t, counts, 0, k_in, rank, lora_A.stride(0), n_bank,
             R_PER=r_per, BLOCK_R=block_r,
             BLOCK_K=min(triton.next_power_of_2(k_in), max(128, BANK_SHRINK_FLOATS // r_per)),
             USE_PDL=pdl, num_warps=4,
         )  # fmt: skip
+        if not side:
+            shrink()
     elif has_lora:
         assert lora_A is not None
         t_block_m = min(SHRINK_ROWS, triton.next_power_of_2(rows))
@@ -509,14 +539,29 @@ def _launch(
             n_bank,
         )  # fmt: skip
         block_p_base, base_split, base_warps, base_stages = base[:4]
+        if side:
+            assert shrink is not None and lora_B is not None and scaling is not None
+            lt = torch.empty(rows, n_out, dtype=torch.float32, device=device)
+            terms = functools.partial(
+                _bank_terms_kernel[(triton.cdiv(n_out, block_p * per), triton.cdiv(rows, DOT_ROWS))],
+                t, lora_B, index, scaling, lt, rows, n_out, rank, lora_B.stride(0), n_bank,
+                BLOCK_N=block_p * per, BLOCK_M=DOT_ROWS, BLOCK_R=block_r, USE_PDL=pdl,
+                num_warps=4, launch_pdl=pdl,
+            )  # fmt: skip
+            beside = _Beside(device)  # forks here: before the Gluon kernel
         _gluon.base_partials(
             x, W_q, scale, zero, meta, ws, counts, tail, block_p=block_p_base,
             split=base_split, warps=base_warps, stages=base_stages,
-            after_shrink=pdl and not gluon_first, finish=finish, before_shrink=gluon_first,
+            after_shrink=pdl and not gluon_first and not side, finish=finish,
+            before_shrink=gluon_first,
         )  # fmt: skip
         if gluon_first:
             assert shrink is not None
             shrink()
+        if side:
+            with beside:
+                shrink()
+                terms()
         if finish is not None:
             return out
     # MODE 3/5/7's exponent trick: bf16 holds 128 + q exactly for q < 128, fp16 1024 + q.
@@ -530,7 +575,8 @@ def _launch(
     # most TERM_FLOATS floats.
     nb = block_p * (1 if mode == 1 else per)
     term_rows = min(triton.next_power_of_2(rows_per_split), max(1, TERM_FLOATS // (nb * block_r)))
-    lt = dummy
+    if not side:
+        lt = dummy
     if has_lora and block_m > 1 and not (mode == 8 and gathers):
         lt = torch.empty(rows, n_out, dtype=torch.float32, device=device)
     _main_kernel[(tiles, split)](
@@ -552,10 +598,35 @@ def _launch(
         MODE=mode, BASE_SPLITS=base[1] if base is not None else 0,
         GATHER_EARLY=mode == 8 and gathers,
         PREFETCH=prefetch if steps // split > 1 and mode != 8 else 0,
-        MAGIC=magic, OFFSET=offset, USE_PDL=pdl,
-        num_warps=warps, num_stages=stages, launch_pdl=pdl, **limits,
+        MAGIC=magic, OFFSET=offset, USE_PDL=pdl and not side, TERMS_READY=side,
+        num_warps=warps, num_stages=stages, launch_pdl=pdl and not side, **limits,
     )  # fmt: skip
     return out
+
+
+class _Beside:
+    """A fork of the current CUDA stream where it is made, joined again when the ``with``
+    block ends: kernels launched inside run on a stream of PyTorch's pool, beside what the
+    current stream runs after the fork (CUDA graphs capture the two branches). Tensors made
+    before the fork may be used inside; the join comes before anything after the block can
+    free them. On other devices (Triton's interpreter) the block runs in order."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = None
+        if device.type == "cuda":
+            self.main = torch.cuda.current_stream(device)
+            self.stream = torch.cuda.Stream(device)
+            self.stream.wait_stream(self.main)
+
+    def __enter__(self) -> None:
+        if self.stream is not None:
+            self.context = torch.cuda.stream(self.stream)
+            self.context.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.stream is not None:
+            self.context.__exit__(*exc)
+            self.main.wait_stream(self.stream)
 
 
 if triton is not None:

@@ -117,6 +117,39 @@ if triton is not None:
         tl.store(t_ptr + row * BLOCK_R + r, tl.sum(acc, axis=1), mask=r < R)
 
     @triton.jit  # type: ignore[untyped-decorator]
+    def _bank_terms_kernel(  # type: ignore[no-untyped-def]
+        t_ptr, b_ptr, idx_ptr, scaling_ptr, lt_ptr, M, N, R, stride_b_bank, n_bank,
+        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+        USE_PDL: tl.constexpr,
+    ):  # fmt: skip
+        # ``lt[i] = s_k · t[i] @ B[k_i]ᵀ`` (float32) for a tile of BLOCK_N outputs and
+        # BLOCK_M rows, each row reading its own adapter's tile of B; rows that read no
+        # adapter give 0. ``t`` is _bank_shrink_kernel's (whole, BLOCK_R floats a row): B
+        # is loaded before waiting for it (programmatic dependent launch).
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = m < M
+        r = tl.arange(0, BLOCK_R)
+        r_ok = r < R
+        k = tl.load(idx_ptr + m, mask=m_ok, other=-1)
+        use = m_ok & (k >= 0) & (k < n_bank)
+        k = tl.where(use, k, 0).to(tl.int64)
+        b = tl.load(
+            b_ptr + k[:, None, None] * stride_b_bank + n[None, :, None] * R + r[None, None, :],
+            mask=use[:, None, None] & n_ok[None, :, None] & r_ok[None, None, :],
+            other=0,
+        ).to(tl.float32)  # (BLOCK_M, BLOCK_N, BLOCK_R)
+        s_k = tl.load(scaling_ptr + k, mask=use, other=0).to(tl.float32)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+        t = tl.load(
+            t_ptr + m[:, None] * BLOCK_R + r[None, :], mask=use[:, None] & r_ok[None, :], other=0
+        )
+        terms = tl.sum(b * (t * s_k[:, None])[:, None, :], axis=2)  # (BLOCK_M, BLOCK_N)
+        tl.store(lt_ptr + m[:, None] * N + n[None, :], terms, mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit  # type: ignore[untyped-decorator]
     def _step_codes(  # type: ignore[no-untyped-def]
         x_ptr, packed_ptr, step, m, m_ok, pj, n_ok, K, BLOCK_K: tl.constexpr,
         X_ROWS: tl.constexpr,
@@ -344,6 +377,7 @@ if triton is not None:
         MAGIC: tl.constexpr,
         OFFSET: tl.constexpr,
         USE_PDL: tl.constexpr,
+        TERMS_READY: tl.constexpr = False,
     ):
         # MODE 0: a tile holds every slot of its packed rows (one read of each byte),
         # multiplied on tensor cores; MODE 1: a program per (tile, slot), so no register
@@ -565,7 +599,7 @@ if triton is not None:
 
         r = tl.arange(0, BLOCK_R)
         r_ok = r < R
-        if MODE == 8 and GATHER_EARLY:
+        if MODE == 8 and GATHER_EARLY and not TERMS_READY:
             # Rows of a bank's several adapters: each row's column tile of its own B, read
             # before waiting for the kernels before this one (B is the caller's, so these
             # reads may overlap the Gluon kernel's K loop); the dot waits for ``t``.
@@ -622,6 +656,11 @@ if triton is not None:
                 ).to(tl.float32)
                 term = tl.sum(b * t_row[None, :], axis=1)  # (NB,)
                 acc += tl.where(m[:, None] == split, term[None, :], 0.0)
+        elif HAS_LORA and MODE == 8 and GATHER_EARLY and TERMS_READY:
+            # _bank_terms_kernel's terms of these rows (``lt``), as this kernel's own below.
+            own = tl.load(
+                lt_ptr + m[:, None] * N + n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0
+            )
         elif HAS_LORA and MODE == 8 and GATHER_EARLY:
             ts = tl.arange(0, T_SPLITS)
             t_part = tl.load(

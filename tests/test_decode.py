@@ -525,14 +525,17 @@ def test_gluon_path_replays_give_the_same_bits(rows, entry, n, pdl, first, monke
     # finished in the Gluon kernel (8 splits and a counter, or one split): the base
     # kernel beside the shrink kernel (programmatic dependent launch), then the Triton
     # kernel or the Gluon kernel's own finish; over a bank of 64 at 64 rows, the bank's
-    # shrink kernel and the Triton kernel that loads each row's tile of B before it
-    # waits. Where the Triton kernel finishes one adapter's rows, the Gluon kernel goes
-    # first and the shrink kernel beside it, or (``first`` off) the other way round. A
+    # shrink and terms kernels on a stream beside the Gluon kernel, then the Triton kernel
+    # (GATHER_SIDE; ``first`` off: the bank's shrink kernel, then the Triton kernel that
+    # loads each row's tile of B before it waits). Where the Triton kernel finishes one
+    # adapter's rows, the Gluon kernel goes first and the shrink kernel beside it, or
+    # (``first`` off) the other way round. A
     # race shows as a replay whose bits differ: the replays alternate two inputs, so a
     # read of the workspaces before this replay's kernels wrote them sees the other
     # input's values.
     monkeypatch.setattr(_decode, "PDL", pdl)
     monkeypatch.setattr(_decode, "GLUON_FIRST", first)
+    monkeypatch.setattr(_decode, "GATHER_SIDE", int(first))
     if entry is not None:
         monkeypatch.setitem(_decode.TUNED_GLUON, (4096, 4096, rows), entry)
     layer = cuda_layer(4, torch.bfloat16, size=(4096, 4096))
@@ -563,19 +566,23 @@ def test_gluon_path_replays_give_the_same_bits(rows, entry, n, pdl, first, monke
 
 @needs_gluon
 @pytest.mark.parametrize("ranks", [(4, 8, 9, 8, 3), (40, 8, 24, 8, 3)])
-@pytest.mark.parametrize("bank_shrink", [True, False])
+@pytest.mark.parametrize("shrink", ["beside", "first", "k_split"])
 @pytest.mark.parametrize("config", [None, (64, 4, 8, 4), (128, 2, 8, 3), (32, 8, 4, 3)])
 @pytest.mark.parametrize("rows", [17, 40, 64])
 @pytest.mark.parametrize("dtype", HALF)
 def test_gluon_path_over_a_gathered_bank_matches_the_reference(
-    dtype, rows, config, bank_shrink, ranks, monkeypatch
+    dtype, rows, config, shrink, ranks, monkeypatch
 ):
-    # MODE 8 over a bank of several adapters above 16 rows: the bank's shrink kernel (a
-    # program per row and rank slice, all of K) or the K-split one, the Gluon base kernel
-    # in 1-8 splits, then the Triton kernel, which loads each row's tile of B before it
+    # MODE 8 over a bank of several adapters above 16 rows, the Gluon base kernel in 1-8
+    # splits and: the bank's shrink kernel (a program per row and rank slice, all of K)
+    # and terms kernel on a stream beside it, then the Triton kernel adding the terms
+    # (``beside``, GATHER_SIDE); or the bank's shrink kernel (``first``) or the K-split
+    # one before it, then the Triton kernel, which loads each row's tile of B before it
     # waits (32 outputs a program, 8 at rank 40). LoRA and DoRA entries of ranks 3-9 (at 64
     # rows the last rank slice of the shrink is partial) or 3-40 (padded to the largest),
     # rows of none (-1) and past the bank (NaN), a bias, the table's entry or the rule.
+    bank_shrink = shrink != "k_split"
+    monkeypatch.setattr(_decode, "GATHER_SIDE", int(shrink == "beside"))
     if not bank_shrink:
         monkeypatch.setattr(_decode, "BANK_SHRINK_ROWS", _decode.MAX_ROWS + 1)
     if config is not None:
@@ -610,6 +617,44 @@ def test_gluon_path_over_a_gathered_bank_matches_the_reference(
         row = x[i : i + 1]
         ref = _base_ref(layer, row) if k < 0 else dense_reference(layer, adapters[f"a{k}"], row)
         assert_close_rel(got[i : i + 1], ref, dtype, factor=2)
+
+
+@needs_gluon
+@pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores")
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+@pytest.mark.filterwarnings("ignore:The CUDA Graph is empty")
+def test_gathered_bank_beside_the_gluon_kernel_under_reduce_overhead(monkeypatch):
+    # The bank's shrink and terms kernels run on a second stream beside the Gluon kernel
+    # (GATHER_SIDE): torch.compile's CUDA graphs capture the fork and the join, and the
+    # replays, alternating indices and inputs, each equal float64 per row.
+    layer = cuda_layer(4, torch.bfloat16, size=(256, 1024))
+    adapters = {f"a{i}": cuda_adapter(layer, dora=i == 1, seed=i, r=8) for i in range(3)}
+    monkeypatch.setattr(_decode, "GATHER_SIDE", 1)  # (the rule takes it where out > in)
+    bank = hqqlora.stack_adapters(adapters)
+    norm = hqqlora.bank_weight_norm(layer, bank)
+    torch._dynamo.reset()
+
+    @torch.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)
+    def serve(x, index):
+        return hqqlora.mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norm)
+
+    ar = torch.arange(40, device="cuda")
+    indices = (ar % 4 - 1, (ar * 7 + 1) % 4 - 1)
+    with torch.no_grad():
+        for step in range(6):  # the first calls record, the later ones replay
+            x = torch.randn(40, 1024, device="cuda", dtype=torch.bfloat16)
+            index = indices[step % 2]
+            got, ran = uses_gluon(lambda x=x, index=index: serve(x, index).clone(), monkeypatch)
+            assert ran or step > 0  # replays run no Python
+            for i in range(40):
+                k = int(index[i])
+                row = x[i : i + 1]
+                ref = (
+                    _base_ref(layer, row)
+                    if k < 0
+                    else dense_reference(layer, adapters[f"a{k}"], row)
+                )
+                assert_close_rel(got[i : i + 1], ref, torch.bfloat16, factor=2)
 
 
 @needs_gluon

@@ -818,8 +818,8 @@ def test_a_tuned_prefetch_level_reaches_the_kernel(monkeypatch):
 # really waits for the Gluon kernel is for the GPU tests, which run both orders). Where a
 # Triton kernel finishes (more than FINISH_ROWS rows gathering no bank), the Gluon kernel
 # goes first and the shrink kernel beside it, finishing after it (GLUON_FIRST); at one
-# row, over a gathered bank and with GLUON_FIRST off, the shrink kernel goes first and
-# the Gluon kernel beside it; without an adapter nothing overlaps.
+# row, over a gathered bank without GATHER_SIDE and with GLUON_FIRST off, the shrink
+# kernel goes first and the Gluon kernel beside it; without an adapter nothing overlaps.
 def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
     import torch
 
@@ -827,7 +827,7 @@ def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
     from hqqlora._base import quant_tensors
 
     launches = []
-    for name in ("_main_kernel", "_shrink_kernel", "_bank_shrink_kernel"):
+    for name in ("_main_kernel", "_shrink_kernel", "_bank_shrink_kernel", "_bank_terms_kernel"):
         monkeypatch.setattr(_decode, name, _Recorder(launches, name))
     monkeypatch.setattr(_gluon, "_base_kernel", _Recorder(launches, "gluon"))
     monkeypatch.setattr(_gluon, "supported", lambda *a: True)
@@ -840,8 +840,9 @@ def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
         monkeypatch.setitem(_decode.TUNED_GLUON, (256, 1024, rows), (64, 4, 8, 3))
         monkeypatch.setitem(_decode.TUNED_GATHER, (256, 1024, rows), (64, 4, 8, 3))
 
-    def order(rows, bank, first=True, lora=True, dora=False):
+    def order(rows, bank, first=True, lora=True, dora=False, side=True):
         monkeypatch.setattr(_decode, "GLUON_FIRST", first)
+        monkeypatch.setattr(_decode, "GATHER_SIDE", int(side))
         n = max(bank, 1)
         A, B, s = torch.zeros(n, 8, 1024), torch.zeros(n, 256, 8), torch.ones(n)
         mag = norm = torch.ones(n, 256) if dora else None
@@ -869,12 +870,23 @@ def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
         assert kw["_shrink_kernel"]["USE_PDL"] and kw["_main_kernel"]["launch_pdl"]
         assert kw["_main_kernel"]["HAS_DORA"] == dora == kw["_main_kernel"]["HAS_BIAS"]
     for rows, bank, first in ((16, 0, False), (1, 0, True), (64, 4, True)):
-        names, kw = order(rows, bank, first)
+        names, kw = order(rows, bank, first, side=False)
         shrink = "_bank_shrink_kernel" if bank > 1 else "_shrink_kernel"
         assert names[:2] == [shrink, "gluon"], (rows, bank, first, names)
         assert kw["gluon"]["WAIT_PREVIOUS"] and kw["gluon"]["launch_pdl"]
         assert not kw["gluon"]["FIRST"] and not kw[shrink].get("WAIT_AFTER", False)
         assert not kw[shrink].get("launch_pdl", False)
+    # A bank above 16 rows (GATHER_SIDE): the Gluon kernel alone on its stream, the bank's
+    # shrink and terms kernels beside it (the terms kernel a dependent launch of the
+    # shrink kernel), then the Triton kernel, after both, adding the terms.
+    names, kw = order(64, 4, side=True)
+    assert names == ["gluon", "_bank_shrink_kernel", "_bank_terms_kernel", "_main_kernel"], names
+    assert not kw["gluon"]["FIRST"] and not kw["gluon"]["WAIT_PREVIOUS"]
+    assert not kw["gluon"]["launch_pdl"] and not kw["_bank_shrink_kernel"].get("launch_pdl")
+    assert kw["_bank_shrink_kernel"]["USE_PDL"]
+    assert kw["_bank_terms_kernel"]["USE_PDL"] and kw["_bank_terms_kernel"]["launch_pdl"]
+    assert kw["_main_kernel"]["TERMS_READY"] and not kw["_main_kernel"]["USE_PDL"]
+    assert not kw["_main_kernel"]["launch_pdl"]
     names, kw = order(16, 0, lora=False)
     assert names == ["gluon", "_main_kernel"]
     assert not kw["gluon"]["FIRST"] and not kw["gluon"]["WAIT_PREVIOUS"]
@@ -884,9 +896,10 @@ def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
 # a stand-in writing float64-exact sums of each K split, and the Triton kernel must add
 # them in its row blocks of 16 to the adapter terms, DoRA's norms, the bias and the NaN of
 # an index outside the bank, for 1-64 rows and tiles of 8-128 outputs, with rows of
-# several adapters (terms through ``lt`` up to 16 rows; above, each row's tile of B loaded
-# before the wait, after the bank's shrink kernel) and of one (terms kept in registers),
-# one adapter without an index, and no adapter.
+# several adapters (terms through ``lt`` up to 16 rows; above, from the bank's shrink and
+# terms kernels, or each row's tile of B loaded before the wait after the bank's shrink
+# kernel) and of one (terms kept in registers), one adapter without an index, and no
+# adapter.
 MODE8_EPILOGUE = textwrap.dedent(
     r"""
     import torch
@@ -922,10 +935,13 @@ MODE8_EPILOGUE = textwrap.dedent(
     # Rows of several adapters (above 16 rows each row's tile of B is loaded before the
     # wait, after the bank's own shrink kernel) and of one adapter (a bank of one, adapter
     # 2 of these).
+    # Over a bank above 16 rows the terms come from a kernel of their own (GATHER_SIDE), or
+    # from the Triton kernel after the Gluon kernel (the last case).
     cases = ((1, 2, 64, 5), (2, 1, 64, 5), (5, 2, 32, 5), (16, 4, 64, 5), (16, 2, 64, 1), (17, 4, 32, 1),
              (17, 8, 16, 1), (40, 8, 64, 1), (40, 2, 32, 1), (17, 4, 32, 5), (40, 8, 16, 5),
-             (33, 2, 64, 5))
-    for rows, split, tile, kinds in cases:
+             (33, 2, 64, 5), (33, 2, 64, 5, False))
+    for rows, split, tile, kinds, *side in cases:
+        _decode.GATHER_SIDE = 1 if side == [] else 0
         # (TUNED_GATHER: a bank of several adapters above 16 rows)
         _decode.TUNED_GLUON[(256, 512, rows)] = (64, split, 8, 3, tile)
         _decode.TUNED_GATHER[(256, 512, rows)] = (64, split, 8, 3)
@@ -954,6 +970,7 @@ MODE8_EPILOGUE = textwrap.dedent(
             ref = ref + layer.bias.double()
             err = (got[i].double() - ref).abs().max().item()
             assert err <= 2**-10 * ref.abs().max().item(), (rows, i, k, err)
+    _decode.GATHER_SIDE = 2
 
     # Banks above 16 rows, the launches recorded: rank 40 (64 slots: the Triton kernel's
     # tiles shrink to 8 outputs), rank 9 at 64 rows (the shrink's last rank slice is
@@ -974,13 +991,15 @@ MODE8_EPILOGUE = textwrap.dedent(
 
         setattr(_decode, name, Spy())
 
-    for name in ("_bank_shrink_kernel", "_shrink_kernel", "_main_kernel"):
+    for name in ("_bank_shrink_kernel", "_bank_terms_kernel", "_shrink_kernel", "_main_kernel"):
         spy(name)
     _decode.GATHER_BLOCK_P = 16
-    for rank, rows, floats, shrink_rows, tile in ((40, 17, 4096, 17, 4), (40, 40, 4096, 17, 4),
-                                                  (9, 64, 256, 17, 16), (16, 33, 4096, 65, 16),
-                                                  (160, 20, 4096, 17, None)):
+    for rank, rows, floats, shrink_rows, tile, side in (
+            (40, 17, 4096, 17, 4, True), (40, 40, 4096, 17, 4, True), (40, 40, 4096, 17, 4, False),
+            (9, 64, 256, 17, 16, True), (9, 64, 256, 17, 16, False), (16, 33, 4096, 65, 16, True),
+            (160, 20, 4096, 17, None, True)):
         _decode.BANK_SHRINK_FLOATS, _decode.BANK_SHRINK_ROWS = floats, shrink_rows
+        _decode.GATHER_SIDE = int(side)
         _decode.TUNED_GATHER[(256, 512, rows)] = (64, 2, 8, 3)
         Ar, Br = torch.randn(n, rank, 512) * 0.05, torch.randn(n, 256, rank) * 0.05
         x = torch.randn(rows, 512).half()
@@ -997,6 +1016,10 @@ MODE8_EPILOGUE = textwrap.dedent(
             shrink = "_bank_shrink_kernel" if shrink_rows <= rows else "_shrink_kernel"
             assert shrink in names and main["GATHER_EARLY"], (rank, rows, names)
             assert main["MODE"] == 8 and main["BLOCK_P"] == tile, (rank, main["BLOCK_P"])
+            # Beside the Gluon kernel (GATHER_SIDE, after the bank's shrink kernel only):
+            # the terms in a kernel of their own, added by the Triton kernel.
+            terms = side and shrink == "_bank_shrink_kernel"
+            assert ("_bank_terms_kernel" in names) == terms == main["TERMS_READY"], names
             if shrink == "_bank_shrink_kernel":
                 block_k = launches[names.index(shrink)][1]["BLOCK_K"]
                 assert floats > 4096 // 2 or block_k < 512, block_k  # several K steps
@@ -1010,7 +1033,7 @@ MODE8_EPILOGUE = textwrap.dedent(
                 ref = ref + s[k].double() * (x[i].double() @ Ar[k].double().T) @ Br[k].double().T
             err = (got[i].double() - ref).abs().max().item()
             assert err <= 2**-10 * ref.abs().max().item(), (rank, rows, i, k, err)
-    _decode.BANK_SHRINK_FLOATS, _decode.BANK_SHRINK_ROWS = 4096, 17
+    _decode.BANK_SHRINK_FLOATS, _decode.BANK_SHRINK_ROWS, _decode.GATHER_SIDE = 4096, 17, 2
 
     # One adapter without an index (DoRA), and no adapter at all, at 1, 16 and 40 rows.
     for rows, split in ((1, 2), (16, 4), (40, 8)):
