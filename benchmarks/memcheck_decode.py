@@ -118,9 +118,11 @@ for nbits in (4,) if gluon else (4, 2):
             # bank's shrink is partial).
             {"lora_A": A[:, :9].contiguous(), "lora_B": B[..., :9].contiguous(), "scaling": s,
              "index": idx},
-            # Rank 40 (64 rank slots).
+            # Rank 40 (64 rank slots), one adapter and a bank.
             {"lora_A": A[0].repeat(3, 1)[:40].contiguous(),
              "lora_B": B[0].repeat(1, 3)[:, :40].contiguous(), "scaling": s[:1]},
+            {"lora_A": A.repeat(1, 3, 1)[:, :40].contiguous(),
+             "lora_B": B.repeat(1, 1, 3)[..., :40].contiguous(), "scaling": s, "index": idx},
         ):  # fmt: skip
             _decode.lora_decode(x, W_q, scale, zero, layout, **kw)
         torch.cuda.synchronize()

@@ -257,6 +257,10 @@ def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True, explore=False
     return best
 
 
+GLUON_STAGES = (3, 4)
+"""cp.async stages the Gluon sweep tries (``--stages``)."""
+
+
 def gluon_candidates(out_f, in_f, tokens):
     """Gluon base kernel (MODE 8) launches: packed rows a program, splits, warps, stages."""
     steps = in_f // 64
@@ -266,7 +270,7 @@ def gluon_candidates(out_f, in_f, tokens):
             programs = out_f // 2 // block_p * split
             if steps % split or steps // split < 2 or not 32 <= programs <= 1024:
                 continue
-            for stages in (3, 4):
+            for stages in GLUON_STAGES:
                 out.append((block_p, split, 8, stages))
     return out
 
@@ -460,6 +464,10 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=2, help="this (out, in) only")
     parser.add_argument("--bank", type=int, default=0, help="a bank of N adapters, one per row")
     parser.add_argument("--workers", type=int, default=12, help="compile processes")
+    parser.add_argument("--stages", type=int, nargs="+", help="m8: the Gluon kernel's stages")
+    parser.add_argument(
+        "--gather-side", type=int, choices=(0, 1, 2), help="m8: _decode.GATHER_SIDE for this run"
+    )
     parser.add_argument("--no-profile", action="store_true", help="tune only")
     parser.add_argument("--breakdown", action="store_true", help="per-kernel times after tuning")
     args = parser.parse_args()
@@ -474,6 +482,10 @@ def main() -> None:
         profile_best(shapes, tokens)
         return
     if "m8" in args.modes:
+        global GLUON_STAGES
+        GLUON_STAGES = tuple(args.stages or GLUON_STAGES)
+        if args.gather_side is not None:
+            _decode.GATHER_SIDE = args.gather_side
         best = tune_gluon(shapes, tokens, bank=args.bank, workers=args.workers)
         for name in ("TUNED_GLUON", "TUNED_GATHER"):
             entries = {

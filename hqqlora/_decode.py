@@ -10,7 +10,10 @@ this module picks their launches) read each of them once:
    the cache), so a bank is never copied per row. It also zeroes the second kernel's
    counters, so no memset runs. Under MODE 8 over a bank of several adapters above 16
    rows, ``_bank_shrink_kernel`` instead: a program per row and slice of its adapter's
-   rank, all of ``in`` in long contiguous runs, ``t`` whole (no partials).
+   rank, all of ``in`` in long contiguous runs, ``t`` whole (no partials); where
+   :data:`GATHER_SIDE` takes it, it runs on a second stream beside the Gluon kernel,
+   followed there by ``_bank_terms_kernel`` (each row's ``s_k · t[i] @ B[k_i]ᵀ`` into a
+   float32 workspace, which the main kernel adds instead of computing the terms).
 2. ``_main_kernel``: HQQ's packed codes, read in HQQ's own layout (one byte gives the
    output rows of all its slots), times ``x`` with float32 accumulation. Split along
    ``in``: each split writes its float32 partial and computes the adapter term
@@ -54,7 +57,8 @@ Variants of the second kernel (``MODE``, per shape in :data:`TUNED`, else
   Gluon kernel goes first there and the shrink kernel beside it (:data:`GLUON_FIRST`).
   Over a bank of several adapters above 16 rows (:data:`TUNED_GATHER`), its programs
   take 32 outputs (fewer above rank 16) and load each row's tile of B before they wait
-  for the kernels before them.
+  for the kernels before them, or (:data:`GATHER_SIDE`) add the terms that
+  ``_bank_terms_kernel`` computed on a stream beside the Gluon kernel.
 - 3: as 5 with ``x @ codesᵀ``; 0: every slot of the tile unpacked and reshaped in
   registers; 1: a program per slot; 2: a GEMV without the trick, with a register
   reshape. Slower on the H100 (``benchmarks/tune_decode.py``), kept for other GPUs'
@@ -219,10 +223,12 @@ TUNED_GLUON: dict[tuple[int, int, int], tuple[int, ...] | None] = {
 }
 
 # The same (four fields: the Triton kernel's tile is GATHER_BLOCK_P's) for rows of a bank's
-# several adapters above 16 rows (MODE 8 after the bank's shrink kernel, each row's tile of
-# B gathered by the Triton kernel, ``GATHER_GLUON``): the best on an H100 of the 64-row
-# launches swept over a bank of 64 float32 adapters, one per row (``tune_decode.py --modes
-# m8 --bank 64 --tokens 64``); other shapes take :func:`gluon_config`'s rule.
+# several adapters above 16 rows (MODE 8 with the bank's shrink kernel, ``GATHER_GLUON``):
+# the best on an H100 of the 64-row launches swept over a bank of 64 float32 adapters, one
+# per row (``tune_decode.py --modes m8 --bank 64 --tokens 64``), in the order GATHER_SIDE
+# takes for the shape (14336×4096: the adapter kernels beside the Gluon kernel; the others:
+# the shrink kernel first, each row's tile of B gathered by the Triton kernel); other
+# shapes take :func:`gluon_config`'s rule.
 TUNED_GATHER: dict[tuple[int, int, int], tuple[int, ...] | None] = {
     (1024, 4096, 64): (64, 8, 8, 4),
     (4096, 4096, 64): (64, 4, 8, 4),
@@ -251,7 +257,8 @@ Gluon kernel beside the shrink kernel. Launched second, the Gluon kernel's CTAs 
 the shrink kernel leaves room, two or three to an SM where they are small: on an H100,
 4096² at 16 rows with (64, 8, 8, 3), 17.7 µs that way against 11.9 first
 (``benchmarks/RESULTS.md``, ninth pass). One row (the Gluon kernel finishes, after the
-shrink kernel has zeroed its counters) and a gathered bank keep the shrink kernel first."""
+shrink kernel has zeroed its counters) and a gathered bank keep the shrink kernel first
+(or, there, :data:`GATHER_SIDE` puts the adapter kernels on a second stream)."""
 
 EPILOGUE_BLOCK_P = 64
 """Packed rows a program of MODE 8's Triton kernel takes (64: 128 outputs at 4 bits)."""
@@ -549,16 +556,22 @@ def _launch(
                 num_warps=4, launch_pdl=pdl,
             )  # fmt: skip
             beside = _Beside(device)  # forks here: before the Gluon kernel
-        _gluon.base_partials(
-            x, W_q, scale, zero, meta, ws, counts, tail, block_p=block_p_base,
-            split=base_split, warps=base_warps, stages=base_stages,
-            after_shrink=pdl and not gluon_first and not side, finish=finish,
-            before_shrink=gluon_first,
-        )  # fmt: skip
+        try:
+            _gluon.base_partials(
+                x, W_q, scale, zero, meta, ws, counts, tail, block_p=block_p_base,
+                split=base_split, warps=base_warps, stages=base_stages,
+                after_shrink=pdl and not gluon_first and not side, finish=finish,
+                before_shrink=gluon_first,
+            )  # fmt: skip
+        except BaseException:
+            if side:
+                beside.join()  # a capture would otherwise end on the unjoined stream's error
+            raise
         if gluon_first:
             assert shrink is not None
             shrink()
         if side:
+            assert shrink is not None
             with beside:
                 shrink()
                 terms()
@@ -609,24 +622,35 @@ class _Beside:
     block ends: kernels launched inside run on a stream of PyTorch's pool, beside what the
     current stream runs after the fork (CUDA graphs capture the two branches). Tensors made
     before the fork may be used inside; the join comes before anything after the block can
-    free them. On other devices (Triton's interpreter) the block runs in order."""
+    free them. On other devices (Triton's interpreter) the block runs in order.
+
+    The pool hands its streams out in turn, to other callers too: the second stream is
+    never the current one (a capture's stream comes from the same pool), but it may be
+    one that other code also uses, and then the join waits for that code's work too."""
 
     def __init__(self, device: torch.device) -> None:
-        self.stream = None
+        self.main: torch.cuda.Stream | None = None
+        self.side: torch.cuda.Stream | None = None
         if device.type == "cuda":
             self.main = torch.cuda.current_stream(device)
-            self.stream = torch.cuda.Stream(device)
-            self.stream.wait_stream(self.main)
+            self.side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]  # torch's Stream.__new__ is unannotated
+            if self.side == self.main:  # the pool's next stream is another one
+                self.side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+            self.side.wait_stream(self.main)
 
     def __enter__(self) -> None:
-        if self.stream is not None:
-            self.context = torch.cuda.stream(self.stream)
-            self.context.__enter__()
+        if self.side is not None:
+            torch.cuda.set_stream(self.side)
 
     def __exit__(self, *exc: object) -> None:
-        if self.stream is not None:
-            self.context.__exit__(*exc)
-            self.main.wait_stream(self.stream)
+        if self.main is not None:
+            torch.cuda.set_stream(self.main)
+        self.join()
+
+    def join(self) -> None:
+        """The current stream waits for everything launched on the second one."""
+        if self.main is not None and self.side is not None:
+            self.main.wait_stream(self.side)
 
 
 if triton is not None:

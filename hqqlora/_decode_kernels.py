@@ -6,6 +6,8 @@ call takes: its tables and ``_launch``).
   split), zeroing the main kernel's counters on the way.
 - ``_bank_shrink_kernel``: the same over a bank of several adapters above 16 rows under
   MODE 8, a program per row and slice of its adapter's rank, ``t`` whole.
+- ``_bank_terms_kernel``: after it (``GATHER_SIDE``), each row's ``s_k · t[i] @ B[k_i]ᵀ``
+  in float32, for the main kernel to add.
 - ``_main_kernel``: the base term from HQQ's packed codes (MODES 0-7), or the partials of
   the Gluon base kernel (MODE 8), plus the adapter terms, DoRA and the bias.
 """

@@ -891,6 +891,20 @@ def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
     assert names == ["gluon", "_main_kernel"]
     assert not kw["gluon"]["FIRST"] and not kw["gluon"]["WAIT_PREVIOUS"]
 
+    # GATHER_SIDE 2 (the default): the second stream on layers with more outputs than
+    # inputs only.
+    monkeypatch.setattr(_decode, "GATHER_SIDE", 2)
+    for in_f, out_f in ((256, 512), (512, 512), (512, 256)):
+        monkeypatch.setitem(_decode.TUNED_GATHER, (out_f, in_f, 40), (64, 2, 8, 3))
+        W_q, scale, zero = quant_tensors(_cpu_layer(in_f, out_f, 64, torch.bfloat16))
+        A, B, s = torch.zeros(3, 8, in_f), torch.zeros(3, out_f, 8), torch.ones(3)
+        launches.clear()
+        _decode._launch(torch.zeros(40, in_f, dtype=torch.bfloat16), W_q, scale, zero,
+                        [4, 2, 64, out_f, in_f], A, B, s, torch.arange(40) % 3, None, None, None,
+                        None, torch.bfloat16)  # fmt: skip
+        names = [name for name, _ in launches]
+        assert ("_bank_terms_kernel" in names) == (out_f > in_f), (in_f, out_f, names)
+
 
 # MODE 8's Triton half (the Gluon base kernel needs an H100): the base partials come from
 # a stand-in writing float64-exact sums of each K split, and the Triton kernel must add
