@@ -1,5 +1,6 @@
 """LoRA and DoRA adapters on HQQ-quantized linear layers, as pure functions over pytrees."""
 
+from hqqlora._bank import AdapterBank, bank_weight_norm, stack_adapters
 from hqqlora._base import QuantLayout, base_forward, dequantize, quant_layout, quantize_like
 from hqqlora._compose import CombineInfo, add, combine, negate, scale
 from hqqlora._dora import dora_weight_norm
@@ -7,13 +8,7 @@ from hqqlora._io import load_adapter, save_adapter
 from hqqlora._loftq import loftq
 from hqqlora._lora import apply_lora
 from hqqlora._merge import merge, merged_weight, unmerge, unmerged_weight
-from hqqlora._mixed import (
-    AdapterBank,
-    bank_weight_norm,
-    mixed_batch,
-    mixed_batch_indexed,
-    stack_adapters,
-)
+from hqqlora._mixed import mixed_batch, mixed_batch_indexed
 from hqqlora._model import (
     functional_call,
     get_adapter,

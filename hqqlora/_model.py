@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from hqqlora._bank import BASE, AdapterBank, bank_weight_norm, check_bank_fields
 from hqqlora._base import HQQLinear, quant_layout
 from hqqlora._dora import dora_weight_norm
-from hqqlora._mixed import BASE, AdapterBank, bank_weight_norm, check_bank_fields
 from hqqlora._params import check_params
 from hqqlora._route import (
     Routed,

@@ -18,10 +18,11 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from hqqlora._bank import BASE
 from hqqlora._base import HQQLinear, base_forward, check_hqq_layer, quant_layout
 from hqqlora._lora import apply_lora
 from hqqlora._merge import merge
-from hqqlora._mixed import BASE, mixed_batch
+from hqqlora._mixed import mixed_batch
 from hqqlora._params import delta_weight, init_lora, lora_scaling
 from hqqlora._route import adapter_names_in_use, apply_routed, routed_params
 

@@ -39,8 +39,8 @@ from hqqlora._base import base_forward, quant_layout
 from hqqlora._triton import device_of
 
 if TYPE_CHECKING:
+    from hqqlora._bank import AdapterBank
     from hqqlora._base import HQQLinear, QuantLayout
-    from hqqlora._mixed import AdapterBank
 
 try:  # Triton is optional: only CUDA prefill uses these kernels.
     import triton

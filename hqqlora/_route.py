@@ -280,7 +280,7 @@ def _known_adapters(model: nn.Module) -> set[str]:
 
 
 def _check_adapter_names(model: nn.Module, names: object) -> list[str]:
-    from hqqlora._mixed import BASE
+    from hqqlora._bank import BASE
 
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise TypeError(
