@@ -460,11 +460,12 @@ def _launch(
     pdl = has_lora and PDL and torch.cuda.get_device_capability(device)[0] >= 9
     n_bank = lora_A.shape[0] if lora_A is not None and lora_A.ndim == 3 else 1
     dummy = out
+    lt = dummy  # adapter terms stored apart, where a kernel below writes them
     # MODE 8 with a Triton kernel after it: the Gluon kernel first, the shrink beside it.
     # The Triton kernel waits for the shrink kernel only; the shrink kernel waits for the
     # Gluon kernel before it ends, so the Gluon kernel's partials are written by then.
     gluon_first = GLUON_FIRST and pdl and base is not None and not gathers and rows > FINISH_ROWS
-    # MODE 8 over a bank above 16 rows: the adapter's kernels on a stream beside the Gluon
+    # MODE 8 over a bank above 16 rows: the adapter kernels on a stream beside the Gluon
     # kernel's (GATHER_SIDE).
     side = (
         has_lora
@@ -588,8 +589,6 @@ def _launch(
     # most TERM_FLOATS floats.
     nb = block_p * (1 if mode == 1 else per)
     term_rows = min(triton.next_power_of_2(rows_per_split), max(1, TERM_FLOATS // (nb * block_r)))
-    if not side:
-        lt = dummy
     if has_lora and block_m > 1 and not (mode == 8 and gathers):
         lt = torch.empty(rows, n_out, dtype=torch.float32, device=device)
     _main_kernel[(tiles, split)](
