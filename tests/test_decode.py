@@ -529,10 +529,9 @@ def test_gluon_path_replays_give_the_same_bits(rows, entry, n, pdl, first, monke
     # (GATHER_SIDE; ``first`` off: the bank's shrink kernel, then the Triton kernel that
     # loads each row's tile of B before it waits). Where the Triton kernel finishes one
     # adapter's rows, the Gluon kernel goes first and the shrink kernel beside it, or
-    # (``first`` off) the other way round. A
-    # race shows as a replay whose bits differ: the replays alternate two inputs, so a
-    # read of the workspaces before this replay's kernels wrote them sees the other
-    # input's values.
+    # (``first`` off) the other way round. A race shows as a replay whose bits differ: the
+    # replays alternate two inputs, so a read of the workspaces before this replay's
+    # kernels wrote them sees the other input's values.
     monkeypatch.setattr(_decode, "PDL", pdl)
     monkeypatch.setattr(_decode, "GLUON_FIRST", first)
     monkeypatch.setattr(_decode, "GATHER_SIDE", int(first))
