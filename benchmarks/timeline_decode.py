@@ -15,6 +15,7 @@ import argparse
 
 import torch
 import triton.testing
+from bench_decode import graphed
 from common import environment, make_hqq_layer
 from torch.profiler import ProfilerActivity, profile
 from tune_decode import _adapters
@@ -26,27 +27,15 @@ SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)]
 REPLAYS = 5
 
 
-def captured(fn):
-    """``fn`` captured in a CUDA graph, after a warm-up on a side stream."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
-def last_replay(graph):
-    """The kernels of the last of REPLAYS replays: (name, start, end), µs from the first."""
+def last_replay(replay):
+    """The kernels of the last of REPLAYS calls of ``replay`` (a graph's): (name, start,
+    end), µs from the first."""
     for _ in range(20):
-        graph.replay()
+        replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(REPLAYS):
-            graph.replay()
+            replay()
         torch.cuda.synchronize()
     kernels = sorted(
         (e for e in prof.events() if e.device_type.name == "CUDA"),
@@ -84,7 +73,7 @@ def main() -> None:
             setattr(_decode, args.flag, type(saved)(value))
             us = 1e3 * triton.testing.do_bench_cudagraph(run, rep=100, return_mode="median")
             print(f"{out_f}x{in_f}, {args.tokens} rows, {args.flag}={value}: graph {us:.1f} µs")
-            for name, start, end in last_replay(captured(run)):
+            for name, start, end in last_replay(graphed(run)[0]):
                 print(f"    {name[:40]:40s} {start:6.1f} – {end:6.1f}")
         setattr(_decode, args.flag, saved)
 
