@@ -260,18 +260,25 @@ def tune(shapes=SHAPES, tokens_list=TOKENS, rank=16, verbose=True, explore=False
 GLUON_STAGES = (3, 4)
 """cp.async stages the Gluon sweep tries (``--stages``)."""
 
+GLUON_WARPS = (8,)
+"""Warps the Gluon sweep tries (``--warps``); a program takes a multiple of 8 packed rows a
+warp (4 warps: one warpgroup, 32 or 64 packed rows)."""
+
 
 def gluon_candidates(out_f, in_f, tokens):
     """Gluon base kernel (MODE 8) launches: packed rows a program, splits, warps, stages."""
     steps = in_f // 64
     out = []
-    for block_p in (64, 128):
-        for split in (1, 2, 4, 8, 16):
-            programs = out_f // 2 // block_p * split
-            if steps % split or steps // split < 2 or not 32 <= programs <= 1024:
+    for warps in GLUON_WARPS:
+        for block_p in (32, 64, 128):
+            if block_p % (8 * warps) or block_p > 16 * warps:
                 continue
-            for stages in GLUON_STAGES:
-                out.append((block_p, split, 8, stages))
+            for split in (1, 2, 4, 8, 16):
+                programs = out_f // 2 // block_p * split
+                if steps % split or steps // split < 2 or not 32 <= programs <= 1024:
+                    continue
+                for stages in GLUON_STAGES:
+                    out.append((block_p, split, warps, stages))
     return out
 
 
@@ -465,6 +472,7 @@ def main() -> None:
     parser.add_argument("--bank", type=int, default=0, help="a bank of N adapters, one per row")
     parser.add_argument("--workers", type=int, default=12, help="compile processes")
     parser.add_argument("--stages", type=int, nargs="+", help="m8: the Gluon kernel's stages")
+    parser.add_argument("--warps", type=int, nargs="+", help="m8: the Gluon kernel's warps")
     parser.add_argument(
         "--gather-side", type=int, choices=(0, 1, 2), help="m8: _decode.GATHER_SIDE for this run"
     )
@@ -482,8 +490,9 @@ def main() -> None:
         profile_best(shapes, tokens)
         return
     if "m8" in args.modes:
-        global GLUON_STAGES
+        global GLUON_STAGES, GLUON_WARPS
         GLUON_STAGES = tuple(args.stages or GLUON_STAGES)
+        GLUON_WARPS = tuple(args.warps or GLUON_WARPS)
         if args.gather_side is not None:
             _decode.GATHER_SIDE = args.gather_side
         best = tune_gluon(shapes, tokens, bank=args.bank, workers=args.workers)
