@@ -205,18 +205,20 @@ TUNED: dict[tuple[int, int, int, int], tuple[int, ...]] = {
 # by (out, in, rows), the best of ``benchmarks/tune_decode.py --modes m8`` on an H100
 # (``ab_decode.py --flag EPILOGUE_BLOCK_P`` for the 5th entry); the 16- and 64-row entries
 # of 4096², 4096×14336 at 16 and 1024×4096 at 64 re-measured with the Gluon kernel first
-# (GLUON_FIRST; RESULTS.md, ninth pass). Other shapes take :func:`gluon_config`'s rule.
-# Rows where the Triton modes measured faster map to ``None``.
+# (GLUON_FIRST; RESULTS.md, ninth pass); 1024×4096 at 16 and 64 rows and 4096×14336 at 64
+# from a sweep that adds programs of 4 warps (one warpgroup; ``--warps 4 8``, eleventh
+# pass). Other shapes take :func:`gluon_config`'s rule. Rows where the Triton modes
+# measured faster map to ``None``.
 TUNED_GLUON: dict[tuple[int, int, int], tuple[int, ...] | None] = {
     (1024, 4096, 1): None,
-    (1024, 4096, 16): None,
-    (1024, 4096, 64): (64, 8, 8, 4),
+    (1024, 4096, 16): (32, 8, 4, 3),
+    (1024, 4096, 64): (32, 4, 4, 3),
     (4096, 4096, 1): None,
     (4096, 4096, 16): (64, 8, 8, 3),
     (4096, 4096, 64): (64, 4, 8, 4),
     (4096, 14336, 1): (128, 16, 8, 3),
     (4096, 14336, 16): (64, 8, 8, 3),
-    (4096, 14336, 64): None,
+    (4096, 14336, 64): (32, 4, 4, 3),
     (14336, 4096, 1): (128, 4, 8, 3),
     (14336, 4096, 16): (64, 4, 8, 3),
     (14336, 4096, 64): (128, 2, 8, 3),
@@ -227,13 +229,14 @@ TUNED_GLUON: dict[tuple[int, int, int], tuple[int, ...] | None] = {
 # the best on an H100 of the 64-row launches swept over a bank of 64 float32 adapters, one
 # per row (``tune_decode.py --modes m8 --bank 64 --tokens 64``), in the order GATHER_SIDE
 # takes for the shape (14336×4096: the adapter kernels beside the Gluon kernel; the others:
-# the shrink kernel first, each row's tile of B gathered by the Triton kernel); other
-# shapes take :func:`gluon_config`'s rule.
+# the shrink kernel first, each row's tile of B gathered by the Triton kernel), programs
+# of 4 and 8 warps (``--warps 4 8``; RESULTS.md, eleventh pass); other shapes take
+# :func:`gluon_config`'s rule.
 TUNED_GATHER: dict[tuple[int, int, int], tuple[int, ...] | None] = {
-    (1024, 4096, 64): (64, 8, 8, 4),
+    (1024, 4096, 64): (64, 8, 4, 3),
     (4096, 4096, 64): (64, 4, 8, 4),
-    (14336, 4096, 64): (128, 2, 8, 3),
-    (4096, 14336, 64): (64, 4, 8, 4),
+    (14336, 4096, 64): (64, 2, 4, 3),
+    (4096, 14336, 64): (64, 4, 4, 3),
 }
 
 EPILOGUE_WARPS = 4

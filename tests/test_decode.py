@@ -411,7 +411,7 @@ needs_gluon = pytest.mark.skipif(
 
 @needs_gluon
 @pytest.mark.parametrize(
-    "config", [(64, 1, 8, 3), (64, 4, 8, 4, 32), (128, 2, 8, 3, 16), (32, 8, 4, 3)]
+    "config", [(64, 1, 8, 3), (64, 4, 8, 4, 32), (128, 2, 8, 3, 16), (32, 8, 4, 3), (64, 2, 4, 3)]
 )
 @pytest.mark.parametrize("tokens", [1, 5, 16, 17, 40, 64])
 @pytest.mark.parametrize("dtype", HALF)
@@ -566,7 +566,9 @@ def test_gluon_path_replays_give_the_same_bits(rows, entry, n, pdl, first, monke
 @needs_gluon
 @pytest.mark.parametrize("ranks", [(4, 8, 9, 8, 3), (40, 8, 24, 8, 3)])
 @pytest.mark.parametrize("shrink", ["beside", "first", "k_split"])
-@pytest.mark.parametrize("config", [None, (64, 4, 8, 4), (128, 2, 8, 3), (32, 8, 4, 3)])
+@pytest.mark.parametrize(
+    "config", [None, (64, 4, 8, 4), (128, 2, 8, 3), (32, 8, 4, 3), (64, 2, 4, 3)]
+)
 @pytest.mark.parametrize("rows", [17, 40, 64])
 @pytest.mark.parametrize("dtype", HALF)
 def test_gluon_path_over_a_gathered_bank_matches_the_reference(
