@@ -42,18 +42,25 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / (ms * 1e-3)
 
 
-def kernel_us(fn, calls: int = 30) -> dict[str, float]:
-    """GPU time per call of each CUDA kernel (and memset/memcpy) ``fn`` launches, by
-    name, from torch.profiler."""
+def profiled(fn, calls: int, warmup: int = 3):
+    """torch.profiler's record (CUDA activity) of ``calls`` calls of ``fn``, after
+    ``warmup`` calls outside it."""
     from torch.profiler import ProfilerActivity, profile
 
-    for _ in range(3):
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
+    return prof
+
+
+def kernel_us(fn, calls: int = 30) -> dict[str, float]:
+    """GPU time per call of each CUDA kernel (and memset/memcpy) ``fn`` launches, by
+    name, from torch.profiler."""
+    prof = profiled(fn, calls)
     return {
         e.key: e.self_device_time_total / calls
         for e in prof.key_averages()

@@ -15,9 +15,8 @@ import argparse
 
 import torch
 import triton.testing
-from bench_decode import graphed
+from bench_decode import graphed, profiled
 from common import environment, make_hqq_layer
-from torch.profiler import ProfilerActivity, profile
 from tune_decode import _adapters
 
 from hqqlora import _decode
@@ -30,13 +29,7 @@ REPLAYS = 5
 def last_replay(replay):
     """The kernels of the last of REPLAYS calls of ``replay`` (a graph's): (name, start,
     end), µs from the first."""
-    for _ in range(20):
-        replay()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(REPLAYS):
-            replay()
-        torch.cuda.synchronize()
+    prof = profiled(replay, REPLAYS, warmup=20)
     kernels = sorted(
         (e for e in prof.events() if e.device_type.name == "CUDA"),
         key=lambda e: e.time_range.start,
