@@ -1,6 +1,7 @@
 """The prefill kernels in Triton's interpreter, on the CPU (no GPU needed).
 
-Skipped where Triton is not installed (CI installs none). Triton's interpreter emulates
+Skipped where Triton is not installed (the CPU build of torch brings none:
+``pip install triton==3.6.0`` adds it). Triton's interpreter emulates
 bf16 badly, so these run in float16. A subprocess: the interpreter is chosen when the
 kernels are defined (``TRITON_INTERPRET=1`` before ``hqqlora._prefill`` is imported).
 
