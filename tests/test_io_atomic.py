@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import random
+import select
 import signal
 import sys
 import time
@@ -163,19 +164,26 @@ def test_save_killed_at_random_times_leaves_old_or_new(tmp_path):
                 save(folder, spec)
                 os.write(pipe, b".")
 
+    def saved(pipe):
+        # One more save finished in the child (a minute at most: a hung child fails).
+        ready, _, _ = select.select([pipe], [], [], 60)
+        return bool(ready) and pipe.read(1) == b"."
+
     rng = random.Random(0)
     for _ in range(20):
         pid, read = fork(child)
         with os.fdopen(read, "rb", buffering=0) as pipe:
-            # Wait for the child's own saves rather than guess from the parent's: a slow
-            # or loaded machine then delays the kill instead of landing it before any save.
-            assert pipe.read(1) == b".", "the child died before its first save"
-            started = time.perf_counter()
-            assert pipe.read(1) == b".", "the child died before its second save"
-            duration = time.perf_counter() - started
-            time.sleep(rng.uniform(0, 2 * duration))  # inside the third or fourth save
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            try:
+                # Aim by the child's own saves rather than the parent's: a slow or loaded
+                # machine then delays the kill instead of landing it before any save.
+                assert saved(pipe), "the child finished no first save"
+                started = time.perf_counter()
+                assert saved(pipe), "the child finished no second save"
+                duration = time.perf_counter() - started
+                time.sleep(rng.uniform(0, 2 * duration))  # in the third or fourth save
+            finally:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
         loaded, config = load_adapter(folder)
         matches = [s for s in (big_old, big_new) if equals(loaded, s) and config["r"] == s["r"]]
         assert len(matches) == 1
