@@ -11,7 +11,8 @@ library's. Printed: per layer and row count (LoRA r=16 float32, through
 ``mixed_batch_indexed``, one adapter or 64 rows of a bank of 64) the graph time
 (``do_bench_cudagraph``, median of rounds that alternate the kernels) and the relative
 error against float64; then a 2-block Llama-3-8B-shaped decode step of 64 sequences (one
-graph replay, wall time) with one adapter and with 64. RESULTS.md, twelfth pass, used it.
+graph replay, wall time) with one adapter and with 64. RESULTS.md, twelfth pass: its method,
+and a control run with it (a copy at main's settings against main).
 """
 
 from __future__ import annotations

@@ -32,7 +32,12 @@ def _gloo_available() -> bool:
     return dist.is_available() and dist.is_gloo_available()
 
 
-pytestmark = pytest.mark.skipif(not _gloo_available(), reason="torch.distributed with gloo")
+pytestmark = [
+    pytest.mark.skipif(not _gloo_available(), reason="torch.distributed with gloo"),
+    # One xdist worker takes the whole module, so its module-scoped run of two ranks is
+    # spawned once (addopts: --dist loadgroup).
+    pytest.mark.xdist_group("shard_ranks"),
+]
 
 if _gloo_available():
     import _shard_worker as worker
