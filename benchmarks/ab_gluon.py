@@ -24,7 +24,7 @@ import statistics
 
 import torch
 import triton.testing
-from bench_decode import SHAPES, adapter, graphed, wall_us
+from bench_decode import adapter, decode_step, graphed, llama_layers, rel, wall_us
 from common import environment, make_hqq_layer
 
 import hqqlora
@@ -46,10 +46,6 @@ def load_variant(spec: str, number: int):
             raise ValueError(f"{path} has no attribute {name!r} to set")
         setattr(module, name, ast.literal_eval(value))
     return module.base_partials
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def layer_rows(kernels, rounds):
@@ -87,13 +83,7 @@ def layer_rows(kernels, rounds):
 
 
 def model_step(kernels, rounds):
-    blocks = [
-        {
-            n: make_hqq_layer(i, o, device="cuda", seed=b * 7 + j)
-            for j, (n, (o, i)) in enumerate(SHAPES.items())
-        }
-        for b in range(2)
-    ]
+    blocks = llama_layers(2)
     banks = [
         {
             n: hqqlora.stack_adapters({f"a{i}": adapter(layer, seed=i) for i in range(64)})
@@ -104,20 +94,11 @@ def model_step(kernels, rounds):
     x = torch.randn(64, 1, 4096, device="cuda", dtype=torch.bfloat16)
 
     def step(index):
-        h = x
-        for b in range(2):
-
-            def linear(n, h, b=b):
-                return hqqlora.mixed_batch_indexed(h, banks[b][n], index, base=blocks[b][n])
-
-            q = linear("q", h)
-            linear("k", h)
-            linear("v", h)
-            h = h + linear("o", q)
-            g = linear("gate", h)
-            u = linear("up", h)
-            h = h + linear("down", torch.nn.functional.silu(g) * u)
-        return h
+        return decode_step(
+            x,
+            2,
+            lambda b, n, h: hqqlora.mixed_batch_indexed(h, banks[b][n], index, base=blocks[b][n]),
+        )
 
     for distinct in (1, 64):
         index = (torch.arange(64, device="cuda") % distinct).to(torch.int64)

@@ -337,16 +337,36 @@ SHAPES = {
 }  # fmt: skip
 
 
+def llama_layers(blocks: int, device: str = "cuda") -> list[dict]:
+    """``blocks`` Llama-3-8B-shaped blocks of HQQ layers (names of :data:`SHAPES`)."""
+    return [
+        {
+            n: make_hqq_layer(i, o, device=device, seed=b * 7 + j)
+            for j, (n, (o, i)) in enumerate(SHAPES.items())
+        }
+        for b in range(blocks)
+    ]
+
+
+def decode_step(x, blocks: int, linear):
+    """One decode step through ``blocks`` Llama-shaped blocks from ``x``: ``linear(b,
+    name, h)`` is the layer ``name`` of block ``b`` applied to ``h`` (attention reduced to
+    its projections, k and v computed and dropped)."""
+    h = x
+    for blk in range(blocks):
+        q = linear(blk, "q", h)
+        linear(blk, "k", h)
+        linear(blk, "v", h)
+        h = h + linear(blk, "o", q)
+        g = linear(blk, "gate", h)
+        u = linear(blk, "up", h)
+        h = h + linear(blk, "down", torch.nn.functional.silu(g) * u)
+    return h
+
+
 def model_table(bw: float, blocks: int, with_peft: bool) -> str:
     """One decode step of ``blocks`` Llama-3-8B-shaped blocks for 64 sequences."""
-    layers = []
-    for b in range(blocks):
-        layers.append(
-            {
-                n: make_hqq_layer(i, o, device="cuda", seed=b * 7 + j)
-                for j, (n, (o, i)) in enumerate(SHAPES.items())
-            }
-        )
+    layers = llama_layers(blocks)
     n_adapters = 64
     banks, bank_bytes_each = [], []
     for blk in layers:
@@ -361,16 +381,7 @@ def model_table(bw: float, blocks: int, with_peft: bool) -> str:
     codes = sum(layer_bytes(layer) for blk in layers for layer in blk.values())
 
     def step(linear):
-        h = x
-        for blk in range(blocks):
-            q = linear(blk, "q", h)
-            linear(blk, "k", h)
-            linear(blk, "v", h)
-            h = h + linear(blk, "o", q)
-            g = linear(blk, "gate", h)
-            u = linear(blk, "up", h)
-            h = h + linear(blk, "down", torch.nn.functional.silu(g) * u)
-        return h
+        return decode_step(x, blocks, linear)
 
     rows = []
     results = {}
