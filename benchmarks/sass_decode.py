@@ -78,7 +78,7 @@ def _record(shape, rows, bank, dtype, config=None, gluon_entry=None, rank=16):
     saved = (dict(_decode.TUNED), dict(_decode.TUNED_GLUON), dict(_decode.TUNED_GATHER),
              _decode.PDL, _decode._main_kernel, _decode._shrink_kernel,
              _decode._bank_shrink_kernel, _gluon.supported, _gluon._base_kernel,
-             _decode._bank_terms_kernel)  # fmt: skip
+             _decode._bank_terms_kernel, _decode.GATHER_FOLD)  # fmt: skip
     main, base = _Recorder(), _Recorder()
     try:
         if config is not None:
@@ -88,6 +88,7 @@ def _record(shape, rows, bank, dtype, config=None, gluon_entry=None, rank=16):
             _decode.TUNED_GATHER[(out_f, in_f, rows)] = gluon_entry
             _gluon.supported = lambda *a: True
         _decode.PDL = False  # decided from the GPU's capability; compiled in below instead
+        _decode.GATHER_FOLD = False  # the base kernel, not _gluon_fold's, is what --gluon compiles
         _decode._main_kernel, _decode._shrink_kernel = main, _Recorder()
         _decode._bank_shrink_kernel = _decode._bank_terms_kernel = _Recorder()
         _gluon._base_kernel = base
@@ -104,7 +105,8 @@ def _record(shape, rows, bank, dtype, config=None, gluon_entry=None, rank=16):
             table.clear()
             table.update(old)
         (_decode.PDL, _decode._main_kernel, _decode._shrink_kernel, _decode._bank_shrink_kernel,
-         _gluon.supported, _gluon._base_kernel, _decode._bank_terms_kernel) = saved[3:]  # fmt: skip
+         _gluon.supported, _gluon._base_kernel, _decode._bank_terms_kernel,
+         _decode.GATHER_FOLD) = saved[3:]  # fmt: skip
     return main.calls, base.calls, layout
 
 

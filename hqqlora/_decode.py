@@ -14,6 +14,9 @@ this module picks their launches) read each of them once:
    :data:`GATHER_SIDE` takes it, it runs on a second stream beside the Gluon kernel,
    followed there by ``_bank_terms_kernel`` (each row's ``s_k · t[i] @ B[k_i]ᵀ`` into a
    float32 workspace, which the main kernel adds instead of computing the terms).
+   Elsewhere (:data:`GATHER_FOLD`) no shrink kernel runs: the Gluon kernel of
+   :mod:`hqqlora._gluon_fold` computes ``t``'s partials per K split in partitions of its
+   own programs, beside the base term.
 2. ``_main_kernel``: HQQ's packed codes, read in HQQ's own layout (one byte gives the
    output rows of all its slots), times ``x`` with float32 accumulation. Split along
    ``in``: each split writes its float32 partial and computes the adapter term
@@ -105,7 +108,7 @@ try:  # Triton is optional: only CUDA decode uses these kernels.
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-from hqqlora import _gluon
+from hqqlora import _gluon, _gluon_fold
 
 GLUON = _gluon.AVAILABLE
 """Whether MODE 8 (the Gluon base kernel) may run; set False to keep the Triton modes."""
@@ -298,6 +301,24 @@ against 11.8 (``benchmarks/RESULTS.md``, tenth pass). Beside it, the adapters' r
 the Gluon kernel's K loop (4096²: 12 µs alone, 23 beside them); they pay where B, read
 after the Gluon kernel otherwise, is the larger of the two adapter matrices."""
 
+GATHER_FOLD = True
+"""Whether MODE 8 over a bank above 16 rows, where :data:`GATHER_SIDE` keeps the adapter
+kernels on the main stream, folds the bank's shrink into the Gluon kernel
+(:mod:`hqqlora._gluon_fold`: one warp-specialized kernel whose programs run the base term
+and the shrink of their tile's rows side by side; launch per shape in :data:`TUNED_FOLD`)
+instead of running ``_bank_shrink_kernel`` and the Gluon kernel one beside the other."""
+
+# (packed rows per program, K splits, stages) of the folded kernel (GATHER_FOLD) by (out,
+# in, rows): the best of an in-layer sweep on an H100 (64 rows over 64 float32 adapters of
+# rank 16, graph µs; RESULTS.md, thirteenth pass): 4096² 24.2 against 26.0 unfolded,
+# 4096×14336 55.2 against 58.5, 1024×4096 10.4 against 11.6. Other shapes take the
+# TUNED_GATHER entry's split and stages (packed rows at most 64).
+TUNED_FOLD: dict[tuple[int, int, int], tuple[int, int, int]] = {
+    (4096, 4096, 64): (64, 4, 3),
+    (4096, 14336, 64): (64, 4, 3),
+    (1024, 4096, 64): (32, 8, 4),
+}
+
 GATHER_MAX_RANK = 128
 """Rank at most (padded) of a bank that MODE 8 gathers above 16 rows; larger ranks keep the
 Triton modes (sm_90, offline: 174 registers a thread at rank 128, spills at 512)."""
@@ -382,6 +403,18 @@ def gluon_config(
     return (block_p, split, 8, 3)
 
 
+def fold_config(n_out: int, k_in: int, rows: int) -> tuple[int, int, int] | None:
+    """The folded kernel's launch (:data:`GATHER_FOLD`): per shape in :data:`TUNED_FOLD`,
+    else the gathered Gluon launch's split and stages with at most 64 packed rows."""
+    key = (n_out, k_in, rows)
+    if key in TUNED_FOLD:
+        return TUNED_FOLD[key]
+    base = gluon_config(n_out, k_in, rows, gathered=True)
+    if base is None:
+        return None
+    return (min(64, base[0]), base[1], base[3])
+
+
 def _launch(
     x: Tensor,
     W_q: Tensor,
@@ -417,6 +450,22 @@ def _launch(
             base = gluon_config(n_out, k_in, rows, gathered=True)
         elif not gathers and not tuned_triton:
             base = gluon_config(n_out, k_in, rows)
+    # A bank's shrink folded into the Gluon kernel (GATHER_FOLD), where the adapter
+    # kernels would run on the main stream (not GATHER_SIDE's): its split sets the base's.
+    fold = None
+    if (
+        base is not None and gathers and lora_A is not None and GATHER_FOLD
+        and rows >= BANK_SHRINK_ROWS
+        and not (GATHER_SIDE == 1 or (GATHER_SIDE == 2 and n_out > k_in))
+    ):  # fmt: skip
+        fold = fold_config(n_out, k_in, rows)
+        fold_r = max(16, triton.next_power_of_2(lora_A.shape[-2]))
+        if fold is not None and _gluon_fold.supported(
+            x, W_q, scale, zero, meta, fold_r, fold[1], fold[0]
+        ):
+            base = (fold[0], fold[1], 4, fold[2], *base[4:])
+        else:
+            fold = None
     if base is not None:
         # MODE 8: the Gluon kernel's base term; this kernel's programs each finish a tile
         # of outputs for 16 rows (adapter terms, the base's partials, DoRA, bias).
@@ -488,18 +537,20 @@ def _launch(
         while r_per < block_r and rows * triton.cdiv(rank, r_per) > BANK_SHRINK_PROGRAMS:
             r_per *= 2
         parts = triton.cdiv(rank, r_per)
-        t_splits = 1
-        t = torch.empty(rows * block_r, dtype=torch.float32, device=device)
-        # (No counters to zero: gathered rows never finish in the Gluon kernel.)
-        shrink = functools.partial(
-            _bank_shrink_kernel[(rows, parts)],
-            x, lora_A, index, t, counts, 0, k_in, rank, lora_A.stride(0), n_bank,
-            R_PER=r_per, BLOCK_R=block_r,
-            BLOCK_K=min(triton.next_power_of_2(k_in), max(128, BANK_SHRINK_FLOATS // r_per)),
-            USE_PDL=pdl, num_warps=4,
-        )  # fmt: skip
-        if not side:
-            shrink()
+        t_splits = 1 if fold is None else fold[1]
+        t = torch.empty(t_splits * rows * block_r, dtype=torch.float32, device=device)
+        # (No counters to zero: gathered rows never finish in the Gluon kernel.) Folded
+        # (GATHER_FOLD), the Gluon kernel writes t's partials, a split each.
+        if fold is None:
+            shrink = functools.partial(
+                _bank_shrink_kernel[(rows, parts)],
+                x, lora_A, index, t, counts, 0, k_in, rank, lora_A.stride(0), n_bank,
+                R_PER=r_per, BLOCK_R=block_r,
+                BLOCK_K=min(triton.next_power_of_2(k_in), max(128, BANK_SHRINK_FLOATS // r_per)),
+                USE_PDL=pdl, num_warps=4,
+            )  # fmt: skip
+            if not side:
+                shrink()
     elif has_lora:
         assert lora_A is not None
         t_block_m = min(SHRINK_ROWS, triton.next_power_of_2(rows))
@@ -561,12 +612,20 @@ def _launch(
             )  # fmt: skip
             beside = _Beside(device)  # forks here: before the Gluon kernel
         try:
-            _gluon.base_partials(
-                x, W_q, scale, zero, meta, ws, counts, tail, block_p=block_p_base,
-                split=base_split, warps=base_warps, stages=base_stages,
-                after_shrink=pdl and not gluon_first and not side, finish=finish,
-                before_shrink=gluon_first,
-            )  # fmt: skip
+            if fold is not None:
+                assert lora_A is not None and index is not None
+                _gluon_fold.fold_partials(
+                    x, W_q, scale, zero, meta, ws, lora_A, index, t, block_p=block_p_base,
+                    split=base_split, stages=base_stages, block_r=block_r,
+                    launch_dependents=pdl,
+                )  # fmt: skip
+            else:
+                _gluon.base_partials(
+                    x, W_q, scale, zero, meta, ws, counts, tail, block_p=block_p_base,
+                    split=base_split, warps=base_warps, stages=base_stages,
+                    after_shrink=pdl and not gluon_first and not side, finish=finish,
+                    before_shrink=gluon_first,
+                )  # fmt: skip
         except BaseException:
             if side:
                 beside.join()  # a capture would otherwise end on the unjoined stream's error

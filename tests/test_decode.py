@@ -9,7 +9,7 @@ import torch
 from helpers import assert_close_rel, cuda_layer, dense_reference, random_adapter
 
 import hqqlora
-from hqqlora import _decode, _gluon
+from hqqlora import _decode, _gluon, _gluon_fold
 from hqqlora._base import quant_layout
 
 pytestmark = [
@@ -389,12 +389,22 @@ def graph_replays(call, n, feeds=()):
     return replays
 
 
-def uses_gluon(fn, monkeypatch):
+def uses_gluon(fn, monkeypatch, folded=None):
+    """``fn()`` and whether a Gluon base kernel ran (the library's, or the one with the
+    bank's shrink folded in); ``folded`` (a list) collects whether each was the folded one."""
     calls = []
-    real = _gluon.base_partials
-    monkeypatch.setattr(_gluon, "base_partials", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real, real_fold = _gluon.base_partials, _gluon_fold.fold_partials
+    monkeypatch.setattr(
+        _gluon, "base_partials", lambda *a, **k: calls.append(False) or real(*a, **k)
+    )
+    monkeypatch.setattr(
+        _gluon_fold, "fold_partials", lambda *a, **k: calls.append(True) or real_fold(*a, **k)
+    )
     out = fn()
     monkeypatch.setattr(_gluon, "base_partials", real)
+    monkeypatch.setattr(_gluon_fold, "fold_partials", real_fold)
+    if folded is not None:
+        folded.extend(calls)
     return out, bool(calls)
 
 
@@ -584,6 +594,7 @@ def test_gluon_path_over_a_gathered_bank_matches_the_reference(
     # rows of none (-1) and past the bank (NaN), a bias, the table's entry or the rule.
     bank_shrink = shrink != "k_split"
     monkeypatch.setattr(_decode, "GATHER_SIDE", int(shrink == "beside"))
+    monkeypatch.setattr(_decode, "GATHER_FOLD", False)  # test_folded_shrink_... below
     if not bank_shrink:
         monkeypatch.setattr(_decode, "BANK_SHRINK_ROWS", _decode.MAX_ROWS + 1)
     if config is not None:
@@ -618,6 +629,100 @@ def test_gluon_path_over_a_gathered_bank_matches_the_reference(
         row = x[i : i + 1]
         ref = _base_ref(layer, row) if k < 0 else dense_reference(layer, adapters[f"a{k}"], row)
         assert_close_rel(got[i : i + 1], ref, dtype, factor=2)
+
+
+@needs_gluon
+@pytest.mark.parametrize("ranks", [(4, 8, 9, 8, 3), (20, 8, 24, 8, 3), (40, 8, 24, 8, 3)])
+@pytest.mark.parametrize("entry", [(64, 2, 3), (32, 1, 4), (64, 1, 2), (32, 4, 3)])
+@pytest.mark.parametrize("rows", [17, 40, 64])
+@pytest.mark.parametrize("dtype", HALF)
+def test_folded_shrink_over_a_gathered_bank_matches_the_reference(
+    dtype, rows, entry, ranks, monkeypatch
+):
+    # MODE 8 over a bank above 16 rows with the bank's shrink folded into the Gluon kernel
+    # (GATHER_FOLD): a warp-specialized kernel whose programs compute the base term and
+    # t's partials of their tile's rows over their split of K (rows dealt 1-3 to a tile
+    # at 17-64 rows of 256 outputs); the Triton kernel then adds t's partials and the base's
+    # in split order. Ranks padded to 16 and 32 fold; 40 (padded 64) and a split whose
+    # inputs the shrink's two steps do not divide (4 splits of 1024 at rank 16: 256 inputs
+    # a split, 512 a shrink round) keep the bank's shrink kernel. LoRA and DoRA, rows of
+    # none (-1) and past the bank (NaN), the bank of 5 entries of mixed ranks.
+    monkeypatch.setattr(_decode, "GATHER_SIDE", 0)
+    monkeypatch.setattr(_decode, "GATHER_FOLD", True)
+    monkeypatch.setitem(_decode.TUNED_FOLD, (256, 1024, rows), entry)
+    layer = cuda_layer(4, dtype, size=(256, 1024))
+    adapters = {
+        f"a{i}": cuda_adapter(layer, dora=i % 2 == 1, seed=i, r=r) for i, r in enumerate(ranks)
+    }
+    bank = hqqlora.stack_adapters(adapters)
+    norm = hqqlora.bank_weight_norm(layer, bank)
+    index = torch.arange(rows, device="cuda") % 7 - 1  # -1, 0, ..., 4, 5 (past the bank)
+    x = torch.randn(rows, 1024, device="cuda", dtype=dtype)
+    block_r = max(16, 1 << (max(ranks) - 1).bit_length())
+    expect_fold = block_r <= 32 and (1024 // entry[1]) % (2 * max(128, 4096 // block_r)) == 0
+    shrinks, folded = [], []
+    real = _decode._bank_shrink_kernel
+    monkeypatch.setattr(
+        _decode,
+        "_bank_shrink_kernel",
+        type("R", (), {"__getitem__": lambda s, g: shrinks.append(g) or real[g]})(),
+    )
+    with torch.no_grad():
+        got, ran = uses_gluon(
+            lambda: hqqlora.mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norm),
+            monkeypatch,
+            folded,
+        )
+    assert ran
+    assert folded == [expect_fold]
+    assert bool(shrinks) != expect_fold
+    for i in range(rows):
+        k = int(index[i])
+        if k == len(ranks):
+            assert torch.isnan(got[i]).all(), i
+            continue
+        row = x[i : i + 1]
+        ref = _base_ref(layer, row) if k < 0 else dense_reference(layer, adapters[f"a{k}"], row)
+        assert_close_rel(got[i : i + 1], ref, dtype, factor=2)
+
+
+@needs_gluon
+def test_folded_kernel_gives_the_base_kernels_partials_bit_for_bit():
+    # The folded kernel's default partition runs _gluon's K loop (the same weights, the
+    # same wgmmas in the same order): its partials equal the base kernel's bit for bit,
+    # and t's partials summed equal x @ A[k]ᵀ per row (0 for a row past the bank).
+    from hqqlora._base import quant_tensors
+
+    layer = cuda_layer(4, torch.bfloat16, size=(512, 2048))
+    W_q, scale, zero = quant_tensors(layer)
+    meta = [4, 2, 64, 512, 2048]
+    rows, split = 40, 2
+    x = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
+    A = torch.randn(6, 16, 2048, device="cuda") / 2048**0.5
+    index = torch.arange(rows, device="cuda") % 7  # 6: past the bank
+    ws_base = torch.full((split, rows, 512), float("nan"), device="cuda")
+    ws_fold, t = (
+        torch.full_like(ws_base, float("nan")),
+        torch.full((split, rows, 16), float("nan"), device="cuda"),
+    )
+    counts = torch.zeros(8, dtype=torch.int32, device="cuda")
+    dummy = torch.empty(1, device="cuda")
+    tail = (*[dummy] * 9, 16, 1, 0, 0, 6)  # unread: no finish
+    _gluon.base_partials(
+        x, W_q, scale, zero, meta, ws_base, counts, tail, block_p=64, split=split, warps=4,
+        stages=3, after_shrink=False, finish=None,
+    )  # fmt: skip
+    _gluon_fold.fold_partials(
+        x, W_q, scale, zero, meta, ws_fold, A, index, t, block_p=64, split=split, stages=3,
+        block_r=16, launch_dependents=False,
+    )  # fmt: skip
+    assert torch.equal(ws_fold, ws_base)
+    valid = index < 6
+    ref = torch.einsum("mk,mrk->mr", x.double(), A[index.clamp(max=5)].double())
+    ref[~valid] = 0
+    got = t.double().sum(0)
+    assert torch.all(got[~valid] == 0)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-6
 
 
 def _wrap_terms_kernel(monkeypatch, before=None):

@@ -832,10 +832,30 @@ def test_a_tuned_prefetch_level_reaches_the_kernel(monkeypatch):
 # goes first and the shrink kernel beside it, finishing after it (GLUON_FIRST); at one
 # row, over a gathered bank without GATHER_SIDE and with GLUON_FIRST off, the shrink
 # kernel goes first and the Gluon kernel beside it; without an adapter nothing overlaps.
+def test_fold_config_takes_its_table_then_the_gathered_launch(monkeypatch):
+    import torch
+
+    from hqqlora import _decode, _gluon_fold
+    from hqqlora._base import quant_tensors
+
+    # GATHER_FOLD's launch: a TUNED_FOLD entry, else the TUNED_GATHER entry's split and
+    # stages with at most 64 packed rows (the folded kernel's one warpgroup).
+    monkeypatch.setitem(_decode.TUNED_FOLD, (256, 1024, 40), (32, 2, 4))
+    assert _decode.fold_config(256, 1024, 40) == (32, 2, 4)
+    monkeypatch.setitem(_decode.TUNED_GATHER, (512, 2048, 40), (128, 2, 8, 5))
+    assert _decode.fold_config(512, 2048, 40) == (64, 2, 5)
+    monkeypatch.setitem(_decode.TUNED_GATHER, (512, 2048, 1), None)
+    assert _decode.fold_config(512, 2048, 1) is None
+    # On the CPU the folded kernel never runs.
+    W_q, scale, zero = quant_tensors(_cpu_layer(1024, 256, 64, torch.bfloat16))
+    x = torch.zeros(40, 1024, dtype=torch.bfloat16)
+    assert not _gluon_fold.supported(x, W_q, scale, zero, [4, 2, 64, 256, 1024], 16, 2, 64)
+
+
 def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
     import torch
 
-    from hqqlora import _decode, _gluon
+    from hqqlora import _decode, _gluon, _gluon_fold
     from hqqlora._base import quant_tensors
 
     launches = []
@@ -902,6 +922,23 @@ def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
     names, kw = order(16, 0, lora=False)
     assert names == ["gluon", "_main_kernel"]
     assert not kw["gluon"]["FIRST"] and not kw["gluon"]["WAIT_PREVIOUS"]
+
+    # A bank above 16 rows with the adapter kernels on the main stream, at a split whose
+    # inputs the folded kernel's shrink divides (GATHER_FOLD): one Gluon kernel writing the
+    # base's and t's partials (the Triton kernel may launch early), no shrink kernel, and
+    # the Triton kernel adding both over the 2 splits. Without GATHER_FOLD, as above.
+    monkeypatch.setattr(_gluon_fold, "_fold_kernel", _Recorder(launches, "fold"), raising=False)
+    monkeypatch.setitem(_decode.TUNED_FOLD, (256, 1024, 64), (64, 2, 3))
+    names, kw = order(64, 4, side=False)
+    assert names == ["fold", "_main_kernel"], names
+    assert kw["fold"]["LAUNCH_DEPENDENTS"] and kw["fold"]["P"] == 64 and kw["fold"]["STAGES"] == 3
+    assert kw["_main_kernel"]["BASE_SPLITS"] == 2 and kw["_main_kernel"]["T_SPLITS"] == 2
+    assert kw["_main_kernel"]["USE_PDL"] and kw["_main_kernel"]["launch_pdl"]
+    assert kw["_main_kernel"]["GATHER_EARLY"] and not kw["_main_kernel"]["TERMS_READY"]
+    monkeypatch.setattr(_decode, "GATHER_FOLD", False)
+    names, _ = order(64, 4, side=False)
+    assert names[:2] == ["_bank_shrink_kernel", "gluon"], names
+    monkeypatch.setattr(_decode, "GATHER_FOLD", True)
 
     # GATHER_SIDE 2 (the default): the second stream on layers with more outputs than
     # inputs only.
