@@ -14,9 +14,9 @@ this module picks their launches) read each of them once:
    :data:`GATHER_SIDE` takes it, it runs on a second stream beside the Gluon kernel,
    followed there by ``_bank_terms_kernel`` (each row's ``s_k · t[i] @ B[k_i]ᵀ`` into a
    float32 workspace, which the main kernel adds instead of computing the terms).
-   Elsewhere (:data:`GATHER_FOLD`) no shrink kernel runs: the Gluon kernel of
-   :mod:`hqqlora._gluon_fold` computes ``t``'s partials per K split in partitions of its
-   own programs, beside the base term.
+   Elsewhere (:data:`GATHER_FOLD`, where :func:`hqqlora._gluon_fold.supported` takes the
+   call) no shrink kernel runs: the Gluon kernel of :mod:`hqqlora._gluon_fold` computes
+   ``t``'s partials per K split in partitions of its own programs, beside the base term.
 2. ``_main_kernel``: HQQ's packed codes, read in HQQ's own layout (one byte gives the
    output rows of all its slots), times ``x`` with float32 accumulation. Split along
    ``in``: each split writes its float32 partial and computes the adapter term
@@ -293,8 +293,9 @@ GATHER_SIDE = 2
 beside the Gluon kernel (``_bank_shrink_kernel``, then ``_bank_terms_kernel`` writing the
 terms to ``lt``; the Triton kernel after both adds the partials, the terms, DoRA and the
 bias): 0 nowhere, 1 everywhere, 2 on layers with more outputs than inputs. Elsewhere the
-shrink kernel runs first, the Gluon kernel beside it, and the Triton kernel computes the
-terms, loading each row's tile of B before it waits. On an H100, 64 rows over 64 float32
+shrink is folded into the Gluon kernel (:data:`GATHER_FOLD`) or, where that kernel does not
+take the call, the shrink kernel runs first and the Gluon kernel beside it; either way the
+Triton kernel computes the terms, loading each row's tile of B before it waits. On an H100, 64 rows over 64 float32
 adapters of rank 16 (graph µs, best Gluon launch each way): 14336×4096 61.0 beside
 against 67.0; 4096² 27.3 against 25.5, 4096×14336 66.9 against 64.5, 1024×4096 11.7
 against 11.8 (``benchmarks/RESULTS.md``, tenth pass). Beside it, the adapters' reads slow
@@ -450,18 +451,23 @@ def _launch(
             base = gluon_config(n_out, k_in, rows, gathered=True)
         elif not gathers and not tuned_triton:
             base = gluon_config(n_out, k_in, rows)
-    # A bank's shrink folded into the Gluon kernel (GATHER_FOLD), where the adapter
-    # kernels would run on the main stream (not GATHER_SIDE's): its split sets the base's.
+    # MODE 8 over a bank above 16 rows runs its own adapter kernels: on a stream beside
+    # the Gluon kernel (GATHER_SIDE's rule), else folded into it (GATHER_FOLD) where the
+    # folded kernel takes the call, else the bank's shrink kernel first. The fold's split
+    # sets the base's.
+    bank_kernels = lora_A is not None and gathers and base is not None and rows >= BANK_SHRINK_ROWS
+    side_rule = GATHER_SIDE == 1 or (GATHER_SIDE == 2 and n_out > k_in)
     fold = None
-    if (
-        base is not None and gathers and lora_A is not None and GATHER_FOLD
-        and rows >= BANK_SHRINK_ROWS
-        and not (GATHER_SIDE == 1 or (GATHER_SIDE == 2 and n_out > k_in))
-    ):  # fmt: skip
+    if bank_kernels and not side_rule and GATHER_FOLD:
+        assert lora_A is not None and base is not None
         fold = fold_config(n_out, k_in, rows)
         fold_r = max(16, triton.next_power_of_2(lora_A.shape[-2]))
-        if fold is not None and _gluon_fold.supported(
-            x, W_q, scale, zero, meta, fold_r, fold[1], fold[0]
+        # (The shrink partition reads x and each A[k] as rows of k_in contiguous values.)
+        contiguous = x.is_contiguous() and lora_A.stride(-1) == 1 and lora_A.stride(-2) == k_in
+        if (
+            fold is not None
+            and contiguous
+            and _gluon_fold.supported(x, W_q, scale, zero, meta, fold_r, fold[1], fold[0])
         ):
             base = (fold[0], fold[1], 4, fold[2], *base[4:])
         else:
@@ -519,13 +525,7 @@ def _launch(
     gluon_first = GLUON_FIRST and pdl and base is not None and not gathers and rows > FINISH_ROWS
     # MODE 8 over a bank above 16 rows: the adapter kernels on a stream beside the Gluon
     # kernel's (GATHER_SIDE).
-    side = (
-        has_lora
-        and gathers
-        and base is not None
-        and rows >= BANK_SHRINK_ROWS
-        and (GATHER_SIDE == 1 or (GATHER_SIDE == 2 and n_out > k_in))
-    )
+    side = bank_kernels and side_rule
     shrink = None
     if has_lora:
         assert lora_A is not None and lora_B is not None and scaling is not None

@@ -16,12 +16,15 @@ beside). Here each program of the base kernel has three partitions:
 - a shrink (``SWARPS`` warps): for the rows of this program's tile (rows are dealt out to
   tiles), ``t[split, row] = x[row, K_split] @ A[k_row, :, K_split]ᵀ`` in float32 over
   this program's split of K, two steps of ``A`` in flight. Rows whose index is outside
-  the bank get 0 (the Triton kernel after it gives them no term, or NaN).
+  the bank read no ``A`` and get ``0 · x`` (0, or NaN where their ``x`` is not finite);
+  the Triton kernel after it never reads them (it gives those rows no term, or NaN).
 
 The Triton kernel after it (``_main_kernel``, MODE 8 with ``GATHER_EARLY``) adds ``t``'s
 partials in split order, the partials of the base term in split order, and the terms.
 Only where :func:`supported` says so (the Gluon kernel's conditions, a rank of at most
-32, a split of K that the shrink's steps divide); elsewhere the two kernels as before.
+32, 32 or 64 packed rows a program, a split of K that the shrink's steps divide) and
+``_decode`` finds ``x`` and each adapter's ``A`` contiguous; elsewhere the two kernels as
+before.
 """
 
 from __future__ import annotations
@@ -281,8 +284,9 @@ def fold_partials(
 ) -> None:
     """Writes the base term over split ``s`` of K into ``ws[s]`` (``(split, rows, out)``
     float32), as :func:`_gluon.base_partials` does (the same bits), and ``t[s]`` (``(split,
-    rows, block_r)`` float32): each row's ``x @ A[index[row]]ᵀ`` over that split, 0 for rows
-    whose index is outside the bank. ``lora_A`` is the bank, ``(bank, rank, in)``.
+    rows, block_r)`` float32): each row's ``x @ A[index[row]]ᵀ`` over that split (``0 · x``
+    for rows whose index is outside the bank). ``lora_A`` is the bank, ``(bank, rank, in)``,
+    each ``A[k]`` and ``x`` in contiguous rows.
     ``launch_dependents``: the next kernel (a programmatic dependent launch) may start
     early. The caller checks :func:`supported`."""
     _, _, _, n_out, k_in = meta

@@ -527,16 +527,18 @@ def test_one_row_finishes_in_the_gluon_kernel(dtype, bias, config, case, monkeyp
 @needs_gluon
 @pytest.mark.parametrize("pdl, first", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize(
-    "rows, entry, n", [(1, (64, 8, 8, 3), 1), (1, (64, 1, 8, 3), 1), (2, None, 1),
-                       (16, None, 1), (40, None, 1), (64, None, 1), (64, None, 64)],
+    "rows, entry, n, fold", [(1, (64, 8, 8, 3), 1, True), (1, (64, 1, 8, 3), 1, True),
+                             (2, None, 1, True), (16, None, 1, True), (40, None, 1, True),
+                             (64, None, 1, True), (64, None, 64, True), (64, None, 64, False)],
 )  # fmt: skip
-def test_gluon_path_replays_give_the_same_bits(rows, entry, n, pdl, first, monkeypatch):
+def test_gluon_path_replays_give_the_same_bits(rows, entry, n, fold, pdl, first, monkeypatch):
     # MODE 8 on the tuned 4096² (16 and 64 rows), by the rule (2 and 40), and at one row
     # finished in the Gluon kernel (8 splits and a counter, or one split): the base
     # kernel beside the shrink kernel (programmatic dependent launch), then the Triton
     # kernel or the Gluon kernel's own finish; over a bank of 64 at 64 rows, the bank's
     # shrink and terms kernels on a stream beside the Gluon kernel, then the Triton kernel
-    # (GATHER_SIDE; ``first`` off: the bank's shrink kernel, then the Triton kernel that
+    # (GATHER_SIDE; ``first`` off: the Gluon kernel with the bank's shrink folded in,
+    # GATHER_FOLD, or without it the bank's shrink kernel first; then the Triton kernel that
     # loads each row's tile of B before it waits). Where the Triton kernel finishes one
     # adapter's rows, the Gluon kernel goes first and the shrink kernel beside it, or
     # (``first`` off) the other way round. A race shows as a replay whose bits differ: the
@@ -545,6 +547,7 @@ def test_gluon_path_replays_give_the_same_bits(rows, entry, n, pdl, first, monke
     monkeypatch.setattr(_decode, "PDL", pdl)
     monkeypatch.setattr(_decode, "GLUON_FIRST", first)
     monkeypatch.setattr(_decode, "GATHER_SIDE", int(first))
+    monkeypatch.setattr(_decode, "GATHER_FOLD", fold)
     if entry is not None:
         monkeypatch.setitem(_decode.TUNED_GLUON, (4096, 4096, rows), entry)
     layer = cuda_layer(4, torch.bfloat16, size=(4096, 4096))
@@ -641,8 +644,8 @@ def test_folded_shrink_over_a_gathered_bank_matches_the_reference(
 ):
     # MODE 8 over a bank above 16 rows with the bank's shrink folded into the Gluon kernel
     # (GATHER_FOLD): a warp-specialized kernel whose programs compute the base term and
-    # t's partials of their tile's rows over their split of K (rows dealt 1-3 to a tile
-    # at 17-64 rows of 256 outputs); the Triton kernel then adds t's partials and the base's
+    # t's partials of their tile's rows over their split of K (2 or 4 tiles of 256 outputs:
+    # 5-32 rows a tile); the Triton kernel then adds t's partials and the base's
     # in split order. Ranks padded to 16 and 32 fold; 40 (padded 64) and a split whose
     # inputs the shrink's two steps do not divide (4 splits of 1024 at rank 16: 256 inputs
     # a split, 512 a shrink round) keep the bank's shrink kernel. LoRA and DoRA, rows of
@@ -684,6 +687,36 @@ def test_folded_shrink_over_a_gathered_bank_matches_the_reference(
         row = x[i : i + 1]
         ref = _base_ref(layer, row) if k < 0 else dense_reference(layer, adapters[f"a{k}"], row)
         assert_close_rel(got[i : i + 1], ref, dtype, factor=2)
+
+
+@needs_gluon
+@pytest.mark.parametrize("tuned", [True, False])
+def test_folded_shrink_with_tiles_of_no_rows_and_by_the_rule(tuned, monkeypatch):
+    # 17 rows over 2048 outputs: 32 tiles of 32 packed rows (a TUNED_FOLD entry), or 16
+    # of 64 by fold_config's rule from the TUNED_GATHER entry (no TUNED_FOLD entry): a row
+    # or two a tile, and tiles with no rows, whose shrink partition does nothing.
+    monkeypatch.setattr(_decode, "GATHER_SIDE", 0)
+    monkeypatch.setattr(_decode, "GATHER_FOLD", True)
+    monkeypatch.setitem(_decode.TUNED_GATHER, (2048, 1024, 17), (64, 2, 8, 3))
+    if tuned:
+        monkeypatch.setitem(_decode.TUNED_FOLD, (2048, 1024, 17), (32, 2, 3))
+    else:
+        monkeypatch.delitem(_decode.TUNED_FOLD, (2048, 1024, 17), raising=False)
+    layer = cuda_layer(4, torch.bfloat16, size=(2048, 1024))
+    adapters = {f"a{i}": cuda_adapter(layer, seed=i, r=r) for i, r in enumerate((4, 8, 9))}
+    bank = hqqlora.stack_adapters(adapters)
+    index = torch.arange(17, device="cuda") % 4 - 1  # -1, 0, 1, 2
+    x = torch.randn(17, 1024, device="cuda", dtype=torch.bfloat16)
+    folded = []
+    with torch.no_grad():
+        got, _ = uses_gluon(
+            lambda: hqqlora.mixed_batch_indexed(x, bank, index, base=layer), monkeypatch, folded
+        )
+    assert folded == [True]
+    for i in range(17):
+        k, row = int(index[i]), x[i : i + 1]
+        ref = _base_ref(layer, row) if k < 0 else dense_reference(layer, adapters[f"a{k}"], row)
+        assert_close_rel(got[i : i + 1], ref, torch.bfloat16, factor=2)
 
 
 @needs_gluon

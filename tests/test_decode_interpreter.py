@@ -826,12 +826,6 @@ def test_a_tuned_prefetch_level_reaches_the_kernel(monkeypatch):
         assert main.get("maxnreg") == (cap or None)
 
 
-# MODE 8's launch order, recorded in process (nothing runs: whether the shrink kernel
-# really waits for the Gluon kernel is for the GPU tests, which run both orders). Where a
-# Triton kernel finishes (more than FINISH_ROWS rows gathering no bank), the Gluon kernel
-# goes first and the shrink kernel beside it, finishing after it (GLUON_FIRST); at one
-# row, over a gathered bank without GATHER_SIDE and with GLUON_FIRST off, the shrink
-# kernel goes first and the Gluon kernel beside it; without an adapter nothing overlaps.
 def test_fold_config_takes_its_table_then_the_gathered_launch(monkeypatch):
     import torch
 
@@ -846,12 +840,31 @@ def test_fold_config_takes_its_table_then_the_gathered_launch(monkeypatch):
     assert _decode.fold_config(512, 2048, 40) == (64, 2, 5)
     monkeypatch.setitem(_decode.TUNED_GATHER, (512, 2048, 1), None)
     assert _decode.fold_config(512, 2048, 1) is None
-    # On the CPU the folded kernel never runs.
+    # Which calls the folded kernel takes, past the Gluon kernel's own conditions (here
+    # said yes, as on an H100): a padded rank of at most 32, 32 or 64 packed rows, and
+    # 2 · (4096 / padded rank) inputs of A dividing a split's inputs (1024 in).
     W_q, scale, zero = quant_tensors(_cpu_layer(1024, 256, 64, torch.bfloat16))
     x = torch.zeros(40, 1024, dtype=torch.bfloat16)
-    assert not _gluon_fold.supported(x, W_q, scale, zero, [4, 2, 64, 256, 1024], 16, 2, 64)
+    meta = [4, 2, 64, 256, 1024]
+    monkeypatch.setattr(_gluon_fold._gluon, "supported", lambda *a: True)
+    takes = {
+        (16, 2, 64): True, (16, 1, 32): True, (16, 4, 64): False, (32, 4, 64): True,
+        (32, 8, 64): False, (64, 1, 64): False, (16, 2, 16): False, (16, 2, 128): False,
+    }  # fmt: skip
+    for (block_r, split, block_p), expected in takes.items():
+        got = _gluon_fold.supported(x, W_q, scale, zero, meta, block_r, split, block_p)
+        assert got == expected, (block_r, split, block_p)
+    monkeypatch.setattr(_gluon_fold._gluon, "supported", lambda *a: False)
+    assert not _gluon_fold.supported(x, W_q, scale, zero, meta, 16, 2, 64)
 
 
+# MODE 8's launch order, recorded in process (nothing runs: whether the shrink kernel
+# really waits for the Gluon kernel is for the GPU tests, which run both orders). Where a
+# Triton kernel finishes (more than FINISH_ROWS rows gathering no bank), the Gluon kernel
+# goes first and the shrink kernel beside it, finishing after it (GLUON_FIRST); at one
+# row, over a gathered bank without GATHER_SIDE and with GLUON_FIRST off, the shrink
+# kernel goes first and the Gluon kernel beside it; over a gathered bank the shrink may
+# instead be folded into the Gluon kernel (GATHER_FOLD); without an adapter nothing overlaps.
 def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
     import torch
 
@@ -927,10 +940,29 @@ def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
     # inputs the folded kernel's shrink divides (GATHER_FOLD): one Gluon kernel writing the
     # base's and t's partials (the Triton kernel may launch early), no shrink kernel, and
     # the Triton kernel adding both over the 2 splits. Without GATHER_FOLD, as above.
-    monkeypatch.setattr(_gluon_fold, "_fold_kernel", _Recorder(launches, "fold"), raising=False)
+    calls = {}
+
+    class _Args:  # records the grid and arguments too
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls[self.name] = (grid, args)
+                launches.append((self.name, kwargs))
+
+            return launch
+
+    monkeypatch.setattr(_gluon_fold, "_fold_kernel", _Args("fold"), raising=False)
+    monkeypatch.setattr(_decode, "_main_kernel", _Args("_main_kernel"))
     monkeypatch.setitem(_decode.TUNED_FOLD, (256, 1024, 64), (64, 2, 3))
     names, kw = order(64, 4, side=False)
     assert names == ["fold", "_main_kernel"], names
+    (fold_grid, fold_args), (_, main_args) = calls["fold"], calls["_main_kernel"]
+    assert fold_grid == (256 // 2 // 64, 2)
+    t = fold_args[8]  # the folded kernel's t is the one the Triton kernel reads
+    assert t is main_args[4] and t.numel() == 2 * 64 * kw["fold"]["BLOCK_R"]
+    assert fold_args[4] is main_args[12] and fold_args[4].numel() == 2 * 64 * 256  # partials
     assert kw["fold"]["LAUNCH_DEPENDENTS"] and kw["fold"]["P"] == 64 and kw["fold"]["STAGES"] == 3
     assert kw["_main_kernel"]["BASE_SPLITS"] == 2 and kw["_main_kernel"]["T_SPLITS"] == 2
     assert kw["_main_kernel"]["USE_PDL"] and kw["_main_kernel"]["launch_pdl"]
