@@ -12,7 +12,9 @@ library's. Printed: per layer and row count (LoRA r=16 float32, through
 (``do_bench_cudagraph``, median of rounds that alternate the kernels) and the relative
 error against float64; then a 2-block Llama-3-8B-shaped decode step of 64 sequences (one
 graph replay, wall time) with one adapter and with 64. RESULTS.md, twelfth pass: its method,
-and a control run with it (a copy at main's settings against main).
+and a control run with it (a copy at main's settings against main). Rows of a bank of
+several adapters that ``_decode.GATHER_FOLD`` folds run ``hqqlora._gluon_fold``'s kernel,
+not the variant's: set ``GATHER_FOLD`` off to time the variant there.
 """
 
 from __future__ import annotations
