@@ -295,8 +295,9 @@ terms to ``lt``; the Triton kernel after both adds the partials, the terms, DoRA
 bias): 0 nowhere, 1 everywhere, 2 on layers with more outputs than inputs. Elsewhere the
 shrink is folded into the Gluon kernel (:data:`GATHER_FOLD`) or, where that kernel does not
 take the call, the shrink kernel runs first and the Gluon kernel beside it; either way the
-Triton kernel computes the terms, loading each row's tile of B before it waits. On an H100, 64 rows over 64 float32
-adapters of rank 16 (graph µs, best Gluon launch each way): 14336×4096 61.0 beside
+Triton kernel computes the terms, loading each row's tile of B before it waits. On an
+H100, 64 rows over 64 float32 adapters of rank 16 (graph µs, best Gluon launch each way,
+before GATHER_FOLD): 14336×4096 61.0 beside
 against 67.0; 4096² 27.3 against 25.5, 4096×14336 66.9 against 64.5, 1024×4096 11.7
 against 11.8 (``benchmarks/RESULTS.md``, tenth pass). Beside it, the adapters' reads slow
 the Gluon kernel's K loop (4096²: 12 µs alone, 23 beside them); they pay where B, read
