@@ -465,11 +465,8 @@ def _launch(
         fold_r = max(16, triton.next_power_of_2(lora_A.shape[-2]))
         # (The shrink partition reads x and each A[k] as rows of k_in contiguous values.)
         contiguous = x.is_contiguous() and lora_A.stride(-1) == 1 and lora_A.stride(-2) == k_in
-        if (
-            fold is not None
-            and contiguous
-            and _gluon_fold.supported(x, W_q, scale, zero, meta, fold_r, fold[1], fold[0])
-        ):
+        # (base: the Gluon kernel takes the call, so the folded one's own conditions.)
+        if fold is not None and contiguous and _gluon_fold.fits(meta, fold_r, fold[1], fold[0]):
             base = (fold[0], fold[1], 4, fold[2], *base[4:])
         else:
             fold = None

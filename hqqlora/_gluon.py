@@ -164,6 +164,44 @@ if gluon is not None:
         return gl.load(zero_ptr + r * groups + step), gl.load(scale_ptr + r * groups + step)
 
     @gluon.jit  # type: ignore[untyped-decorator]
+    def _metas(  # type: ignore[no-untyped-def]
+        scale_ptr, zero_ptr, p0, half, groups, step, P: gl.constexpr, num_warps: gl.constexpr
+    ):
+        # Zero and scale of a tile's high (p0 ..) and low (half + p0 ..) outputs at one step.
+        zh, sh = _meta(scale_ptr, zero_ptr, p0, groups, step, P, num_warps)
+        zl, sl = _meta(scale_ptr, zero_ptr, half + p0, groups, step, P, num_warps)
+        return zh, sh, zl, sl
+
+    @gluon.jit  # type: ignore[untyped-decorator]
+    def _slots(  # type: ignore[no-untyped-def]
+        dt: gl.constexpr, BM: gl.constexpr, P: gl.constexpr, STAGES: gl.constexpr
+    ):
+        # STAGES shared-memory slots of a K step: x as 4-byte pairs in a 128-byte swizzle
+        # (``x_raw``, what cp.async writes), the same bytes as the compute dtype for the MMA
+        # (``x_smem``), and the tile's codes (``c_smem``).
+        x_raw = gl.allocate_shared_memory(
+            gl.int32, [STAGES, BM, STEP_K // 2], gl.NVMMASharedLayout(128, 32)
+        )
+        x_smem = x_raw._reinterpret(dt, [STAGES, BM, STEP_K], gl.NVMMASharedLayout(128, 16))
+        c_smem = gl.allocate_shared_memory(
+            gl.uint8, [STAGES, P, STEP_K], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        )
+        return x_raw, x_smem, c_smem
+
+    @gluon.jit  # type: ignore[untyped-decorator]
+    def _store_partials(  # type: ignore[no-untyped-def]
+        ws_ptr, acc, split, M, N, p0, half, P: gl.constexpr, BM: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):  # fmt: skip
+        # The accumulator into ws[split] (rows past M not stored): its row a is output
+        # (a // 8) % 2 · N/2 + p0 + 8 (a // 16) + a % 8.
+        mma: gl.constexpr = _mma_layout(BM, num_warps)
+        a_row = gl.arange(0, 2 * P, layout=gl.SliceLayout(1, mma))
+        n = ((a_row // 8) % 2) * half + p0 + 8 * (a_row // 16) + a_row % 8
+        m = gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
+        gl.store(ws_ptr + (split * M + m[None, :]) * N + n[:, None], acc, mask=(m < M)[None, :])
+
+    @gluon.jit  # type: ignore[untyped-decorator]
     def _weights(  # type: ignore[no-untyped-def]
         c_smem, slot, zh, sh, zl, sl, MAGIC2: gl.constexpr, OFFSET: gl.constexpr,
         P: gl.constexpr, BM: gl.constexpr, num_warps: gl.constexpr,
@@ -292,25 +330,16 @@ if gluon is not None:
         first = split * steps_per_split
         last = first + steps_per_split - 1
         mma: gl.constexpr = _mma_layout(BM, num_warps)
-        # x as 4-byte pairs in a 128-byte swizzle, read by the MMA as the compute dtype.
-        x_raw = gl.allocate_shared_memory(
-            gl.int32, [STAGES, BM, STEP_K // 2], gl.NVMMASharedLayout(128, 32)
-        )
-        x_smem = x_raw._reinterpret(dt, [STAGES, BM, STEP_K], gl.NVMMASharedLayout(128, 16))
-        c_smem = gl.allocate_shared_memory(
-            gl.uint8, [STAGES, P, STEP_K], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        )
+        x_raw, x_smem, c_smem = _slots(dt, BM, P, STAGES)
         # The steps past ``last`` load ``last`` again: no bounds, nothing read twice used.
         for s in gl.static_range(STAGES - 1):
             _issue(
                 x_ptr, packed_ptr, x_raw, c_smem, s, gl.minimum(first + s, last), p0, M, K,
                 BM, P, num_warps,
             )  # fmt: skip
-        zh, sh = _meta(scale_ptr, zero_ptr, p0, groups, first, P, num_warps)
-        zl, sl = _meta(scale_ptr, zero_ptr, half + p0, groups, first, P, num_warps)
+        zh, sh, zl, sl = _metas(scale_ptr, zero_ptr, p0, half, groups, first, P, num_warps)
         second = gl.minimum(first + 1, last)
-        nzh, nsh = _meta(scale_ptr, zero_ptr, p0, groups, second, P, num_warps)
-        nzl, nsl = _meta(scale_ptr, zero_ptr, half + p0, groups, second, P, num_warps)
+        nzh, nsh, nzl, nsl = _metas(scale_ptr, zero_ptr, p0, half, groups, second, P, num_warps)
         acc = gl.zeros([2 * P, BM], gl.float32, layout=mma)
         for i in range(steps_per_split):
             slot = i % STAGES
@@ -325,18 +354,13 @@ if gluon is not None:
             a = _weights(c_smem, slot, zh, sh, zl, sl, MAGIC2, OFFSET, P, BM, num_warps)
             zh, sh, zl, sl = nzh, nsh, nzl, nsl
             ahead = gl.minimum(first + i + 2, last)
-            nzh, nsh = _meta(scale_ptr, zero_ptr, p0, groups, ahead, P, num_warps)
-            nzl, nsl = _meta(scale_ptr, zero_ptr, half + p0, groups, ahead, P, num_warps)
+            nzh, nsh, nzl, nsl = _metas(scale_ptr, zero_ptr, p0, half, groups, ahead, P, num_warps)
             acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
             # Waited here, before the next step writes registers the MMA reads (else
             # ptxas serializes every MMA).
             acc = warpgroup_mma_wait(0, deps=(acc,))
         cp.wait_group(0)
-        # Accumulator row a is output (a // 8) % 2 · N/2 + p0 + 8 (a // 16) + a % 8.
-        a_row = gl.arange(0, 2 * P, layout=gl.SliceLayout(1, mma))
-        n = ((a_row // 8) % 2) * half + p0 + 8 * (a_row // 16) + a_row % 8
-        m = gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
-        gl.store(ws_ptr + (split * M + m[None, :]) * N + n[:, None], acc, mask=(m < M)[None, :])
+        _store_partials(ws_ptr, acc, split, M, N, p0, half, P, BM, num_warps)
         if WAIT_PREVIOUS:
             # Launched early beside the shrink kernel: go on only after it (its ``t`` and
             # zeroed counters), so that a kernel waiting for this one sees them too.

@@ -78,19 +78,26 @@ def shrink_inputs(block_r: int) -> int:
     return max(128, SHRINK_FLOATS // block_r)
 
 
+def fits(meta: list[int], block_r: int, split: int, block_p: int) -> bool:
+    """Whether the folded kernel takes a launch that the Gluon base kernel takes: a padded
+    rank of at most :data:`MAX_RANK`, one warpgroup's packed rows (32 or 64), and a split
+    of K whose inputs the shrink's two steps divide."""
+    k_in = meta[4]
+    return (
+        block_r <= MAX_RANK
+        and block_p in (32, 64)
+        and k_in % split == 0
+        and (k_in // split) % (2 * shrink_inputs(block_r)) == 0
+    )
+
+
 def supported(
     x: Tensor, W_q: Tensor, scale: Tensor, zero: Tensor, meta: list[int], block_r: int,
     split: int, block_p: int,
 ) -> bool:  # fmt: skip
-    """Whether :func:`fold_partials` takes this call: :func:`_gluon.supported`, a padded
-    rank of at most :data:`MAX_RANK`, one warpgroup's packed rows (32 or 64), and a split
-    of K whose inputs the shrink's two steps divide."""
-    if not _gluon.supported(x, W_q, scale, zero, meta) or block_r > MAX_RANK:
-        return False
-    if block_p not in (32, 64):
-        return False
-    k_in = meta[4]
-    return k_in % split == 0 and (k_in // split) % (2 * shrink_inputs(block_r)) == 0
+    """Whether :func:`fold_partials` takes this call: :func:`_gluon.supported` and
+    :func:`fits`."""
+    return _gluon.supported(x, W_q, scale, zero, meta) and fits(meta, block_r, split, block_p)
 
 
 if gluon is not None:
@@ -179,11 +186,11 @@ if gluon is not None:
         num_warps: gl.constexpr = 4
         mma: gl.constexpr = _gluon._mma_layout(BM, num_warps)
         last = first + steps - 1
-        zh, sh = _gluon._meta(scale_ptr, zero_ptr, p0, groups, first, P, num_warps)
-        zl, sl = _gluon._meta(scale_ptr, zero_ptr, half + p0, groups, first, P, num_warps)
+        zh, sh, zl, sl = _gluon._metas(scale_ptr, zero_ptr, p0, half, groups, first, P, num_warps)
         second = gl.minimum(first + 1, last)
-        nzh, nsh = _gluon._meta(scale_ptr, zero_ptr, p0, groups, second, P, num_warps)
-        nzl, nsl = _gluon._meta(scale_ptr, zero_ptr, half + p0, groups, second, P, num_warps)
+        nzh, nsh, nzl, nsl = _gluon._metas(
+            scale_ptr, zero_ptr, p0, half, groups, second, P, num_warps
+        )
         acc = gl.zeros([2 * P, BM], gl.float32, layout=mma)
         for i in range(steps):
             slot = i % STAGES
@@ -194,17 +201,15 @@ if gluon is not None:
             a = _gluon._weights(c_smem, slot, zh, sh, zl, sl, MAGIC2, OFFSET, P, BM, num_warps)
             zh, sh, zl, sl = nzh, nsh, nzl, nsl
             ahead = gl.minimum(first + i + 2, last)
-            nzh, nsh = _gluon._meta(scale_ptr, zero_ptr, p0, groups, ahead, P, num_warps)
-            nzl, nsl = _gluon._meta(scale_ptr, zero_ptr, half + p0, groups, ahead, P, num_warps)
+            nzh, nsh, nzl, nsl = _gluon._metas(
+                scale_ptr, zero_ptr, p0, half, groups, ahead, P, num_warps
+            )
             acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=(acc,))
             # (The arrive waits for the whole warpgroup: Gluon puts a barrier of the
             # partition before it.)
             mbarrier.arrive(empty.index(slot), count=1)
-        a_row = gl.arange(0, 2 * P, layout=gl.SliceLayout(1, mma))
-        n = ((a_row // 8) % 2) * half + p0 + 8 * (a_row // 16) + a_row % 8
-        m = gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
-        gl.store(ws_ptr + (split * M + m[None, :]) * N + n[:, None], acc, mask=(m < M)[None, :])
+        _gluon._store_partials(ws_ptr, acc, split, M, N, p0, half, P, BM, num_warps)
 
     @gluon.jit  # type: ignore[untyped-decorator]
     def _fold_kernel(  # type: ignore[no-untyped-def]
@@ -228,13 +233,7 @@ if gluon is not None:
         groups = K // STEP_K
         p0 = tile * P
         first = split * steps_per_split
-        x_raw = gl.allocate_shared_memory(
-            gl.int32, [STAGES, BM, STEP_K // 2], gl.NVMMASharedLayout(128, 32)
-        )
-        x_smem = x_raw._reinterpret(dt, [STAGES, BM, STEP_K], gl.NVMMASharedLayout(128, 16))
-        c_smem = gl.allocate_shared_memory(
-            gl.uint8, [STAGES, P, STEP_K], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        )
+        x_raw, x_smem, c_smem = _gluon._slots(dt, BM, P, STAGES)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
@@ -293,7 +292,7 @@ def fold_partials(
     rows = x.shape[0]
     steps = k_in // _gluon.GROUP
     tiles = n_out // 2 // block_p
-    if not supported(x, W_q, scale, zero, meta, block_r, split, block_p) or steps % split:
+    if not supported(x, W_q, scale, zero, meta, block_r, split, block_p):
         raise ValueError(
             f"fold_partials: this call is not one it takes (block_p {block_p}, split {split}, "
             f"padded rank {block_r}, layer {n_out}x{k_in})"
