@@ -310,6 +310,14 @@ kernels on the main stream, folds the bank's shrink into the Gluon kernel
 and the shrink of their tile's rows side by side; launch per shape in :data:`TUNED_FOLD`)
 instead of running ``_bank_shrink_kernel`` and the Gluon kernel one beside the other."""
 
+FOLD_ONE = True
+"""Whether MODE 8 over rows that gather no bank (one adapter, a bank of one read through an
+index, or a bank's several adapters at up to 16 rows), where a Triton kernel finishes
+(more than :data:`FINISH_ROWS` rows), folds the shrink into the Gluon kernel as
+:data:`GATHER_FOLD` does for a bank above 16 rows, instead of launching the shrink kernel
+beside the Gluon kernel (:data:`GLUON_FIRST`): only on the shapes and row counts of
+:data:`TUNED_FOLD_ONE`."""
+
 # (packed rows per program, K splits, stages) of the folded kernel (GATHER_FOLD) by (out,
 # in, rows): the best of an in-layer sweep on an H100 (64 rows over 64 float32 adapters of
 # rank 16, graph µs; RESULTS.md, thirteenth pass): 4096² 24.2 against 26.0 unfolded,
@@ -319,6 +327,19 @@ TUNED_FOLD: dict[tuple[int, int, int], tuple[int, int, int]] = {
     (4096, 4096, 64): (64, 4, 3),
     (4096, 14336, 64): (64, 4, 3),
     (1024, 4096, 64): (32, 8, 4),
+}
+
+# The same for rows that gather no bank (FOLD_ONE), where the fold measured faster than the
+# shrink kernel beside the Gluon kernel both in the in-layer sweep (``tune_fold.py --rows 16
+# --bank 0`` and ``--rows 64 --bank 1``) and in the A/B after it (``ab_decode.py --flag
+# FOLD_ONE 0 1 --tokens 16 64 --bank 1 --rounds 3``), H100, graph µs: 64 rows of a bank of
+# one, 4096×14336 38.2 against 49.9, 1024×4096 10.7 against 11.7. Elsewhere it lost, tied
+# or changed sides between the two runs (14336×4096 at 64 rows 42.4 / 44.6 then 42.9 /
+# 41.3; 1024×4096 at 16 rows 8.1 / 8.5 then 8.4 / 8.4), and shapes and row counts not
+# here are not folded (RESULTS.md, fourteenth pass).
+TUNED_FOLD_ONE: dict[tuple[int, int, int], tuple[int, int, int]] = {
+    (4096, 14336, 64): (64, 4, 3),
+    (1024, 4096, 64): (32, 8, 3),
 }
 
 GATHER_MAX_RANK = 128
@@ -405,10 +426,16 @@ def gluon_config(
     return (block_p, split, 8, 3)
 
 
-def fold_config(n_out: int, k_in: int, rows: int) -> tuple[int, int, int] | None:
-    """The folded kernel's launch (:data:`GATHER_FOLD`): per shape in :data:`TUNED_FOLD`,
-    else the gathered Gluon launch's split and stages with at most 64 packed rows."""
+def fold_config(
+    n_out: int, k_in: int, rows: int, gathered: bool = True
+) -> tuple[int, int, int] | None:
+    """The folded kernel's launch, or ``None``: for rows of a bank's several adapters
+    above 16 rows (``gathered``, :data:`GATHER_FOLD`) per shape in :data:`TUNED_FOLD`,
+    else the gathered Gluon launch's split and stages with at most 64 packed rows; for
+    other rows (:data:`FOLD_ONE`) the :data:`TUNED_FOLD_ONE` entry only."""
     key = (n_out, k_in, rows)
+    if not gathered:
+        return TUNED_FOLD_ONE.get(key)
     if key in TUNED_FOLD:
         return TUNED_FOLD[key]
     base = gluon_config(n_out, k_in, rows, gathered=True)
@@ -458,10 +485,14 @@ def _launch(
     # sets the base's.
     bank_kernels = lora_A is not None and gathers and base is not None and rows >= BANK_SHRINK_ROWS
     side_rule = GATHER_SIDE == 1 or (GATHER_SIDE == 2 and n_out > k_in)
+    # With one adapter (FOLD_ONE) the shrink may be folded in too, where a Triton kernel
+    # finishes.
+    fold_one = FOLD_ONE and lora_A is not None and base is not None and not gathers
+    fold_one = fold_one and rows > FINISH_ROWS
     fold = None
-    if bank_kernels and not side_rule and GATHER_FOLD:
+    if (bank_kernels and not side_rule and GATHER_FOLD) or fold_one:
         assert lora_A is not None and base is not None
-        fold = fold_config(n_out, k_in, rows)
+        fold = fold_config(n_out, k_in, rows, gathered=not fold_one)
         fold_r = max(16, triton.next_power_of_2(lora_A.shape[-2]))
         # (The shrink partition reads x and each A[k] as rows of k_in contiguous values.)
         contiguous = x.is_contiguous() and lora_A.stride(-1) == 1 and lora_A.stride(-2) == k_in
@@ -521,6 +552,7 @@ def _launch(
     # The Triton kernel waits for the shrink kernel only; the shrink kernel waits for the
     # Gluon kernel before it ends, so the Gluon kernel's partials are written by then.
     gluon_first = GLUON_FIRST and pdl and base is not None and not gathers and rows > FINISH_ROWS
+    gluon_first = gluon_first and fold is None
     # MODE 8 over a bank above 16 rows: the adapter kernels on a stream beside the Gluon
     # kernel's (GATHER_SIDE).
     side = bank_kernels and side_rule
@@ -549,6 +581,9 @@ def _launch(
             )  # fmt: skip
             if not side:
                 shrink()
+    elif has_lora and fold is not None:
+        t_splits = fold[1]  # the folded kernel writes t's partials, a split each
+        t = torch.empty(t_splits * rows * block_r, dtype=torch.float32, device=device)
     elif has_lora:
         assert lora_A is not None
         t_block_m = min(SHRINK_ROWS, triton.next_power_of_2(rows))
@@ -611,7 +646,7 @@ def _launch(
             beside = _Beside(device)  # forks here: before the Gluon kernel
         try:
             if fold is not None:
-                assert lora_A is not None and index is not None
+                assert lora_A is not None
                 _gluon_fold.fold_partials(
                     x, W_q, scale, zero, meta, ws, lora_A, index, t, block_p=block_p_base,
                     split=base_split, stages=base_stages, block_r=block_r,

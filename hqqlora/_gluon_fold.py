@@ -1,5 +1,6 @@
-"""MODE 8 over a bank of several adapters: the Gluon base kernel with the bank's shrink
-folded in, as partitions of one warp-specialized kernel (``_decode.GATHER_FOLD``).
+"""MODE 8 with the adapters' shrink folded into the Gluon base kernel, as partitions of one
+warp-specialized kernel: over a bank of several adapters (``_decode.GATHER_FOLD``), and
+for one adapter where ``_decode.TUNED_FOLD_ONE`` names the shape (``_decode.FOLD_ONE``).
 
 The bank's own shrink kernel (``_decode_kernels._bank_shrink_kernel``) and the Gluon base
 kernel, run one beside the other, share the SMs: on an H100 the base kernel's K loop took
@@ -18,9 +19,11 @@ beside). Here each program of the base kernel has three partitions:
   this program's split of K, two steps of ``A`` in flight. Rows whose index is outside
   the bank read no ``A`` and get ``0 · x`` (0, or NaN where their ``x`` is not finite);
   the Triton kernel after it never reads them (it gives those rows no term, or NaN).
+  Without an index (one adapter, ``_decode.FOLD_ONE``) every row reads the one ``A``.
 
-The Triton kernel after it (``_main_kernel``, MODE 8 with ``GATHER_EARLY``) adds ``t``'s
-partials in split order, the partials of the base term in split order, and the terms.
+The Triton kernel after it (``_main_kernel``, MODE 8; with ``GATHER_EARLY`` over a bank
+above 16 rows) adds ``t``'s partials in split order, the partials of the base term in
+split order, and the terms.
 Only where :func:`supported` says so (the Gluon kernel's conditions, a rank of at most
 32, 32 or 64 packed rows a program, a split of K that the shrink's steps divide) and
 ``_decode`` finds ``x`` and each adapter's ``A`` contiguous; elsewhere the two kernels as
@@ -110,7 +113,7 @@ if gluon is not None:
         stride_a_bank, n_bank, rows_per_tile,
         BM: gl.constexpr, P: gl.constexpr, STAGES: gl.constexpr, MAGIC2: gl.constexpr,
         OFFSET: gl.constexpr, PW: gl.constexpr, SW: gl.constexpr, BLOCK_R: gl.constexpr,
-        CH: gl.constexpr,
+        CH: gl.constexpr, HAS_IDX: gl.constexpr,
     ):  # fmt: skip
         # The slots in turn: wait until the default partition has released one, then
         # cp.async a step of x (in the MMA's K order, rows past M as 0) and of the codes;
@@ -142,7 +145,7 @@ if gluon is not None:
         stride_a_bank, n_bank, rows_per_tile,
         BM: gl.constexpr, P: gl.constexpr, STAGES: gl.constexpr, MAGIC2: gl.constexpr,
         OFFSET: gl.constexpr, PW: gl.constexpr, SW: gl.constexpr, BLOCK_R: gl.constexpr,
-        CH: gl.constexpr,
+        CH: gl.constexpr, HAS_IDX: gl.constexpr,
     ):  # fmt: skip
         # t[split, row] for rows tile·rows_per_tile .. + rows_per_tile: this split's inputs
         # of the row's adapter's A, CH at a time, two steps' loads issued before their sums.
@@ -155,7 +158,10 @@ if gluon is not None:
         for j in range(rows_per_tile):
             row = tile * rows_per_tile + j
             if row < M:
-                k_row = gl.load(idx_ptr + row)
+                if HAS_IDX:  # noqa: SIM108 - Gluon wants a plain branch on a constexpr
+                    k_row = gl.load(idx_ptr + row)
+                else:  # one adapter: every row reads it
+                    k_row = 0
                 valid = (k_row >= 0) & (k_row < n_bank)
                 a_rows = (
                     a_ptr + gl.where(valid, k_row, 0).to(gl.int64) * stride_a_bank
@@ -179,7 +185,7 @@ if gluon is not None:
         stride_a_bank, n_bank, rows_per_tile,
         BM: gl.constexpr, P: gl.constexpr, STAGES: gl.constexpr, MAGIC2: gl.constexpr,
         OFFSET: gl.constexpr, PW: gl.constexpr, SW: gl.constexpr, BLOCK_R: gl.constexpr,
-        CH: gl.constexpr,
+        CH: gl.constexpr, HAS_IDX: gl.constexpr,
     ):  # fmt: skip
         # The base term of this split, one warpgroup: _gluon._base_kernel's K loop with
         # an mbarrier wait and release per slot; zero and scale two steps ahead.
@@ -217,7 +223,7 @@ if gluon is not None:
         M, N, K, steps_per_split, R, stride_a_bank, n_bank, rows_per_tile,
         BM: gl.constexpr, P: gl.constexpr, STAGES: gl.constexpr, MAGIC2: gl.constexpr,
         OFFSET: gl.constexpr, PW: gl.constexpr, PR: gl.constexpr, SW: gl.constexpr,
-        SR: gl.constexpr, BLOCK_R: gl.constexpr, CH: gl.constexpr,
+        SR: gl.constexpr, BLOCK_R: gl.constexpr, CH: gl.constexpr, HAS_IDX: gl.constexpr,
         LAUNCH_DEPENDENTS: gl.constexpr, num_warps: gl.constexpr,
     ):  # fmt: skip
         if LAUNCH_DEPENDENTS:
@@ -247,17 +253,17 @@ if gluon is not None:
                              idx_ptr, t_ptr, x_raw, x_smem, c_smem, ready, empty, tile, split,
                              p0, half, groups, first, steps_per_split, M, N, K, R,
                              stride_a_bank, n_bank, rows_per_tile, BM, P, STAGES, MAGIC2,
-                             OFFSET, PW, SW, BLOCK_R, CH)),
+                             OFFSET, PW, SW, BLOCK_R, CH, HAS_IDX)),
                 (_producer, (x_ptr, packed_ptr, scale_ptr, zero_ptr, ws_ptr, xs_ptr, a_ptr,
                              idx_ptr, t_ptr, x_raw, x_smem, c_smem, ready, empty, tile, split,
                              p0, half, groups, first, steps_per_split, M, N, K, R,
                              stride_a_bank, n_bank, rows_per_tile, BM, P, STAGES, MAGIC2,
-                             OFFSET, PW, SW, BLOCK_R, CH)),
+                             OFFSET, PW, SW, BLOCK_R, CH, HAS_IDX)),
                 (_shrinker, (x_ptr, packed_ptr, scale_ptr, zero_ptr, ws_ptr, xs_ptr, a_ptr,
                              idx_ptr, t_ptr, x_raw, x_smem, c_smem, ready, empty, tile, split,
                              p0, half, groups, first, steps_per_split, M, N, K, R,
                              stride_a_bank, n_bank, rows_per_tile, BM, P, STAGES, MAGIC2,
-                             OFFSET, PW, SW, BLOCK_R, CH)),
+                             OFFSET, PW, SW, BLOCK_R, CH, HAS_IDX)),
             ],
             [PW, SW],
             [PR, SR],
@@ -272,7 +278,7 @@ def fold_partials(
     meta: list[int],
     ws: Tensor,
     lora_A: Tensor,
-    index: Tensor,
+    index: Tensor | None,
     t: Tensor,
     *,
     block_p: int,
@@ -285,7 +291,8 @@ def fold_partials(
     float32), as :func:`_gluon.base_partials` does (the same bits), and ``t[s]`` (``(split,
     rows, block_r)`` float32): each row's ``x @ A[index[row]]ᵀ`` over that split (``0 · x``
     for rows whose index is outside the bank). ``lora_A`` is the bank, ``(bank, rank, in)``,
-    each ``A[k]`` and ``x`` in contiguous rows.
+    read through ``index``, or one adapter's ``(rank, in)`` that every row reads (``index``
+    ``None``); each ``A[k]`` and ``x`` in contiguous rows.
     ``launch_dependents``: the next kernel (a programmatic dependent launch) may start
     early. The caller checks :func:`supported`."""
     _, _, _, n_out, k_in = meta
@@ -298,13 +305,16 @@ def fold_partials(
             f"padded rank {block_r}, layer {n_out}x{k_in})"
         )
     magic2, offset = ("0x64006400", 1024.0) if x.dtype == torch.float16 else ("0x43004300", 128.0)
+    bank = lora_A.ndim == 3
     args: tuple[Any, ...] = (
-        x.view(torch.int32), W_q, scale, zero, ws, x, lora_A, index, t, rows, n_out, k_in,
-        steps // split, lora_A.shape[1], lora_A.stride(0), lora_A.shape[0], -(-rows // tiles),
+        x.view(torch.int32), W_q, scale, zero, ws, x, lora_A, x if index is None else index, t,
+        rows, n_out, k_in, steps // split, lora_A.shape[-2], lora_A.stride(0) if bank else 0,
+        lora_A.shape[0] if bank else 1, -(-rows // tiles),
     )  # fmt: skip
     _fold_kernel[(tiles, split)](
         *args, BM=max(8, triton.next_power_of_2(rows)), P=block_p, STAGES=stages,
         MAGIC2=magic2, OFFSET=offset, PW=PWARPS, PR=PREGS, SW=SWARPS, SR=SREGS,
-        BLOCK_R=block_r, CH=shrink_inputs(block_r), LAUNCH_DEPENDENTS=launch_dependents,
+        BLOCK_R=block_r, CH=shrink_inputs(block_r), HAS_IDX=index is not None,
+        LAUNCH_DEPENDENTS=launch_dependents,
         num_warps=4, maxnreg=MAXNREG,
     )  # fmt: skip

@@ -439,6 +439,7 @@ def test_gluon_base_kernel_matches_the_reference(
     # bank (NaN). Up to ``finish_rows`` rows the Gluon kernel's last split of each tile
     # finishes them itself. Ranks 8 and 40 (padded to 16 and 64).
     monkeypatch.setattr(_decode, "FINISH_ROWS", finish_rows)
+    monkeypatch.setattr(_decode, "FOLD_ONE", False)  # test_folded_shrink_of_one_adapter_...
     layer = cuda_layer(4, dtype, size=(256, 1024))
     adapters = [cuda_adapter(layer, r=rank, dora=True, seed=i) for i in range(2)]
     norms = [hqqlora.dora_weight_norm(layer, q) for q in adapters]
@@ -529,7 +530,8 @@ def test_one_row_finishes_in_the_gluon_kernel(dtype, bias, config, case, monkeyp
 @pytest.mark.parametrize(
     "rows, entry, n, fold", [(1, (64, 8, 8, 3), 1, True), (1, (64, 1, 8, 3), 1, True),
                              (2, None, 1, True), (16, None, 1, True), (40, None, 1, True),
-                             (64, None, 1, True), (64, None, 64, True), (64, None, 64, False)],
+                             (64, None, 1, True), (16, None, 1, False), (64, None, 1, False),
+                             (64, None, 64, True), (64, None, 64, False)],
 )  # fmt: skip
 def test_gluon_path_replays_give_the_same_bits(rows, entry, n, fold, pdl, first, monkeypatch):
     # MODE 8 on the tuned 4096² (16 and 64 rows), by the rule (2 and 40), and at one row
@@ -541,13 +543,15 @@ def test_gluon_path_replays_give_the_same_bits(rows, entry, n, fold, pdl, first,
     # GATHER_FOLD, or without it the bank's shrink kernel first; then the Triton kernel that
     # loads each row's tile of B before it waits). Where the Triton kernel finishes one
     # adapter's rows, the Gluon kernel goes first and the shrink kernel beside it, or
-    # (``first`` off) the other way round. A race shows as a replay whose bits differ: the
+    # (``first`` off) the other way round, or (``fold``, FOLD_ONE) the shrink is folded into
+    # the Gluon kernel. A race shows as a replay whose bits differ: the
     # replays alternate two inputs, so a read of the workspaces before this replay's
     # kernels wrote them sees the other input's values.
     monkeypatch.setattr(_decode, "PDL", pdl)
     monkeypatch.setattr(_decode, "GLUON_FIRST", first)
     monkeypatch.setattr(_decode, "GATHER_SIDE", int(first))
     monkeypatch.setattr(_decode, "GATHER_FOLD", fold)
+    monkeypatch.setattr(_decode, "FOLD_ONE", fold)
     if entry is not None:
         monkeypatch.setitem(_decode.TUNED_GLUON, (4096, 4096, rows), entry)
     layer = cuda_layer(4, torch.bfloat16, size=(4096, 4096))
@@ -686,6 +690,60 @@ def test_folded_shrink_over_a_gathered_bank_matches_the_reference(
             continue
         row = x[i : i + 1]
         ref = _base_ref(layer, row) if k < 0 else dense_reference(layer, adapters[f"a{k}"], row)
+        assert_close_rel(got[i : i + 1], ref, dtype, factor=2)
+
+
+@needs_gluon
+@pytest.mark.parametrize("rank", [8, 20, 40])
+@pytest.mark.parametrize("entry", [(64, 2, 3), (32, 1, 4), (64, 4, 2), None])
+@pytest.mark.parametrize("rows", [2, 5, 16, 17, 40, 64])
+@pytest.mark.parametrize("dtype", HALF)
+def test_folded_shrink_of_one_adapter_matches_the_reference(dtype, rows, entry, rank, monkeypatch):
+    # MODE 8 with one adapter above FINISH_ROWS rows and the shrink folded into the Gluon
+    # kernel (FOLD_ONE): apply_lora up to 16 rows (every row reads the one A, no index),
+    # a bank of one read through an index above (rows of none: -1); t's partials a split
+    # each, then the Triton kernel adds them and the base's in split order, the term,
+    # DoRA's norms and the bias. A TUNED_FOLD_ONE entry (1-4 splits, 2-4 tiles: 1-32 rows
+    # a tile, tiles of none); without one, not folded. Rank 40 (padded 64) is not folded,
+    # nor 4 splits (256 inputs) at rank 8 (the shrink's rounds: 512 inputs at padded rank
+    # 16, 256 at 32). LoRA at 5 and 40 rows, DoRA elsewhere.
+    monkeypatch.setattr(_decode, "FOLD_ONE", True)
+    monkeypatch.setitem(_decode.TUNED_GLUON, (256, 1024, rows), (64, 4, 8, 3))
+    if entry is None:
+        monkeypatch.delitem(_decode.TUNED_FOLD_ONE, (256, 1024, rows), raising=False)
+    else:
+        monkeypatch.setitem(_decode.TUNED_FOLD_ONE, (256, 1024, rows), entry)
+    layer = cuda_layer(4, dtype, size=(256, 1024), bias=True)
+    dora = rows not in (5, 40)
+    params = cuda_adapter(layer, dora=dora, r=rank, seed=rows)
+    norm = hqqlora.dora_weight_norm(layer, params) if dora else None
+    x = torch.randn(rows, 1024, device="cuda", dtype=dtype)
+    index = -(torch.arange(rows, device="cuda") % 3 == 0).long()  # -1, 0, 0, -1, ...
+    folded = []
+    with torch.no_grad():
+        if rows <= 16:
+            got, ran = uses_gluon(
+                lambda: hqqlora.apply_lora(layer, params, x, weight_norm=norm), monkeypatch, folded
+            )
+        else:
+            bank = hqqlora.stack_adapters({"a": params})
+            norms = None if norm is None else norm[None]
+            got, ran = uses_gluon(
+                lambda: hqqlora.mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norms),
+                monkeypatch,
+                folded,
+            )
+    assert ran
+    block_r = max(16, 1 << (rank - 1).bit_length())
+    fits = entry is not None and (1024 // entry[1]) % (2 * max(128, 4096 // block_r)) == 0
+    assert folded == [block_r <= 32 and fits]
+    for i in range(rows):
+        row = x[i : i + 1]
+        ref = (
+            _base_ref(layer, row)
+            if rows > 16 and index[i] < 0
+            else (dense_reference(layer, params, row))
+        )
         assert_close_rel(got[i : i + 1], ref, dtype, factor=2)
 
 

@@ -826,7 +826,7 @@ def test_a_tuned_prefetch_level_reaches_the_kernel(monkeypatch):
         assert main.get("maxnreg") == (cap or None)
 
 
-def test_fold_config_takes_its_table_then_the_gathered_launch(monkeypatch):
+def test_fold_config_takes_its_tables_then_the_gathered_launch(monkeypatch):
     import torch
 
     from hqqlora import _decode, _gluon_fold
@@ -840,6 +840,12 @@ def test_fold_config_takes_its_table_then_the_gathered_launch(monkeypatch):
     assert _decode.fold_config(512, 2048, 40) == (64, 2, 5)
     monkeypatch.setitem(_decode.TUNED_GATHER, (512, 2048, 1), None)
     assert _decode.fold_config(512, 2048, 1) is None
+    # FOLD_ONE's: the TUNED_FOLD_ONE entry only (none: not folded, whatever the Gluon
+    # kernel's launch).
+    monkeypatch.setitem(_decode.TUNED_FOLD_ONE, (512, 2048, 16), (32, 4, 3))
+    monkeypatch.setitem(_decode.TUNED_GLUON, (512, 2048, 40), (64, 2, 8, 3))
+    assert _decode.fold_config(512, 2048, 16, gathered=False) == (32, 4, 3)
+    assert _decode.fold_config(512, 2048, 40, gathered=False) is None
     # Which calls the folded kernel takes, past the Gluon kernel's own conditions (here
     # said yes, as on an H100): a padded rank of at most 32, 32 or 64 packed rows, and
     # 2 · (4096 / padded rank) inputs of A dividing a split's inputs (1024 in).
@@ -864,7 +870,8 @@ def test_fold_config_takes_its_table_then_the_gathered_launch(monkeypatch):
 # goes first and the shrink kernel beside it, finishing after it (GLUON_FIRST); at one
 # row, over a gathered bank without GATHER_SIDE and with GLUON_FIRST off, the shrink
 # kernel goes first and the Gluon kernel beside it; over a gathered bank the shrink may
-# instead be folded into the Gluon kernel (GATHER_FOLD); without an adapter nothing overlaps.
+# instead be folded into the Gluon kernel (GATHER_FOLD), and so may one adapter's above
+# FINISH_ROWS rows (FOLD_ONE); without an adapter nothing overlaps.
 def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
     import torch
 
@@ -877,6 +884,7 @@ def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
     monkeypatch.setattr(_gluon, "_base_kernel", _Recorder(launches, "gluon"))
     monkeypatch.setattr(_gluon, "supported", lambda *a: True)
     monkeypatch.setattr(_decode, "PDL", True)
+    monkeypatch.setattr(_decode, "FOLD_ONE", False)  # until its own cases below
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     layer = _cpu_layer(1024, 256, 64, torch.bfloat16)
     W_q, scale, zero = quant_tensors(layer)
@@ -972,6 +980,29 @@ def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
     assert names[:2] == ["_bank_shrink_kernel", "gluon"], names
     monkeypatch.setattr(_decode, "GATHER_FOLD", True)
 
+    # One adapter (FOLD_ONE), above FINISH_ROWS rows: folded too, without an index (a bank
+    # read through one at 16 rows passes it); at one row, or without FOLD_ONE, as above.
+    monkeypatch.setattr(_decode, "FOLD_ONE", True)
+    for rows, bank in ((16, 0), (5, 0), (16, 4), (64, 1)):
+        monkeypatch.setitem(_decode.TUNED_FOLD_ONE, (256, 1024, rows), (64, 2, 3))
+        names, kw = order(rows, bank)
+        assert names == ["fold", "_main_kernel"], (rows, bank, names)
+        (fold_grid, fold_args), (_, main_args) = calls["fold"], calls["_main_kernel"]
+        assert fold_grid == (2, 2) and kw["fold"]["HAS_IDX"] == (bank > 0)
+        t = fold_args[8]
+        assert t is main_args[4] and t.numel() == 2 * rows * kw["fold"]["BLOCK_R"]
+        assert kw["_main_kernel"]["T_SPLITS"] == 2 == kw["_main_kernel"]["BASE_SPLITS"]
+        assert kw["_main_kernel"]["USE_PDL"] and not kw["_main_kernel"]["GATHER_EARLY"]
+    names, _ = order(1, 0, first=True)
+    assert names[:2] == ["_shrink_kernel", "gluon"], names
+    monkeypatch.setattr(_decode, "FOLD_ONE", False)
+    names, _ = order(16, 0)
+    assert names == ["gluon", "_shrink_kernel", "_main_kernel"], names
+    monkeypatch.setattr(_decode, "FOLD_ONE", True)
+    monkeypatch.delitem(_decode.TUNED_FOLD_ONE, (256, 1024, 16))
+    names, _ = order(16, 0)  # no entry: not folded
+    assert names == ["gluon", "_shrink_kernel", "_main_kernel"], names
+
     # GATHER_SIDE 2 (the default): the second stream on layers with more outputs than
     # inputs only.
     monkeypatch.setattr(_decode, "GATHER_SIDE", 2)
@@ -997,9 +1028,10 @@ def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
 # adapter.
 MODE8_EPILOGUE = textwrap.dedent(
     r"""
+    import itertools
     import torch
     import hqqlora
-    from hqqlora import _decode, _gluon
+    from hqqlora import _decode, _gluon, _gluon_fold
     from hqqlora._base import quant_layout, quant_tensors
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
@@ -1020,8 +1052,29 @@ MODE8_EPILOGUE = textwrap.dedent(
             part[s] = (x.double()[:, ks] @ W[:, ks].T).float()
         seen.append(split)
 
+    def fold_stand_in(x, W_q, scale, zero, meta, ws, lora_A, index, t, *, block_p, split,
+                      stages, block_r, launch_dependents):
+        # The folded kernel: the base's partials as above, and t's: each row's
+        # x @ A[index[row]]ᵀ over a split (every row the one A without an index; 0 for
+        # rows outside the bank).
+        rows = x.shape[0]
+        part, tp = ws.view(split, rows, meta[3]), t.view(split, rows, block_r)
+        A3 = lora_A if lora_A.ndim == 3 else lora_A[None]
+        ks_row = torch.zeros(rows, dtype=torch.long) if index is None else index.long()
+        for s, ks in enumerate(torch.arange(meta[4]).chunk(split)):
+            part[s] = (x.double()[:, ks] @ W[:, ks].T).float()
+            tp[s] = 0
+            for i, k in enumerate(ks_row.tolist()):
+                if 0 <= k < A3.shape[0]:
+                    tp[s, i, : A3.shape[1]] = (x[i, ks].double() @ A3[k][:, ks].double().T).float()
+        seen.append(split)
+        folded.append(rows)
+
+    folded = []
     _gluon.supported = lambda *a: True
     _gluon.base_partials = stand_in
+    _gluon_fold.fits = lambda *a: True  # the stand-in takes any split
+    _gluon_fold.fold_partials = fold_stand_in
     _decode.FINISH_ROWS = 0  # the Triton kernel finishes every row count here
     n, r = 3, 8
     A, B = torch.randn(n, r, 512) * 0.05, torch.randn(n, 256, r) * 0.05
@@ -1035,11 +1088,16 @@ MODE8_EPILOGUE = textwrap.dedent(
     cases = ((1, 2, 64, 5), (2, 1, 64, 5), (5, 2, 32, 5), (16, 4, 64, 5), (16, 2, 64, 1), (17, 4, 32, 1),
              (17, 8, 16, 1), (40, 8, 64, 1), (40, 2, 32, 1), (17, 4, 32, 5), (40, 8, 16, 5),
              (33, 2, 64, 5), (33, 2, 64, 5, False))
-    for rows, split, tile, kinds, *side in cases:
+    for (rows, split, tile, kinds, *side), fold in itertools.product(cases, (False, True)):
+        # Folded (GATHER_FOLD over a bank above 16 rows beside no second stream, FOLD_ONE
+        # elsewhere), t's partials come from the folded kernel, a split each.
+        _decode.GATHER_FOLD = _decode.FOLD_ONE = fold
+        folded.clear()
         _decode.GATHER_SIDE = 1 if side == [] else 0
         # (TUNED_GATHER: a bank of several adapters above 16 rows)
         _decode.TUNED_GLUON[(256, 512, rows)] = (64, split, 8, 3, tile)
         _decode.TUNED_GATHER[(256, 512, rows)] = (64, split, 8, 3)
+        _decode.TUNED_FOLD_ONE[(256, 512, rows)] = (64, split, 3)
         _decode.GATHER_BLOCK_P = tile
         x = torch.randn(rows, 512).half()
         if kinds == 5:  # -1, 0, 1, 2, 3 (past the bank: NaN): several adapters' terms
@@ -1052,6 +1110,7 @@ MODE8_EPILOGUE = textwrap.dedent(
                                       magnitude=mag[kept], weight_norm=norm[kept],
                                       is_dora=is_dora[kept], bias=layer.bias)
         assert seen[-1] == split, (rows, seen)
+        assert bool(folded) == (fold and (rows <= 16 or kinds == 1 or side == [False])), rows
         for i in range(rows):
             k = int(index[i]) + (2 if kinds == 1 and index[i] >= 0 else 0)
             if k == 3:
@@ -1066,6 +1125,7 @@ MODE8_EPILOGUE = textwrap.dedent(
             err = (got[i].double() - ref).abs().max().item()
             assert err <= 2**-10 * ref.abs().max().item(), (rows, i, k, err)
     _decode.GATHER_SIDE = 2
+    _decode.GATHER_FOLD = _decode.FOLD_ONE = False
 
     # Banks above 16 rows, the launches recorded: rank 40 (64 slots: the Triton kernel's
     # tiles shrink to 8 outputs), rank 9 at 64 rows (the shrink's last rank slice is
@@ -1130,9 +1190,13 @@ MODE8_EPILOGUE = textwrap.dedent(
             assert err <= 2**-10 * ref.abs().max().item(), (rank, rows, i, k, err)
     _decode.BANK_SHRINK_FLOATS, _decode.BANK_SHRINK_ROWS, _decode.GATHER_SIDE = 4096, 17, 2
 
-    # One adapter without an index (DoRA), and no adapter at all, at 1, 16 and 40 rows.
-    for rows, split in ((1, 2), (16, 4), (40, 8)):
+    # One adapter without an index (DoRA), and no adapter at all, at 1, 16 and 40 rows,
+    # the shrink folded in (FOLD_ONE) or not.
+    for (rows, split), fold in itertools.product(((1, 2), (16, 4), (40, 8)), (False, True)):
+        _decode.FOLD_ONE = fold
+        folded.clear()
         _decode.TUNED_GLUON[(256, 512, rows)] = (64, split, 8, 3)
+        _decode.TUNED_FOLD_ONE[(256, 512, rows)] = (64, split, 3)
         x = torch.randn(rows, 512).half()
         W64 = x.double() @ W.T + layer.bias.double()
         with torch.no_grad():
@@ -1140,7 +1204,7 @@ MODE8_EPILOGUE = textwrap.dedent(
                                       scaling=s[:1], magnitude=mag[0], weight_norm=norm[0],
                                       bias=layer.bias)
             base = _decode.lora_decode(x, W_q, scale, zero, layout, bias=layer.bias)
-        assert seen[-1] == split
+        assert seen[-1] == split and folded == ([rows] if fold else []), (rows, folded)
         ref = (x.double() @ W.T + s[0].double() * (x.double() @ A[0].double().T)
                @ B[0].double().T) * (mag[0] / norm[0]).double() + layer.bias.double()
         for got, want in ((one, ref), (base, W64)):
