@@ -2,16 +2,20 @@
 
 python benchmarks/ab_decode.py --flag PREFETCH 0 1 2 --tokens 1 16 64 --bank 1
 python benchmarks/ab_decode.py --flag TERM_FLOATS 8192 16384 --tokens 64 --bank 64
+python benchmarks/ab_decode.py --flag FOLD_ONE 0 1 --tokens 2 16 64 --rounds 3
 
 For each layer shape and row count: CUDA-graph time per call (µs, LoRA r=16 float32, one
 adapter, or a bank read through an index) and the relative error against float64, at each
-value of the switch, side by side in one run. A switch that is also a TUNED field
+value of the switch, side by side in one run (``--rounds``: the values in turn, the median
+of each). A switch that is also a TUNED field
 (PREFETCH, the 8th) is set by dropping that field, so the module value applies.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import statistics
 
 import torch
 import triton.testing
@@ -32,6 +36,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--bank", type=int, default=0, help="a bank of N adapters, one per row")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    parser.add_argument("--rounds", type=int, default=1, help="values in turn, the median")
     args = parser.parse_args()
     print(environment("cuda"))
     dtype = getattr(torch, args.dtype)
@@ -54,8 +59,9 @@ def main() -> None:
             config = _decode.decode_config(out_f, in_f, per, 64, tokens)
             if args.flag == "PREFETCH" and len(config) > 7:
                 _decode.TUNED[key] = config[:7]
-            cells = []
-            for value in args.values:
+            times = {value: [] for value in args.values}
+            errs = {}
+            for _, value in itertools.product(range(args.rounds), args.values):
                 setattr(_decode, args.flag, type(saved)(value))
 
                 def run(x=x, A=A, B=B, s=s, index=index):
@@ -63,10 +69,11 @@ def main() -> None:
                         x, W_q, scale, zero, layout, lora_A=A, lora_B=B, scaling=s, index=index
                     )
 
-                err = ((run().double() - ref).norm() / ref.norm()).item()
+                errs[value] = ((run().double() - ref).norm() / ref.norm()).item()
                 us = 1e3 * triton.testing.do_bench_cudagraph(run, rep=50, return_mode="median")
-                cells.append(f"{us:.1f} ({err:.1e})")
+                times[value].append(us)
             setattr(_decode, args.flag, saved)
+            cells = [f"{statistics.median(times[v]):.1f} ({errs[v]:.1e})" for v in args.values]
             if tuned is not None:
                 _decode.TUNED[key] = tuned
             print(f"| {out_f}x{in_f} | {tokens} | {config} | {' | '.join(cells)} |", flush=True)

@@ -2,14 +2,18 @@
 
 python benchmarks/tune_fold.py
 python benchmarks/tune_fold.py --shape 4096 4096 --top 8
+python benchmarks/tune_fold.py --rows 16 --bank 0
 
-Per layer shape, 64 rows over a bank of 64 float32 adapters of rank 16 (row i reads adapter
-i), LoRA through ``_decode.lora_decode``: the CUDA-graph time per call (µs, median of 3
-rounds of ``do_bench_cudagraph``) and the relative error against float64, for the library
-without the fold (its own rule, and with the adapter kernels on the main stream,
-``GATHER_SIDE`` 0) and for every launch of the folded kernel (packed rows a program, K
-splits, stages) that divides the layer: each timed once, the best three again. Prints the
-``--top`` fastest. Compiles every launch first in worker processes.
+Per layer shape, 64 rows (``--rows``) over a bank of 64 float32 adapters of rank 16 (row i
+reads adapter i), LoRA through ``_decode.lora_decode``: the CUDA-graph time per call (µs,
+median of 3 rounds of ``do_bench_cudagraph``) and the relative error against float64, for
+the library without the fold (its own rule, and with the adapter kernels on the main
+stream, ``GATHER_SIDE`` 0) and for every launch of the folded kernel (packed rows a
+program, K splits, stages) that divides the layer: each timed once, the best three again.
+With ``--bank 0`` one adapter, no index, and ``--bank 1`` a bank of one read through an
+index (``FOLD_ONE``, ``TUNED_FOLD_ONE``; without the fold: the shrink kernel beside the
+Gluon kernel). Prints the ``--top`` fastest. Compiles every
+launch first in worker processes.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from hqqlora._base import quant_layout, quant_tensors
 
 SHAPES = [(4096, 4096), (4096, 14336), (1024, 4096), (14336, 4096)]
 ROWS = 64
+BANK = 64
 
 
 def entries(out_f, in_f):
@@ -54,7 +59,7 @@ def setup(out_f, in_f):
     layout = quant_layout(layer)
     W_q, scale, zero = quant_tensors(layer)
     x = torch.randn(ROWS, in_f, device="cuda", dtype=torch.bfloat16)
-    A, B, s, index = _adapters(in_f, out_f, 16, 64, ROWS)
+    A, B, s, index = _adapters(in_f, out_f, 16, BANK, ROWS)
 
     def run():
         return _decode.lora_decode(
@@ -67,27 +72,38 @@ def setup(out_f, in_f):
 _RUNS = {}
 
 
+def _table():
+    # (A bank of one gathers nothing: FOLD_ONE's table.)
+    return _decode.TUNED_FOLD if BANK > 1 else _decode.TUNED_FOLD_ONE
+
+
 def _compile(task):
-    shape, entry = task
+    global ROWS, BANK
+    shape, entry, ROWS, BANK = task
     if shape not in _RUNS:
         _RUNS[shape] = setup(*shape)[0]
     _decode.GATHER_SIDE = 0
-    _decode.TUNED_FOLD[(*shape, ROWS)] = entry
+    _table()[(*shape, ROWS)] = entry
     _RUNS[shape]()
     torch.cuda.synchronize()
 
 
 def main() -> None:
+    global ROWS, BANK
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", type=int, nargs=2, help="this (out, in) only")
     parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=ROWS)
+    parser.add_argument("--bank", type=int, default=BANK, help="0: one adapter, no index")
     args = parser.parse_args()
+    ROWS, BANK = args.rows, args.bank
     shapes = [tuple(args.shape)] if args.shape else SHAPES
-    tasks = [(shape, e) for shape in shapes for e in entries(*shape)]
+    tasks = [(shape, e, ROWS, BANK) for shape in shapes for e in entries(*shape)]
     with multiprocessing.get_context("spawn").Pool(14) as pool:
         list(pool.imap_unordered(_compile, tasks))
     print(environment("cuda"))
-    side, fold = _decode.GATHER_SIDE, _decode.GATHER_FOLD
+    side, fold, one = _decode.GATHER_SIDE, _decode.GATHER_FOLD, _decode.FOLD_ONE
+    table = _table()
     try:
         for shape in shapes:
             run, ref = setup(*shape)
@@ -103,24 +119,26 @@ def main() -> None:
                 ]
                 res[label] = (statistics.median(us), err)
 
-            _decode.GATHER_SIDE, _decode.GATHER_FOLD = side, False
+            _decode.GATHER_SIDE, _decode.GATHER_FOLD, _decode.FOLD_ONE = side, False, False
             timed("no fold (the library's rule)")
-            _decode.GATHER_SIDE = 0
-            timed("no fold, GATHER_SIDE 0")
-            _decode.GATHER_FOLD = True
+            if BANK > 1:
+                _decode.GATHER_SIDE = 0
+                timed("no fold, GATHER_SIDE 0")
+            _decode.GATHER_FOLD = _decode.FOLD_ONE = True
             for entry in entries(*shape):
-                _decode.TUNED_FOLD[key] = entry
+                table[key] = entry
                 timed(entry, rounds=1)
             best = sorted((v[0], k) for k, v in res.items() if isinstance(k, tuple))[:3]
             for _, entry in best:
-                _decode.TUNED_FOLD[key] = entry
+                table[key] = entry
                 timed(entry)
-            print(f"{shape[0]}x{shape[1]}, {ROWS} rows over a bank of 64:", flush=True)
+            over = f"over a bank of {BANK}" if BANK else "of one adapter"
+            print(f"{shape[0]}x{shape[1]}, {ROWS} rows {over}:", flush=True)
             for label, (us, err) in sorted(res.items(), key=lambda kv: kv[1][0])[: args.top]:
                 name = f"fold {label}" if isinstance(label, tuple) else label
                 print(f"    {name:30s} {us:6.1f} µs  err {err:.1e}", flush=True)
     finally:
-        _decode.GATHER_SIDE, _decode.GATHER_FOLD = side, fold
+        _decode.GATHER_SIDE, _decode.GATHER_FOLD, _decode.FOLD_ONE = side, fold, one
 
 
 if __name__ == "__main__":
