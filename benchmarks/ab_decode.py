@@ -2,7 +2,7 @@
 
 python benchmarks/ab_decode.py --flag PREFETCH 0 1 2 --tokens 1 16 64 --bank 1
 python benchmarks/ab_decode.py --flag TERM_FLOATS 8192 16384 --tokens 64 --bank 64
-python benchmarks/ab_decode.py --flag FOLD_ONE 0 1 --tokens 2 16 64 --rounds 3
+python benchmarks/ab_decode.py --flag FOLD_ONE 0 1 --tokens 16 64 --bank 1 --rounds 3
 
 For each layer shape and row count: CUDA-graph time per call (µs, LoRA r=16 float32, one
 adapter, or a bank read through an index) and the relative error against float64, at each
@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     parser.add_argument("--rounds", type=int, default=1, help="values in turn, the median")
     args = parser.parse_args()
+    if args.rounds < 1 or len(set(args.values)) < len(args.values):
+        parser.error("--rounds at least 1, and each value once")
     print(environment("cuda"))
     dtype = getattr(torch, args.dtype)
     saved = getattr(_decode, args.flag)

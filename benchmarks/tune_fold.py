@@ -73,8 +73,9 @@ _RUNS = {}
 
 
 def _table():
-    # (A bank of one gathers nothing: FOLD_ONE's table.)
-    return _decode.TUNED_FOLD if BANK > 1 else _decode.TUNED_FOLD_ONE
+    # (A bank gathers above 16 rows only, and a bank of one never: FOLD_ONE's table.)
+    gathered = BANK > 1 and ROWS > _decode.DOT_ROWS
+    return _decode.TUNED_FOLD if gathered else _decode.TUNED_FOLD_ONE
 
 
 def _compile(task):
@@ -96,6 +97,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=ROWS)
     parser.add_argument("--bank", type=int, default=BANK, help="0: one adapter, no index")
     args = parser.parse_args()
+    if args.rows <= _decode.FINISH_ROWS or args.rows > _decode.MAX_ROWS:
+        parser.error(f"--rows: the fold takes {_decode.FINISH_ROWS + 1}-{_decode.MAX_ROWS} rows")
     ROWS, BANK = args.rows, args.bank
     shapes = [tuple(args.shape)] if args.shape else SHAPES
     tasks = [(shape, e, ROWS, BANK) for shape in shapes for e in entries(*shape)]
@@ -121,7 +124,7 @@ def main() -> None:
 
             _decode.GATHER_SIDE, _decode.GATHER_FOLD, _decode.FOLD_ONE = side, False, False
             timed("no fold (the library's rule)")
-            if BANK > 1:
+            if table is _decode.TUNED_FOLD:
                 _decode.GATHER_SIDE = 0
                 timed("no fold, GATHER_SIDE 0")
             _decode.GATHER_FOLD = _decode.FOLD_ONE = True

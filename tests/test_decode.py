@@ -531,7 +531,7 @@ def test_one_row_finishes_in_the_gluon_kernel(dtype, bias, config, case, monkeyp
     "rows, entry, n, fold", [(1, (64, 8, 8, 3), 1, True), (1, (64, 1, 8, 3), 1, True),
                              (2, None, 1, True), (16, None, 1, True), (40, None, 1, True),
                              (64, None, 1, True), (16, None, 1, False), (64, None, 1, False),
-                             (64, None, 64, True), (64, None, 64, False)],
+                             (16, None, 4, True), (64, None, 64, True), (64, None, 64, False)],
 )  # fmt: skip
 def test_gluon_path_replays_give_the_same_bits(rows, entry, n, fold, pdl, first, monkeypatch):
     # MODE 8 on the tuned 4096² (16 and 64 rows), by the rule (2 and 40), and at one row
@@ -543,10 +543,11 @@ def test_gluon_path_replays_give_the_same_bits(rows, entry, n, fold, pdl, first,
     # GATHER_FOLD, or without it the bank's shrink kernel first; then the Triton kernel that
     # loads each row's tile of B before it waits). Where the Triton kernel finishes one
     # adapter's rows, the Gluon kernel goes first and the shrink kernel beside it, or
-    # (``first`` off) the other way round, or (``fold``, FOLD_ONE) the shrink is folded into
-    # the Gluon kernel. A race shows as a replay whose bits differ: the
-    # replays alternate two inputs, so a read of the workspaces before this replay's
-    # kernels wrote them sees the other input's values.
+    # (``first`` off) the other way round, or (``fold``: FOLD_ONE with a TUNED_FOLD_ONE
+    # entry, one adapter or a bank of 4 at 16 rows) the shrink is folded into the Gluon
+    # kernel. A race shows as a replay whose bits differ: the replays alternate two inputs,
+    # so a read of the workspaces before this replay's kernels wrote them sees the other
+    # input's values.
     monkeypatch.setattr(_decode, "PDL", pdl)
     monkeypatch.setattr(_decode, "GLUON_FIRST", first)
     monkeypatch.setattr(_decode, "GATHER_SIDE", int(first))
@@ -554,6 +555,9 @@ def test_gluon_path_replays_give_the_same_bits(rows, entry, n, fold, pdl, first,
     monkeypatch.setattr(_decode, "FOLD_ONE", fold)
     if entry is not None:
         monkeypatch.setitem(_decode.TUNED_GLUON, (4096, 4096, rows), entry)
+    monkeypatch.setitem(_decode.TUNED_FOLD_ONE, (4096, 4096, rows), (64, 4, 3))
+    # Folded: above one row, except a gathered bank on the second stream (GATHER_SIDE).
+    expect_fold = fold and rows > 1 and not (n > 1 and rows > 16 and first)
     layer = cuda_layer(4, torch.bfloat16, size=(4096, 4096))
     adapters = [cuda_adapter(layer, r=16, seed=k) for k in range(n)]
     bank = hqqlora.stack_adapters({f"a{k}": q for k, q in enumerate(adapters)})
@@ -565,8 +569,9 @@ def test_gluon_path_replays_give_the_same_bits(rows, entry, n, fold, pdl, first,
         def call():
             return hqqlora.mixed_batch_indexed(x, bank, index, base=layer)
 
-        got, ran = uses_gluon(call, monkeypatch)
-        assert ran
+        folded = []
+        got, ran = uses_gluon(call, monkeypatch, folded)
+        assert ran and folded == [expect_fold]
         xs = (x.clone(), torch.randn_like(x))
         x.copy_(xs[1])
         expected = (got, call())
@@ -734,9 +739,9 @@ def test_folded_shrink_of_one_adapter_matches_the_reference(dtype, rows, entry, 
                 folded,
             )
     assert ran
-    block_r = max(16, 1 << (rank - 1).bit_length())
-    fits = entry is not None and (1024 // entry[1]) % (2 * max(128, 4096 // block_r)) == 0
-    assert folded == [block_r <= 32 and fits]
+    # Not folded: no entry; rank 40; 4 splits (256 inputs) at rank 8, whose shrink rounds
+    # are 512 inputs (256 at rank 20, padded 32).
+    assert folded == [entry is not None and rank != 40 and (rank, entry[1]) != (8, 4)]
     for i in range(rows):
         row = x[i : i + 1]
         ref = (
