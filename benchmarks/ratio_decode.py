@@ -66,6 +66,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds: at least 1, got {args.rounds}")
     print(environment("cuda"))
     print(f"r={RANK}, 4-bit g64, {DTYPE} x, graph µs: median of {args.rounds} rounds (spread)\n")
     print("| layer | tokens | path | graph µs | × gemlite |")
