@@ -173,6 +173,14 @@ if gluon is not None:
         return zh, sh, zl, sl
 
     @gluon.jit  # type: ignore[untyped-decorator]
+    def _launch_dependents():  # type: ignore[no-untyped-def]
+        # The next kernel, a programmatic dependent launch, may start now.
+        gl.inline_asm_elementwise(
+            "griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+            is_pure=False, pack=1,
+        )  # fmt: skip
+
+    @gluon.jit  # type: ignore[untyped-decorator]
     def _slots(  # type: ignore[no-untyped-def]
         dt: gl.constexpr, BM: gl.constexpr, P: gl.constexpr, STAGES: gl.constexpr
     ):
@@ -317,10 +325,7 @@ if gluon is not None:
         if WAIT_PREVIOUS or FIRST:
             # The next kernel may launch now: it waits for this one before reading (FIRST:
             # the shrink kernel, beside this one, waits for it before it finishes).
-            gl.inline_asm_elementwise(
-                "griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                is_pure=False, pack=1,
-            )  # fmt: skip
+            _launch_dependents()
         dt: gl.constexpr = scale_ptr.dtype.element_ty
         tile = gl.program_id(0)
         split = gl.program_id(1)

@@ -228,10 +228,7 @@ if gluon is not None:
     ):  # fmt: skip
         if LAUNCH_DEPENDENTS:
             # The Triton kernel after this one may launch now: it loads B, then waits.
-            gl.inline_asm_elementwise(
-                "griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                is_pure=False, pack=1,
-            )  # fmt: skip
+            _gluon._launch_dependents()
         dt: gl.constexpr = scale_ptr.dtype.element_ty
         tile = gl.program_id(0)
         split = gl.program_id(1)
