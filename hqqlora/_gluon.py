@@ -173,7 +173,7 @@ if gluon is not None:
         return zh, sh, zl, sl
 
     @gluon.jit  # type: ignore[untyped-decorator]
-    def _launch_dependents():  # type: ignore[no-untyped-def]
+    def _launch_dependents() -> None:
         # The next kernel, a programmatic dependent launch, may start now.
         gl.inline_asm_elementwise(
             "griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
