@@ -50,6 +50,31 @@ def wide_candidates(tokens, in_f):
     return [c for c in grid if c[1] * c[2] <= steps]
 
 
+def deep_candidates(tokens, in_f):
+    """MODE 4 at one row with long K steps (up to all of K in one): few outputs a program,
+    one or few splits, so no counter or a short finish (torch's tinygemm, 0.78× gemlite at
+    4096², splits K only across the warps of one program)."""
+    steps = in_f // 64
+    if tokens != 1:
+        return []
+    grid = [(b, g, sp, w, st, 4) for b in (1, 2, 4, 8) for g in (16, 32, 64) for sp in (1, 2, 4)
+            for w in (4, 8) for st in (1, 3)]  # fmt: skip
+    # at most 128 float32 codes a thread: 2b outputs × 64g inputs over 32w threads
+    return [c for c in grid if c[1] * c[2] <= steps and c[0] * c[1] <= 32 * c[3]]
+
+
+def tc1_candidates(tokens, in_f):
+    """The tensor-core modes at one row (``x`` padded to 16 rows): MODE 5 (exact codes),
+    6 and 7 (HQQ's rounded weights, several groups a step), small tiles, many splits."""
+    steps = in_f // 64
+    if tokens != 1:
+        return []
+    grid = [(b, g, sp, 4, st, m) for b in (8, 16, 32) for g in (1, 2, 4) for sp in (8, 16)
+            for st in (1, 2) for m in (6, 7)]  # fmt: skip
+    grid += [(b, 1, sp, 4, st, 5) for b in (8, 16, 32) for sp in (8, 16) for st in (1, 2)]
+    return [c for c in grid if c[1] * c[2] <= steps]
+
+
 def regs_candidates(tokens):
     """The tuned shapes' configurations with the main kernel's registers capped (more
     programs resident: at 16 rows 102 registers allow 4 programs an SM, ncu on an H100)."""
@@ -172,6 +197,10 @@ def _configs(tokens, in_f, explore, modes):
         return wide_candidates(tokens, in_f)
     if modes == ["regs"]:
         return regs_candidates(tokens)
+    if modes == ["deep"]:
+        return deep_candidates(tokens, in_f)
+    if modes == ["tc1"]:
+        return tc1_candidates(tokens, in_f)
     if modes == ["m7"]:
         return [c for c in mode7_candidates(tokens) if c[1] * c[2] <= in_f // 64]
     if modes == ["prefetch"]:
@@ -463,7 +492,8 @@ def main() -> None:
         "--modes",
         nargs="*",
         default=[],
-        help="6: MODE 6's grid too; wide: few splits only; regs: registers capped; "
+        help="6: MODE 6's grid too; wide: few splits only; deep: MODE 4 with long K steps "
+        "(one row); tc1: the tensor-core modes at one row; regs: registers capped; "
         "prefetch: PREFETCH 0-2 around the tuned shapes; m7: MODE 7 against 5 and 6; m8: "
         "the Gluon base kernel (MODE 8) against the tuned Triton modes",
     )

@@ -188,7 +188,9 @@ def kernel_call_allowed(x: Tensor, layout: QuantLayout, *held: Tensor | None) ->
 # thread at most (0: no cap)[, PREFETCH]]) by (out, in, codes per byte, rows): the best of
 # benchmarks/tune_decode.py on an H100 (CUDA-graph timing, LoRA r=16, shrink included; at
 # 64 rows one adapter read through an index, as a mixed batch whose rows share it); other
-# shapes take decode_config's rule, fitted to these.
+# shapes take decode_config's rule, fitted to these. 1024×4096 at one row: 4 outputs a
+# program, all of K in one step, no split (``--modes deep``), 5.0 µs against the rule's 5.6
+# (RESULTS.md, fifteenth pass); on 4096² the same kind of launch took 9.4 against 9.3.
 TUNED: dict[tuple[int, int, int, int], tuple[int, ...]] = {
     (4096, 4096, 2, 1): (32, 4, 16, 4, 1, 4),
     (4096, 4096, 2, 16): (32, 1, 8, 4, 2, 5),
@@ -199,6 +201,7 @@ TUNED: dict[tuple[int, int, int, int], tuple[int, ...]] = {
     (4096, 14336, 2, 1): (32, 2, 8, 4, 1, 4),
     (4096, 14336, 2, 16): (32, 1, 8, 4, 3, 5),
     (4096, 14336, 2, 64): (64, 1, 4, 8, 3, 7),
+    (1024, 4096, 2, 1): (2, 64, 1, 8, 3, 4),
     (1024, 4096, 2, 16): (32, 1, 8, 4, 2, 5),
     (1024, 4096, 2, 64): (64, 1, 8, 8, 3, 7),
 }

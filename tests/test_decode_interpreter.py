@@ -90,6 +90,52 @@ def test_decode_kernels_in_the_interpreter_match_float64():
     interpret(SCRIPT)
 
 
+# One row, a GEMV (MODE 4) program over all of K in one step with no split (so no counter or
+# partials: ``_decode.TUNED``'s 1024×4096 entry is of this kind), and over two long steps
+# at two splits, 2 to 4 outputs a program, against float64, with a bank read through an
+# index and DoRA.
+LONG_STEPS = textwrap.dedent(
+    r"""
+    import torch
+    import hqqlora
+    from hqqlora import _decode
+    from hqqlora._base import quant_layout, quant_tensors
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    torch.manual_seed(0)
+    failures = []
+    for nbits, config in ((4, (2, 4, 1, 8, 3, 4)), (2, (1, 4, 1, 4, 1, 4)),
+                          (8, (2, 2, 2, 8, 3, 4)), (4, (1, 2, 2, 4, 3, 4))):
+        lin = torch.nn.Linear(256, 64, bias=True)
+        layer = HQQLinear(lin, BaseQuantizeConfig(nbits=nbits, group_size=64, axis=1),
+                          compute_dtype=torch.float16, device="cpu")
+        layout = quant_layout(layer)
+        W_q, scale, zero = quant_tensors(layer)
+        W = hqqlora.dequantize(layer).double()
+        _decode.TUNED.clear()
+        _decode.TUNED[(64, 256, layout.packing_bits[1], 1)] = config
+        A, B = torch.randn(2, 8, 256) * 0.1, torch.randn(2, 64, 8) * 0.1
+        s = torch.tensor([0.5, 2.0])
+        mag, norm = torch.rand(2, 64) + 0.5, torch.rand(2, 64) + 0.5
+        x = torch.randn(1, 256).half()
+        got = _decode.lora_decode(x, W_q, scale, zero, layout, lora_A=A, lora_B=B, scaling=s,
+                                  index=torch.tensor([1]), magnitude=mag, weight_norm=norm,
+                                  is_dora=torch.tensor([False, True]), bias=layer.bias)
+        ref = x.double() @ W.T + 2.0 * (x.double() @ A[1].double().T) @ B[1].double().T
+        ref = ref * (mag[1] / norm[1]).double() + layer.bias.double()
+        err = ((got.double() - ref).norm() / ref.norm()).item()
+        if not err < 2e-3:
+            failures.append((nbits, config, err))
+    print("FAILURES", failures)
+    assert not failures
+    """
+)
+
+
+def test_one_row_gemv_over_long_k_steps_with_no_split_matches_float64():
+    interpret(LONG_STEPS)
+
+
 # A DoRA bank row whose index is past the bank: a NaN row, and no read outside the bank
 # (the interpreter reads raw memory, so such a read crashes or gives garbage there as on a GPU).
 OUT_OF_RANGE_DORA = textwrap.dedent(
