@@ -65,7 +65,10 @@ def variants(layer, x):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16], help="1 to 16")
     args = parser.parse_args()
+    if not all(1 <= t <= 16 for t in args.tokens):
+        parser.error(f"--tokens: 1 to 16 each, got {args.tokens}")
     if args.rounds < 1:
         parser.error(f"--rounds: at least 1, got {args.rounds}")
     print(environment("cuda"))
@@ -74,7 +77,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for out_f, in_f in [(4096, 4096), (14336, 4096)]:
         layer = make_hqq_layer(in_f, out_f, device="cuda")
-        for tokens in (1, 16):
+        for tokens in args.tokens:
             x = torch.randn(tokens, in_f, device="cuda", dtype=DTYPE)
             with torch.no_grad():
                 calls = variants(layer, x)

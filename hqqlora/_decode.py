@@ -62,6 +62,10 @@ Variants of the second kernel (``MODE``, per shape in :data:`TUNED`, else
   take 32 outputs (fewer above rank 16) and load each row's tile of B before they wait
   for the kernels before them, or (:data:`GATHER_SIDE`) add the terms that
   ``_bank_terms_kernel`` computed on a stream beside the Gluon kernel.
+- 8 at one row through :mod:`hqqlora._gluon_gemv` (where :data:`GEMV` is on, per shape in
+  :data:`TUNED_GEMV`; off as shipped): the base term on ``mma.sync`` with the weights and
+  ``x`` both in registers (no shared memory), 16 outputs a warp, the row finished by its
+  last split as the Gluon kernel does.
 - 3: as 5 with ``x @ codesᵀ``; 0: every slot of the tile unpacked and reshaped in
   registers; 1: a program per slot; 2: a GEMV without the trick, with a register
   reshape. Slower on the H100 (``benchmarks/tune_decode.py``), kept for other GPUs'
@@ -108,7 +112,7 @@ try:  # Triton is optional: only CUDA decode uses these kernels.
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-from hqqlora import _gluon, _gluon_fold
+from hqqlora import _gluon, _gluon_fold, _gluon_gemv
 
 GLUON = _gluon.AVAILABLE
 """Whether MODE 8 (the Gluon base kernel) may run; set False to keep the Triton modes."""
@@ -345,6 +349,25 @@ TUNED_FOLD_ONE: dict[tuple[int, int, int], tuple[int, int, int]] = {
     (1024, 4096, 64): (32, 8, 3),
 }
 
+GEMV = False
+"""Whether one row on an H100 (4-bit codes in groups of 64) may take the tensor-core GEMV of
+:mod:`hqqlora._gluon_gemv` (``mma.sync`` on operands in registers, no shared memory) as its
+base kernel, finishing the row itself: only on the shapes of :data:`TUNED_GEMV`. Off: the
+kernel's K loop was measured on an H100 as a variant (``benchmarks/variants/gemv_mma.py``),
+but this library path (that loop with ``_gluon``'s finish and the dependent launch after the
+shrink kernel) has been compiled for sm_90 and checked on the CPU only; its GPU tests
+(``tests/test_decode.py``, ``*gemv*``) have not run yet (RESULTS.md, fifteenth pass)."""
+
+# (packed rows per program, K splits, warps) of the tensor-core GEMV (GEMV) by (out, in,
+# rows): the best of its sweep on an H100 (``benchmarks/variants/gemv_mma.py``, base term,
+# graph µs, in turn with the library's base path: 4096² 8.33 against 9.08, 14336×4096 18.31
+# against 20.31; 1024×4096 5.40 against 3.46 and 4096² at 8 rows 10.29 against 9.21 were
+# slower, so not here; RESULTS.md, fifteenth pass).
+TUNED_GEMV: dict[tuple[int, int, int], tuple[int, int, int]] = {
+    (4096, 4096, 1): (32, 8, 4),
+    (14336, 4096, 1): (16, 8, 1),
+}
+
 GATHER_MAX_RANK = 128
 """Rank at most (padded) of a bank that MODE 8 gathers above 16 rows; larger ranks keep the
 Triton modes (sm_90, offline: 174 registers a thread at rank 128, spills at 512)."""
@@ -477,9 +500,17 @@ def _launch(
         gathers_in_mode8 = False  # 16 rows' tiles of B would not fit in registers
     else:
         gathers_in_mode8 = GATHER_GLUON
+    gemv = None
     if GLUON and _gluon.supported(x, W_q, scale, zero, meta):
         if gathers and gathers_in_mode8:
             base = gluon_config(n_out, k_in, rows, gathered=True)
+        elif not gathers and rows <= FINISH_ROWS and GEMV and (n_out, k_in, rows) in TUNED_GEMV:
+            gemv = TUNED_GEMV[(n_out, k_in, rows)]
+            if _gluon_gemv.fits(rows, n_out, k_in, *gemv):
+                base = (gemv[0], gemv[1], gemv[2], 0)  # (stages: none)
+            else:
+                gemv = None
+                base = None if tuned_triton else gluon_config(n_out, k_in, rows)
         elif not gathers and not tuned_triton:
             base = gluon_config(n_out, k_in, rows)
     # MODE 8 over a bank above 16 rows runs its own adapter kernels: on a stream beside
@@ -654,6 +685,12 @@ def _launch(
                     x, W_q, scale, zero, meta, ws, lora_A, index, t, block_p=block_p_base,
                     split=base_split, stages=base_stages, block_r=block_r,
                     launch_dependents=pdl,
+                )  # fmt: skip
+            elif gemv is not None:
+                _gluon_gemv.gemv_partials(
+                    x, W_q, scale, zero, meta, ws, counts, tail, block_p=block_p_base,
+                    split=base_split, warps=base_warps, after_shrink=pdl and not side,
+                    finish=finish,
                 )  # fmt: skip
             else:
                 _gluon.base_partials(

@@ -9,7 +9,7 @@ import torch
 from helpers import assert_close_rel, cuda_layer, dense_reference, random_adapter
 
 import hqqlora
-from hqqlora import _decode, _gluon, _gluon_fold
+from hqqlora import _decode, _gluon, _gluon_fold, _gluon_gemv
 from hqqlora._base import quant_layout
 
 pytestmark = [
@@ -395,15 +395,20 @@ def uses_gluon(fn, monkeypatch, folded=None):
     bank's shrink folded in); ``folded`` (a list) collects whether each was the folded one."""
     calls = []
     real, real_fold = _gluon.base_partials, _gluon_fold.fold_partials
+    real_gemv = _gluon_gemv.gemv_partials
     monkeypatch.setattr(
         _gluon, "base_partials", lambda *a, **k: calls.append(False) or real(*a, **k)
     )
     monkeypatch.setattr(
         _gluon_fold, "fold_partials", lambda *a, **k: calls.append(True) or real_fold(*a, **k)
     )
+    monkeypatch.setattr(
+        _gluon_gemv, "gemv_partials", lambda *a, **k: calls.append(False) or real_gemv(*a, **k)
+    )
     out = fn()
     monkeypatch.setattr(_gluon, "base_partials", real)
     monkeypatch.setattr(_gluon_fold, "fold_partials", real_fold)
+    monkeypatch.setattr(_gluon_gemv, "gemv_partials", real_gemv)
     if folded is not None:
         folded.extend(calls)
     return out, bool(calls)
@@ -526,10 +531,93 @@ def test_one_row_finishes_in_the_gluon_kernel(dtype, bias, config, case, monkeyp
     assert_close_rel(got, ref, dtype, factor=2)
 
 
+def uses_gemv(fn, monkeypatch):
+    """``fn()`` and the launches it made of the tensor-core GEMV (``_gluon_gemv``)."""
+    calls = []
+    real = _gluon_gemv.gemv_partials
+    monkeypatch.setattr(
+        _gluon_gemv, "gemv_partials", lambda *a, **k: calls.append(k) or real(*a, **k)
+    )
+    out = fn()
+    monkeypatch.setattr(_gluon_gemv, "gemv_partials", real)
+    return out, calls
+
+
+@needs_gluon
+@pytest.mark.parametrize(
+    "case", ["base", "lora", "lora_rank40", "dora_bank", "none_in_bank", "outside"]
+)
+@pytest.mark.parametrize("entry", [(8, 2, 1), (32, 8, 4), (16, 4, 2), (64, 1, 8)])
+@pytest.mark.parametrize("pdl", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", HALF)
+def test_one_row_on_the_tensor_core_gemv_matches_the_reference(
+    dtype, bias, pdl, entry, case, monkeypatch
+):
+    # GEMV (a TUNED_GEMV entry): one row's base term on mma.sync from registers, 1-16
+    # splits of 16 K steps (two an iteration), programs of 1-8 warps and 16-128 outputs;
+    # the last split to arrive adds the partials, the adapter term (ranks 8 and 40, padded
+    # to 16 and 64), DoRA's norms and the bias, or makes the row NaN for an index outside
+    # the bank. With and without the dependent launch after the shrink kernel.
+    monkeypatch.setattr(_decode, "PDL", pdl)
+    monkeypatch.setattr(_decode, "GEMV", True)
+    layer = cuda_layer(4, dtype, size=(256, 1024), bias=bias)
+    rank = 40 if case == "lora_rank40" else 8
+    adapters = [cuda_adapter(layer, dora=True, seed=i, r=rank) for i in range(2)]
+    lora = {n: v for n, v in adapters[0].items() if n != "magnitude"}
+    norms = torch.stack([hqqlora.dora_weight_norm(layer, q) for q in adapters])
+    bank = hqqlora.stack_adapters({"a": adapters[0], "b": adapters[1]})
+    monkeypatch.setitem(_decode.TUNED_GEMV, (256, 1024, 1), entry)
+    x = torch.randn(1, 1024, device="cuda", dtype=dtype)
+    k = {"dora_bank": 1, "none_in_bank": -1, "outside": 7}.get(case, 0)
+    if case == "base":
+        fn = lambda: hqqlora.base_forward(layer, x)  # noqa: E731
+    elif case.startswith("lora"):
+        fn = lambda: hqqlora.apply_lora(layer, lora, x)  # noqa: E731
+    else:
+        index = torch.tensor([k], device="cuda")
+        fn = lambda: hqqlora.mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norms)  # noqa: E731
+    with torch.no_grad():
+        got, calls = uses_gemv(fn, monkeypatch)
+    assert len(calls) == 1 and calls[0]["split"] == entry[1] and calls[0]["finish"] is not None
+    assert calls[0]["after_shrink"] == (pdl and case != "base")
+    if case == "outside":
+        assert torch.isnan(got).all()
+        return
+    if case in ("base", "none_in_bank"):
+        ref = _base_ref(layer, x)
+    elif case.startswith("lora"):
+        ref = dense_reference(layer, lora, x)
+    else:
+        ref = dense_reference(layer, adapters[1], x)
+    assert_close_rel(got, ref, dtype, factor=2)
+
+
+@needs_gluon
+@pytest.mark.parametrize("shape", sorted(_decode.TUNED_GEMV))
+@pytest.mark.parametrize("dora", [False, True])
+def test_shipped_gemv_entries_take_the_gemv_and_match_the_reference(shape, dora, monkeypatch):
+    # Every TUNED_GEMV entry fits its layer (no silent fallback), on the layer's real
+    # shape, LoRA and DoRA with a held norm, r=16.
+    monkeypatch.setattr(_decode, "GEMV", True)
+    out_f, in_f, rows = shape
+    layer = cuda_layer(4, torch.bfloat16, size=(out_f, in_f))
+    p = cuda_adapter(layer, r=16, dora=dora)
+    norm = hqqlora.dora_weight_norm(layer, p) if dora else None
+    x = torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        got, calls = uses_gemv(
+            lambda: hqqlora.apply_lora(layer, p, x, weight_norm=norm), monkeypatch
+        )
+    assert len(calls) == 1
+    assert_close_rel(got, dense_reference(layer, p, x), torch.bfloat16, factor=2)
+
+
 @needs_gluon
 @pytest.mark.parametrize("pdl, first", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize(
     "rows, entry, n, fold", [(1, (64, 8, 8, 3), 1, True), (1, (64, 1, 8, 3), 1, True),
+                             (1, "gemv", 1, True),
                              (2, None, 1, True), (16, None, 1, True), (40, None, 1, True),
                              (64, None, 1, True), (16, None, 1, False), (64, None, 1, False),
                              (16, None, 4, True), (64, None, 64, True), (64, None, 64, False)],
@@ -554,7 +642,12 @@ def test_gluon_path_replays_give_the_same_bits(rows, entry, n, fold, pdl, first,
     monkeypatch.setattr(_decode, "GATHER_SIDE", int(first))
     monkeypatch.setattr(_decode, "GATHER_FOLD", fold)
     monkeypatch.setattr(_decode, "FOLD_ONE", fold)
-    if entry is not None:
+    # One row: the tensor-core GEMV (its TUNED_GEMV entry for 4096²), or with GEMV off the
+    # Gluon base kernel's entry.
+    monkeypatch.setattr(_decode, "GEMV", entry == "gemv")
+    if entry == "gemv":
+        assert (4096, 4096, 1) in _decode.TUNED_GEMV
+    elif entry is not None:
         monkeypatch.setitem(_decode.TUNED_GLUON, (4096, 4096, rows), entry)
     monkeypatch.setitem(_decode.TUNED_FOLD_ONE, (4096, 4096, rows), (64, 4, 3))
     # Folded: above one row, except a gathered bank on the second stream (GATHER_SIDE).

@@ -1065,6 +1065,96 @@ def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
         assert ("_bank_terms_kernel" in names) == (out_f > in_f), (in_f, out_f, names)
 
 
+# One row on the tensor-core GEMV (GEMV on, a TUNED_GEMV entry; recorded in process, nothing
+# runs: its results are for the GPU tests): the shrink kernel first, then the GEMV as its
+# dependent launch, finishing the row itself with the adapter, DoRA, bias and index flags,
+# reading the shrink kernel's t; no Triton kernel after it. Without the entry, with GEMV
+# off, at a split of an odd step count, or above one row: the Gluon base kernel as before.
+def test_one_row_takes_the_tensor_core_gemv_where_its_table_says(monkeypatch):
+    import torch
+
+    from hqqlora import _decode, _gluon, _gluon_gemv
+    from hqqlora._base import quant_tensors
+
+    calls, launches = {}, []
+
+    class _Args:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls[self.name] = (grid, args)
+                launches.append((self.name, kwargs))
+
+            return launch
+
+    for name in ("_main_kernel", "_shrink_kernel"):
+        monkeypatch.setattr(_decode, name, _Args(name))
+    monkeypatch.setattr(_gluon, "_base_kernel", _Args("gluon"))
+    monkeypatch.setattr(_gluon_gemv, "_gemv_kernel", _Args("gemv"), raising=False)
+    monkeypatch.setattr(_gluon, "supported", lambda *a: True)
+    monkeypatch.setattr(_decode, "PDL", True)
+    monkeypatch.setattr(_decode, "GEMV", True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    W_q, scale, zero = quant_tensors(_cpu_layer(1024, 256, 64, torch.bfloat16))
+    meta = [4, 2, 64, 256, 1024]
+    for rows in (1, 2):
+        monkeypatch.setitem(_decode.TUNED_GLUON, (256, 1024, rows), (64, 4, 8, 3))
+        monkeypatch.setitem(_decode.TUNED_GEMV, (256, 1024, rows), (32, 2, 4))
+
+    def order(rows=1, lora=True, dora=False, bank=0):
+        n = max(bank, 1)
+        A, B, s = torch.zeros(n, 8, 1024), torch.zeros(n, 256, 8), torch.ones(n)
+        mag = norm = torch.ones(n, 256) if dora else None
+        index = torch.zeros(rows, dtype=torch.long) if bank else None
+        if not bank:
+            A, B, s = A[0], B[0], s[:1]
+            mag, norm = (mag[0], norm[0]) if dora else (None, None)
+        if not lora:
+            A = B = s = None
+        bias = torch.zeros(256, dtype=torch.bfloat16) if dora else None
+        launches.clear()
+        out = _decode._launch(torch.zeros(rows, 1024, dtype=torch.bfloat16), W_q, scale, zero,
+                              meta, A, B, s, index, mag, norm, None, bias, torch.bfloat16)  # fmt: skip
+        return [name for name, _ in launches], dict(launches), out
+
+    names, kw, out = order()
+    assert names == ["_shrink_kernel", "gemv"], names
+    (grid, args), (_, shrink_args) = calls["gemv"], calls["_shrink_kernel"]
+    gemv = kw["gemv"]
+    assert grid == (256 // 2 // 32, 2) and gemv["P"] == 32 and gemv["num_warps"] == 4
+    assert gemv["SPLITS"] == 2 and gemv["FINISH"] and gemv["HAS_LORA"]
+    assert gemv["WAIT_PREVIOUS"] and gemv["launch_pdl"]
+    assert not (gemv["HAS_IDX"] or gemv["HAS_DORA"] or gemv["HAS_BIAS"])
+    assert args[4].numel() == 2 * 1 * 256  # a partial a split
+    assert args[5] is shrink_args[4]  # the counters the shrink kernel zeroes
+    tail = args[6]
+    assert tail[0] is shrink_args[3] and tail[8] is out  # its t; the output
+    names, kw, _ = order(dora=True, bank=3)
+    assert names == ["_shrink_kernel", "gemv"], names
+    assert kw["gemv"]["HAS_IDX"] and kw["gemv"]["HAS_DORA"] and kw["gemv"]["HAS_BIAS"]
+    names, kw, _ = order(lora=False)
+    assert names == ["gemv"] and not kw["gemv"]["WAIT_PREVIOUS"] and not kw["gemv"]["HAS_LORA"]
+    names, _, _ = order(rows=2)
+    assert "gemv" not in names and "gluon" in names, names
+    monkeypatch.setitem(_decode.TUNED_GEMV, (256, 1024, 1), (32, 16, 4))  # one step a split
+    names, _, _ = order()
+    assert names == ["_shrink_kernel", "gluon"], names
+    monkeypatch.setitem(_decode.TUNED_GEMV, (256, 1024, 1), (32, 2, 4))
+    monkeypatch.setattr(_decode, "GEMV", False)
+    names, _, _ = order()
+    assert names == ["_shrink_kernel", "gluon"], names
+    # Which launches it takes: at most 8 rows, packed rows a multiple of 8 · warps dividing
+    # out/2, an even number of K steps a split.
+    assert _gluon_gemv.fits(8, 256, 1024, 32, 2, 4) and _gluon_gemv.fits(1, 256, 1024, 8, 8, 1)
+    assert not _gluon_gemv.fits(9, 256, 1024, 32, 2, 4)
+    assert not _gluon_gemv.fits(1, 256, 1024, 16, 2, 4)
+    assert not _gluon_gemv.fits(1, 256, 1024, 256, 2, 4)
+    assert not _gluon_gemv.fits(1, 256, 1024, 32, 16, 4)
+    assert not _gluon_gemv.fits(1, 256, 1024, 32, 3, 4)
+
+
 # MODE 8's Triton half (the Gluon base kernel needs an H100): the base partials come from
 # a stand-in writing float64-exact sums of each K split, and the Triton kernel must add
 # them in its row blocks of 16 to the adapter terms, DoRA's norms, the bias and the NaN of
