@@ -5,7 +5,10 @@ python benchmarks/ab_entry.py --shape 1024 4096 --rows 1 --rounds 5
 4-bit g64, LoRA r=16 float32, one adapter (bank 0) and a bank of one read through an index
 (bank 1): CUDA-graph time per call (µs, ``do_bench_cudagraph``) of ``lora_decode`` with the
 table's entry and with the rule's launch, in turn, ``--rounds`` times (the median and the
-spread), and the error of each against float64.
+spread), and the error of each against float64. Both arms are ``TUNED`` entries, so a shape
+whose rows the Gluon kernel would take without the entry (no ``TUNED_GLUON`` key, 2–64 rows)
+is not compared with what the library does there; one row of a shape that ``TUNED_GLUON``
+maps to ``None`` (as 1024×4096) is.
 """
 
 from __future__ import annotations

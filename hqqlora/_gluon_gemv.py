@@ -9,13 +9,15 @@ kernel stages every K step through shared memory with ``cp.async`` and a barrier
 ``wgmma`` of at least 64 outputs. Here, as in torch's tinygemm:
 
 - ``mma.sync`` (m16n8k16) with the weights as operand A and ``x`` as operand B, both in
-  registers: a warp takes 16 outputs (8 packed rows; a byte's high nibble is row ``r`` of
-  the warp's block, its low nibble row ``r + 8``, as in :mod:`hqqlora._gluon`), the 8
-  columns of B are up to 8 rows of ``x``.
+  registers: a warp takes 16 outputs a tile of the MMA (8 packed rows; a byte's high
+  nibble is row ``r`` of the tile, its low nibble row ``r + 8``, as in
+  :mod:`hqqlora._gluon`), one tile or more, and the 8 columns of B are up to 8 rows of ``x``.
 - A thread loads its 16 codes of a step in one 16-byte load from global memory straight
   into the operand's registers (the K order permuted as in :mod:`hqqlora._gluon`), its 16
   values of ``x`` in the same order, and the zero and scale of its rows; no shared memory
-  and no barrier in the K loop, which takes two steps an iteration, both loaded first.
+  and no barrier in the K loop, which takes two steps an iteration (both steps' loads
+  written first; compiled for sm_90, the second step's code load is issued after most of
+  the first step's MMAs).
 - HQQ's weights (``(q − z)`` rounded to the compute dtype, then ``· s`` rounded: MODE 7's
   arithmetic, two weights an instruction), float32 accumulation.
 
@@ -47,11 +49,14 @@ MAX_ROWS = 8
 
 def fits(rows: int, n_out: int, k_in: int, block_p: int, split: int, warps: int) -> bool:
     """Whether :func:`gemv_partials` takes this launch: at most :data:`MAX_ROWS` rows,
-    ``block_p`` packed rows a program a multiple of ``8 · warps`` dividing ``out/2``, and
-    ``split`` dividing K's steps of 64 into an even count each."""
+    ``block_p`` packed rows a program and ``warps`` powers of two, ``block_p`` a multiple of
+    ``8 · warps`` dividing ``out/2``, and ``split`` dividing K's steps of 64 into an even
+    count each."""
     steps = k_in // _gluon.GROUP
     return (
         rows <= MAX_ROWS
+        and block_p & (block_p - 1) == 0
+        and warps & (warps - 1) == 0
         and block_p % (8 * warps) == 0
         and (n_out // 2) % block_p == 0
         and steps % split == 0
@@ -205,8 +210,9 @@ def gemv_partials(
     rows = x.shape[0]
     if not fits(rows, n_out, k_in, block_p, split, warps):
         raise ValueError(
-            f"gemv_partials: expected at most {MAX_ROWS} rows, block_p a multiple of 8 · "
-            f"warps dividing out/2 and a split into an even number of K steps; got {rows} "
+            f"gemv_partials: expected at most {MAX_ROWS} rows, block_p and warps powers of two, "
+            f"block_p a multiple of 8 · warps dividing out/2 and a split into an even number "
+            f"of K steps; got {rows} "
             f"rows, block_p {block_p}, {warps} warps, split {split}, layer {n_out}x{k_in}"
         )
     if finish is not None and rows > 16:

@@ -554,7 +554,7 @@ def uses_gemv(fn, monkeypatch):
 def test_one_row_on_the_tensor_core_gemv_matches_the_reference(
     dtype, bias, pdl, entry, case, monkeypatch
 ):
-    # GEMV (a TUNED_GEMV entry): one row's base term on mma.sync from registers, 1-16
+    # GEMV (a TUNED_GEMV entry): one row's base term on mma.sync from registers, 1-8
     # splits of 16 K steps (two an iteration), programs of 1-8 warps and 16-128 outputs;
     # the last split to arrive adds the partials, the adapter term (ranks 8 and 40, padded
     # to 16 and 64), DoRA's norms and the bias, or makes the row NaN for an index outside
@@ -579,6 +579,15 @@ def test_one_row_on_the_tensor_core_gemv_matches_the_reference(
         fn = lambda: hqqlora.mixed_batch_indexed(x, bank, index, base=layer, weight_norm=norms)  # noqa: E731
     with torch.no_grad():
         got, calls = uses_gemv(fn, monkeypatch)
+        main = []  # no Triton kernel after the GEMV: it finishes the row
+        real = _decode._main_kernel
+        monkeypatch.setattr(
+            _decode,
+            "_main_kernel",
+            type("R", (), {"__getitem__": lambda s, g: main.append(g) or real[g]})(),
+        )
+        fn()
+    assert not main
     assert len(calls) == 1 and calls[0]["split"] == entry[1] and calls[0]["finish"] is not None
     assert calls[0]["after_shrink"] == (pdl and case != "base")
     if case == "outside":
@@ -656,7 +665,9 @@ def test_gluon_path_replays_give_the_same_bits(rows, entry, n, fold, pdl, first,
     adapters = [cuda_adapter(layer, r=16, seed=k) for k in range(n)]
     bank = hqqlora.stack_adapters({f"a{k}": q for k, q in enumerate(adapters)})
     ar = torch.arange(rows, device="cuda")
-    index = torch.where(ar % 4 == 0, -1, ar % n)  # -1, then each row its own (mod n) adapter
+    # -1, then each row its own (mod n) adapter; one row reads adapter 0 (so its finish
+    # reads the shrink kernel's t).
+    index = ar % n if rows == 1 else torch.where(ar % 4 == 0, -1, ar % n)
     x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
 

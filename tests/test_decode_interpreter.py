@@ -1145,14 +1145,16 @@ def test_one_row_takes_the_tensor_core_gemv_where_its_table_says(monkeypatch):
     monkeypatch.setattr(_decode, "GEMV", False)
     names, _, _ = order()
     assert names == ["_shrink_kernel", "gluon"], names
-    # Which launches it takes: at most 8 rows, packed rows a multiple of 8 · warps dividing
-    # out/2, an even number of K steps a split.
+    # Which launches it takes: at most 8 rows, packed rows and warps powers of two, packed
+    # rows a multiple of 8 · warps dividing out/2, an even number of K steps a split.
     assert _gluon_gemv.fits(8, 256, 1024, 32, 2, 4) and _gluon_gemv.fits(1, 256, 1024, 8, 8, 1)
     assert not _gluon_gemv.fits(9, 256, 1024, 32, 2, 4)
     assert not _gluon_gemv.fits(1, 256, 1024, 16, 2, 4)
     assert not _gluon_gemv.fits(1, 256, 1024, 256, 2, 4)
     assert not _gluon_gemv.fits(1, 256, 1024, 32, 16, 4)
     assert not _gluon_gemv.fits(1, 256, 1024, 32, 3, 4)
+    assert not _gluon_gemv.fits(1, 3072, 1024, 24, 2, 1)  # 24 packed rows: no power of two
+    assert not _gluon_gemv.fits(1, 3072, 1024, 48, 2, 3)
 
 
 # MODE 8's Triton half (the Gluon base kernel needs an H100): the base partials come from
