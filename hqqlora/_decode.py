@@ -65,8 +65,7 @@ Variants of the second kernel (``MODE``, per shape in :data:`TUNED`, else
 - 8 at one row through :mod:`hqqlora._gluon_gemv` (where :data:`GEMV` is on, per shape in
   :data:`TUNED_GEMV`; off as shipped): the base term on ``mma.sync`` with the weights and
   ``x`` both in registers (no shared memory), 16 outputs a warp per MMA tile, the row
-  finished by its
-  last split as the Gluon kernel does.
+  finished by its last split as the Gluon kernel does.
 - 3: as 5 with ``x @ codesᵀ``; 0: every slot of the tile unpacked and reshaped in
   registers; 1: a program per slot; 2: a GEMV without the trick, with a register
   reshape. Slower on the H100 (``benchmarks/tune_decode.py``), kept for other GPUs'

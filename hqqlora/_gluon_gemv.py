@@ -51,10 +51,11 @@ def fits(rows: int, n_out: int, k_in: int, block_p: int, split: int, warps: int)
     """Whether :func:`gemv_partials` takes this launch: at most :data:`MAX_ROWS` rows,
     ``block_p`` packed rows a program and ``warps`` powers of two, ``block_p`` a multiple of
     ``8 · warps`` dividing ``out/2``, and ``split`` dividing K's steps of 64 into an even
-    count each."""
+    count each (and Gluon with ``mma_v2`` imported here)."""
     steps = k_in // _gluon.GROUP
     return (
-        rows <= MAX_ROWS
+        gluon is not None
+        and rows <= MAX_ROWS
         and block_p & (block_p - 1) == 0
         and warps & (warps - 1) == 0
         and block_p % (8 * warps) == 0
