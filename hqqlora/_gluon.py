@@ -173,6 +173,35 @@ if gluon is not None:
         return zh, sh, zl, sl
 
     @gluon.jit  # type: ignore[untyped-decorator]
+    def _wait_previous() -> None:
+        # Wait for the kernel this one was launched beside (a programmatic dependent
+        # launch) to finish and its writes to be visible.
+        gl.inline_asm_elementwise(
+            "griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1
+        )
+
+    @gluon.jit  # type: ignore[untyped-decorator]
+    def _finish_last(  # type: ignore[no-untyped-def]
+        count_ptr, tile, ws_ptr, tail, M, N, p0, half,
+        P: gl.constexpr, SPLITS: gl.constexpr, ROWS: gl.constexpr, BLOCK_R: gl.constexpr,
+        T_SPLITS: gl.constexpr, HAS_LORA: gl.constexpr, HAS_IDX: gl.constexpr,
+        HAS_DORA: gl.constexpr, HAS_BIAS: gl.constexpr, num_warps: gl.constexpr,
+    ):  # fmt: skip
+        # Up to 16 rows: the tile's last split to arrive (a counter) finishes the rows,
+        # adding the partials in a fixed order. The barrier: every thread's partial is
+        # stored before the counter is released, and before this program reads its own
+        # partials back (stored by other threads) at a single split.
+        gl.thread_barrier()
+        done = 0
+        if SPLITS > 1:
+            done = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+        if done == SPLITS - 1:
+            _finish_rows(
+                ws_ptr, tail, M, N, p0, half, P, SPLITS, ROWS, BLOCK_R, T_SPLITS,
+                HAS_LORA, HAS_IDX, HAS_DORA, HAS_BIAS, num_warps,
+            )  # fmt: skip
+
+    @gluon.jit  # type: ignore[untyped-decorator]
     def _launch_dependents() -> None:
         # The next kernel, a programmatic dependent launch, may start now.
         gl.inline_asm_elementwise(
@@ -214,12 +243,21 @@ if gluon is not None:
         c_smem, slot, zh, sh, zl, sl, MAGIC2: gl.constexpr, OFFSET: gl.constexpr,
         P: gl.constexpr, BM: gl.constexpr, num_warps: gl.constexpr,
     ):  # fmt: skip
-        # The step's (2P, 64) weights in the operand layout: A row 16b + i is the high
-        # nibble of packed row 8b + i, A row 16b + 8 + i its low nibble (i < 8).
+        # The step's (2P, 64) weights in the wgmma operand layout, from shared memory.
         dot_a: gl.constexpr = gl.DotOperandLayout(
             operand_index=0, parent=_mma_layout(BM, num_warps), k_width=2
         )
         c = c_smem.index(slot).load(_codes_layout(P, num_warps, False))
+        return _operand_a(c, zh, sh, zl, sl, MAGIC2, OFFSET, P, dot_a, num_warps)
+
+    @gluon.jit  # type: ignore[untyped-decorator]
+    def _operand_a(  # type: ignore[no-untyped-def]
+        c, zh, sh, zl, sl, MAGIC2: gl.constexpr, OFFSET: gl.constexpr, P: gl.constexpr,
+        dot_a: gl.constexpr, num_warps: gl.constexpr,
+    ):  # fmt: skip
+        # A step's codes (P, 64), as loaded in _codes_layout(P, num_warps, False), to the
+        # (2P, 64) weights in the MMA's operand layout ``dot_a``: A row 16b + i is the high
+        # nibble of packed row 8b + i, A row 16b + 8 + i its low nibble (i < 8).
         c = gl.permute(gl.reshape(c, [P, 4, 4, 2, 2]), (0, 2, 3, 1, 4))  # (q c h e) to (c h q e)
         c = gl.convert_layout(
             gl.reshape(c, [P, STEP_K]), _codes_layout(P, num_warps, True), assert_trivial=True
@@ -369,23 +407,12 @@ if gluon is not None:
         if WAIT_PREVIOUS:
             # Launched early beside the shrink kernel: go on only after it (its ``t`` and
             # zeroed counters), so that a kernel waiting for this one sees them too.
-            gl.inline_asm_elementwise(
-                "griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1
-            )
+            _wait_previous()
         if FINISH:
-            # Up to 16 rows: the tile's last split to arrive (a counter) finishes the rows,
-            # adding the partials in a fixed order. The barrier: every thread's partial is
-            # stored before the counter is released, and before this program reads its own
-            # partials back (stored by other threads) at a single split.
-            gl.thread_barrier()
-            done = 0
-            if SPLITS > 1:
-                done = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
-            if done == SPLITS - 1:
-                _finish_rows(
-                    ws_ptr, tail, M, N, p0, half, P, SPLITS, ROWS, BLOCK_R, T_SPLITS,
-                    HAS_LORA, HAS_IDX, HAS_DORA, HAS_BIAS, num_warps,
-                )  # fmt: skip
+            _finish_last(
+                count_ptr, tile, ws_ptr, tail, M, N, p0, half, P, SPLITS, ROWS, BLOCK_R,
+                T_SPLITS, HAS_LORA, HAS_IDX, HAS_DORA, HAS_BIAS, num_warps,
+            )  # fmt: skip
 
 
 def base_partials(

@@ -99,23 +99,11 @@ if gluon is not None:
         c, zh, sh, zl, sl, MAGIC2: gl.constexpr, OFFSET: gl.constexpr, P: gl.constexpr,
         num_warps: gl.constexpr,
     ):  # fmt: skip
-        # _gluon._weights on codes already in registers, into mma.sync's operand A.
+        # The codes already in registers, to mma.sync's operand A.
         dot_a: gl.constexpr = gl.DotOperandLayout(
             operand_index=0, parent=_mma_layout(num_warps), k_width=2
         )
-        c = gl.permute(gl.reshape(c, [P, 4, 4, 2, 2]), (0, 2, 3, 1, 4))  # (q c h e) to (c h q e)
-        c = gl.convert_layout(
-            gl.reshape(c, [P, STEP_K]), _gluon._codes_layout(P, num_warps, True),
-            assert_trivial=True,
-        )  # fmt: skip
-        qh, ql = gl.inline_asm_elementwise(
-            _gluon._nibble_asm(MAGIC2), "=r,=r,=r,=r,r", [c], dtype=(zh.dtype, zh.dtype),
-            is_pure=True, pack=4,
-        )  # fmt: skip
-        wh = ((qh - OFFSET) - zh[:, None]) * sh[:, None]  # HQQ's (q − z) · s, each rounded
-        wl = ((ql - OFFSET) - zl[:, None]) * sl[:, None]
-        a = gl.permute(gl.reshape(gl.join(wh, wl), [P // 8, 8, STEP_K, 2]), (0, 3, 1, 2))
-        return gl.convert_layout(gl.reshape(a, [2 * P, STEP_K]), dot_a, assert_trivial=True)
+        return _gluon._operand_a(c, zh, sh, zl, sl, MAGIC2, OFFSET, P, dot_a, num_warps)
 
     @gluon.jit  # type: ignore[untyped-decorator]
     def _step(  # type: ignore[no-untyped-def]
@@ -168,21 +156,12 @@ if gluon is not None:
         gl.store(ws_ptr + (split * M + j[None, :]) * N + n[:, None], acc, mask=(j < M)[None, :])
         if WAIT_PREVIOUS:
             # Launched early beside the shrink kernel: its t and zeroed counters first.
-            gl.inline_asm_elementwise(
-                "griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1
-            )
+            _gluon._wait_previous()
         if FINISH:
-            # As _gluon._base_kernel: every thread's partial stored before the counter is
-            # released; the last split to arrive adds them in split order and finishes.
-            gl.thread_barrier()
-            done = 0
-            if SPLITS > 1:
-                done = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
-            if done == SPLITS - 1:
-                _gluon._finish_rows(
-                    ws_ptr, tail, M, N, p0, half, P, SPLITS, ROWS, BLOCK_R, T_SPLITS,
-                    HAS_LORA, HAS_IDX, HAS_DORA, HAS_BIAS, num_warps,
-                )  # fmt: skip
+            _gluon._finish_last(
+                count_ptr, tile, ws_ptr, tail, M, N, p0, half, P, SPLITS, ROWS, BLOCK_R,
+                T_SPLITS, HAS_LORA, HAS_IDX, HAS_DORA, HAS_BIAS, num_warps,
+            )  # fmt: skip
 
 
 def gemv_partials(

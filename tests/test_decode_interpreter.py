@@ -822,6 +822,21 @@ class _Recorder:
         return lambda *args, **kwargs: self.launches.append((self.name, kwargs))
 
 
+class _ArgsRecorder:
+    """As :class:`_Recorder`, and also keeps each kernel's last grid and arguments in
+    ``calls[name]``."""
+
+    def __init__(self, calls, launches, name):
+        self.calls, self.launches, self.name = calls, launches, name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls[self.name] = (grid, args)
+            self.launches.append((self.name, kwargs))
+
+        return launch
+
+
 def _cpu_layer(in_f, out_f, group, dtype):
     import torch
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
@@ -996,16 +1011,8 @@ def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
     # the Triton kernel adding both over the 2 splits. Without GATHER_FOLD, as above.
     calls = {}
 
-    class _Args:  # records the grid and arguments too
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                calls[self.name] = (grid, args)
-                launches.append((self.name, kwargs))
-
-            return launch
+    def _Args(name):  # records the grid and arguments too
+        return _ArgsRecorder(calls, launches, name)
 
     monkeypatch.setattr(_gluon_fold, "_fold_kernel", _Args("fold"), raising=False)
     monkeypatch.setattr(_decode, "_main_kernel", _Args("_main_kernel"))
@@ -1078,16 +1085,8 @@ def test_one_row_takes_the_tensor_core_gemv_where_its_table_says(monkeypatch):
 
     calls, launches = {}, []
 
-    class _Args:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                calls[self.name] = (grid, args)
-                launches.append((self.name, kwargs))
-
-            return launch
+    def _Args(name):
+        return _ArgsRecorder(calls, launches, name)
 
     for name in ("_main_kernel", "_shrink_kernel"):
         monkeypatch.setattr(_decode, name, _Args(name))
