@@ -135,9 +135,10 @@ if gluon is not None:
         mma: gl.constexpr = _mma_layout(num_warps)
         acc = gl.zeros([2 * P, 8], gl.float32, layout=mma)
         for i in range(0, steps_per_split, 2):
-            # Both steps' codes loaded before either's arithmetic; nothing is carried
-            # into the next iteration (codes carried in registers cost a byte shuffle
-            # each, 66 PRMT a step against 8, offline for sm_90).
+            # Both steps' code loads written before either's arithmetic, nothing carried
+            # into the next iteration: codes carried in registers cost a byte shuffle each
+            # (66 PRMT a step against 8, offline for sm_90). (Compiled, the second load
+            # still issues after most of the first step's MMAs.)
             c0 = _codes(packed_ptr, p0, first + i, K, P, num_warps)
             c1 = _codes(packed_ptr, p0, first + i + 1, K, P, num_warps)
             acc = _step(
