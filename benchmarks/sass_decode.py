@@ -5,6 +5,7 @@ shared memory and the instruction mix of its K loop, from Triton's compiler and 
 python benchmarks/sass_decode.py --shape 4096 4096 --rows 64
 python benchmarks/sass_decode.py --shape 4096 4096 --rows 64 --config "(64, 1, 4, 8, 3, 6, 0, 1)"
 python benchmarks/sass_decode.py --rows 16 --gluon "(128, 8, 8, 3)"   # MODE 8's Gluon kernel
+python benchmarks/sass_decode.py --rows 1 --bank 0 --gemv "(32, 8, 4)"       # the one-row GEMV
 python benchmarks/sass_decode.py --rows 64 --bank 64 --rank 64 --gluon "(64, 4, 8, 4)" --mode8-triton
 
 The launch is the library's own: ``_decode._launch`` runs on CPU tensors with the kernels
@@ -34,7 +35,7 @@ from common import make_hqq_layer
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hqqlora import _decode, _gluon
+from hqqlora import _decode, _gluon, _gluon_gemv
 from hqqlora._base import quant_layout, quant_tensors
 
 _TYPES = {
@@ -58,7 +59,7 @@ class _Recorder:
         return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
 
 
-def _record(shape, rows, bank, dtype, config=None, gluon_entry=None, rank=16):
+def _record(shape, rows, bank, dtype, config=None, gluon_entry=None, rank=16, gemv_entry=None):
     """Runs ``_decode._launch`` for one LoRA call (a bank of ``bank`` adapters read through
     an index, or one adapter when ``bank`` is 0) on CPU tensors, every kernel replaced by
     a recorder; ``config`` for ``TUNED``, ``gluon_entry`` for ``TUNED_GLUON`` and
@@ -78,7 +79,8 @@ def _record(shape, rows, bank, dtype, config=None, gluon_entry=None, rank=16):
     saved = (dict(_decode.TUNED), dict(_decode.TUNED_GLUON), dict(_decode.TUNED_GATHER),
              _decode.PDL, _decode._main_kernel, _decode._shrink_kernel,
              _decode._bank_shrink_kernel, _gluon.supported, _gluon._base_kernel,
-             _decode._bank_terms_kernel, _decode.GATHER_FOLD)  # fmt: skip
+             _decode._bank_terms_kernel, _decode.GATHER_FOLD, dict(_decode.TUNED_GEMV),
+             _decode.GEMV, _gluon_gemv._gemv_kernel)  # fmt: skip
     main, base = _Recorder(), _Recorder()
     try:
         if config is not None:
@@ -87,11 +89,15 @@ def _record(shape, rows, bank, dtype, config=None, gluon_entry=None, rank=16):
             _decode.TUNED_GLUON[(out_f, in_f, rows)] = gluon_entry
             _decode.TUNED_GATHER[(out_f, in_f, rows)] = gluon_entry
             _gluon.supported = lambda *a: True
+        if gemv_entry is not None:
+            _decode.TUNED_GEMV[(out_f, in_f, rows)] = gemv_entry
+            _decode.GEMV = True
+            _gluon.supported = lambda *a: True
         _decode.PDL = False  # decided from the GPU's capability; compiled in below instead
         _decode.GATHER_FOLD = False  # the base kernel, not _gluon_fold's, is what --gluon compiles
         _decode._main_kernel, _decode._shrink_kernel = main, _Recorder()
         _decode._bank_shrink_kernel = _decode._bank_terms_kernel = _Recorder()
-        _gluon._base_kernel = base
+        _gluon._base_kernel = _gluon_gemv._gemv_kernel = base
         meta = [bits, per, layout.group_size, out_f, in_f]
         _decode._launch(
             x, W_q, scale, zero, meta, A, B, s, index, None, None, None, None, dtype
@@ -101,12 +107,14 @@ def _record(shape, rows, bank, dtype, config=None, gluon_entry=None, rank=16):
             (_decode.TUNED, saved[0]),
             (_decode.TUNED_GLUON, saved[1]),
             (_decode.TUNED_GATHER, saved[2]),
+            (_decode.TUNED_GEMV, saved[11]),
         ):
             table.clear()
             table.update(old)
         (_decode.PDL, _decode._main_kernel, _decode._shrink_kernel, _decode._bank_shrink_kernel,
          _gluon.supported, _gluon._base_kernel, _decode._bank_terms_kernel,
-         _decode.GATHER_FOLD) = saved[3:]  # fmt: skip
+         _decode.GATHER_FOLD) = saved[3:11]  # fmt: skip
+        _decode.GEMV, _gluon_gemv._gemv_kernel = saved[12:]
     return main.calls, base.calls, layout
 
 
@@ -126,12 +134,13 @@ def recorded_gluon_launch(shape, rows, entry, bank, dtype, rank=16):
     return base[0], main[0] if main else None
 
 
-def compile_gluon(call, arch):
-    """Compiles the recorded call of ``_gluon._base_kernel`` for ``sm_<arch>`` (its tuple
-    argument element by element, with the launcher's specialization)."""
+def compile_gluon(call, arch, kernel=None):
+    """Compiles the recorded call of ``_gluon._base_kernel`` (or ``kernel``) for
+    ``sm_<arch>`` (its tuple argument element by element, with the launcher's
+    specialization)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    kernel = _gluon._base_kernel
+    kernel = kernel or _gluon._base_kernel
     _, args, kwargs = call
     names = list(inspect.signature(kernel.fn).parameters)
     options = {"num_warps": kwargs.pop("num_warps")}
@@ -246,8 +255,33 @@ def loop_mix(sass):
     return len(body), collections.Counter(ops)
 
 
+def tail_order(sass):
+    """The memory operations, barriers and warp shuffles after the K loop, in program order
+    (runs of one kind counted): where the tail's loads wait on one another."""
+    code = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            code.append((int(m.group(1), 16), m.group(2)))
+    ends = [a for a, t in code if (m := re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", t))
+            and int(m.group(1), 16) < a]  # fmt: skip
+    after = min(ends) if ends else -1
+    kinds = []
+    for addr, text in code:
+        op = (text.split()[1] if text.startswith("@") else text.split()[0]).split(".")[0]
+        if addr > after and op in ("LDG", "STG", "ATOMG", "RED", "BAR", "SHFL", "LDS", "STS"):
+            if kinds and kinds[-1][0] == op:
+                kinds[-1][1] += 1
+            else:
+                kinds.append([op, 1])
+    return " ".join(f"{op}×{n}" if n > 1 else op for op, n in kinds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--gemv", type=ast.literal_eval, help="a TUNED_GEMV entry: the one-row tensor-core GEMV"
+    )
     parser.add_argument("--shape", type=int, nargs=2, default=(4096, 4096), help="out in")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--config", type=ast.literal_eval, help="a TUNED entry to compile")
@@ -275,7 +309,13 @@ def main() -> None:
             )
         _decode.FINISH_ROWS = args.finish_rows
     dtype = getattr(torch, args.dtype)
-    if args.gluon is not None:
+    if args.gemv is not None:
+        _, base, _ = _record(tuple(args.shape), args.rows, args.bank, dtype, gemv_entry=args.gemv)
+        if not base:
+            parser.error(f"the GEMV does not take {args.rows} row(s) at {tuple(args.shape)}")
+        compiled = compile_gluon(base[0], args.arch, _gluon_gemv._gemv_kernel)
+        default = args.gemv
+    elif args.gluon is not None:
         call, after = recorded_gluon_launch(
             tuple(args.shape), args.rows, args.gluon, args.bank, dtype, args.rank
         )
@@ -295,7 +335,8 @@ def main() -> None:
     usage = cuobjdump(compiled, "--dump-resource-usage")
     regs = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
-    length, mix = loop_mix(cuobjdump(compiled, "-sass"))
+    sass = cuobjdump(compiled, "-sass")
+    length, mix = loop_mix(sass)
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}")
     print(f"{tuple(args.shape)} at {args.rows} rows, config {args.config or default}")
     print(
@@ -306,6 +347,7 @@ def main() -> None:
     print(f"K loop: {length} instructions a thread a step")
     for op, count in mix.most_common(args.top):
         print(f"    {count:5d}  {op}")
+    print(f"after the K loop: {tail_order(sass)}")
 
 
 if __name__ == "__main__":
