@@ -9,8 +9,9 @@ this module picks their launches) read each of them once:
    registers; each row reads its own adapter's ``A`` (rows that share an adapter hit
    the cache), so a bank is never copied per row. It also zeroes the second kernel's
    counters, so no memset runs. Under MODE 8 over a bank of several adapters above 16
-   rows, ``_bank_shrink_kernel`` instead: a program per row and slice of its adapter's
-   rank, all of ``in`` in long contiguous runs, ``t`` whole (no partials); where
+   rows, and before the one-row tensor-core GEMV (:data:`GEMV`, one adapter or a bank),
+   ``_bank_shrink_kernel`` instead: a program per row and slice of its adapter's rank,
+   all of ``in`` in long contiguous runs, ``t`` whole (no partials); where
    :data:`GATHER_SIDE` takes it, it runs on a second stream beside the Gluon kernel,
    followed there by ``_bank_terms_kernel`` (each row's ``s_k · t[i] @ B[k_i]ᵀ`` into a
    float32 workspace, which the main kernel adds instead of computing the terms).
@@ -63,9 +64,9 @@ Variants of the second kernel (``MODE``, per shape in :data:`TUNED`, else
   for the kernels before them, or (:data:`GATHER_SIDE`) add the terms that
   ``_bank_terms_kernel`` computed on a stream beside the Gluon kernel.
 - 8 at one row through :mod:`hqqlora._gluon_gemv` (where :data:`GEMV` is on, per shape in
-  :data:`TUNED_GEMV`; off as shipped): the base term on ``mma.sync`` with the weights and
-  ``x`` both in registers (no shared memory), 16 outputs a warp per MMA tile, the row
-  finished by its last split as the Gluon kernel does.
+  :data:`TUNED_GEMV`): the base term on ``mma.sync`` with the weights and ``x`` both in
+  registers (no shared memory), 16 outputs a warp per MMA tile, the row finished by its
+  last split as the Gluon kernel does, after ``_bank_shrink_kernel`` (``t`` whole).
 - 3: as 5 with ``x @ codesᵀ``; 0: every slot of the tile unpacked and reshaped in
   registers; 1: a program per slot; 2: a GEMV without the trick, with a register
   reshape. Slower on the H100 (``benchmarks/tune_decode.py``), kept for other GPUs'
@@ -282,7 +283,8 @@ over a bank of several adapters (``GATHER_GLUON``) takes ``_bank_shrink_kernel``
 program per row and a slice of its adapter's ``A``, all of K, no partials). The Triton
 modes keep ``_shrink_kernel``, whose fewer programs leave room for the main kernel's long
 K loop beside them (4096×14336 at 64 rows over 64 adapters, on an H100: 76.2 µs against
-87.2 with the bank's kernel)."""
+87.2 with the bank's kernel). (The one-row tensor-core GEMV takes ``_bank_shrink_kernel``
+at any row count it runs, with or without a bank: :data:`GEMV`.)"""
 
 BANK_SHRINK_PROGRAMS = 512
 """Programs at most of ``_bank_shrink_kernel`` (rows of ``A`` a program are doubled until
@@ -349,23 +351,21 @@ TUNED_FOLD_ONE: dict[tuple[int, int, int], tuple[int, int, int]] = {
     (1024, 4096, 64): (32, 8, 3),
 }
 
-GEMV = False
+GEMV = True
 """Whether one row on an H100 (4-bit codes in groups of 64) may take the tensor-core GEMV of
 :mod:`hqqlora._gluon_gemv` (``mma.sync`` on operands in registers, no shared memory) as its
-base kernel, finishing the row itself: only on the shapes of :data:`TUNED_GEMV`. Off: the
-kernel's K loop was measured on an H100 as a variant (``benchmarks/variants/gemv_mma.py``),
-but this library path (that loop with ``_gluon``'s finish and the dependent launch after the
-shrink kernel) has been compiled for sm_90 and checked on the CPU only; its GPU tests
-(``tests/test_decode.py``, ``*gemv*``) have not run yet (RESULTS.md, fifteenth pass)."""
+base kernel, finishing the row itself, after the whole-K shrink kernel: only on the shapes
+of :data:`TUNED_GEMV` (RESULTS.md, sixteenth pass)."""
 
 # (packed rows per program, K splits, warps) of the tensor-core GEMV (GEMV) by (out, in,
-# rows): the best of its sweep on an H100 (``benchmarks/variants/gemv_mma.py``, base term,
-# graph µs, in turn with the library's base path: 4096² 8.33 against 9.08, 14336×4096 18.31
-# against 20.31; 1024×4096 5.40 against 3.46 and 4096² at 8 rows 10.29 against 9.21 were
-# slower, so not here; RESULTS.md, fifteenth pass).
+# rows): the best of a sweep through the library's path (LoRA r=16 float32, one adapter,
+# ``benchmarks/ab_gemv.py --sweep``), then in turn with GEMV off, on an H100 (graph µs):
+# 4096² 8.75 against 9.29, 14336×4096 20.46 against 21.89. 1024×4096 (the variant's K loop
+# 5.40 against 3.46 for the base term) and more rows (4096² at 8 rows, 10.29 against 9.21)
+# were slower, so not here (RESULTS.md, fifteenth and sixteenth passes).
 TUNED_GEMV: dict[tuple[int, int, int], tuple[int, int, int]] = {
     (4096, 4096, 1): (32, 8, 4),
-    (14336, 4096, 1): (16, 8, 1),
+    (14336, 4096, 1): (8, 4, 1),
 }
 
 GATHER_MAX_RANK = 128
@@ -615,6 +615,24 @@ def _launch(
             )  # fmt: skip
             if not side:
                 shrink()
+    elif has_lora and gemv is not None:
+        # The tensor-core GEMV finishes its rows: ``t`` whole (a program per row and rank
+        # of A, all of K), so that its finish adds no splits of ``t`` (a sum across
+        # threads that compiled for sm_90 waits for ``t`` before the finish's other loads
+        # issue, RESULTS.md, sixteenth pass).
+        assert lora_A is not None
+        parts, t_splits = rank, 1
+        t = torch.empty(rows * block_r, dtype=torch.float32, device=device)
+        if tiles_counted > rows * parts * 1024:
+            counts.zero_()
+        shrink = functools.partial(
+            _bank_shrink_kernel[(rows, parts)],
+            x, lora_A, index if has_idx else x, t, counts, tiles_counted, k_in, rank,
+            lora_A.stride(0) if lora_A.ndim == 3 else 0, n_bank, R_PER=1, BLOCK_R=block_r,
+            BLOCK_K=min(triton.next_power_of_2(k_in), BANK_SHRINK_FLOATS), USE_PDL=pdl,
+            HAS_IDX=has_idx, num_warps=4,
+        )  # fmt: skip
+        shrink()
     elif has_lora and fold is not None:
         t_splits = fold[1]  # the folded kernel writes t's partials, a split each
         t = torch.empty(t_splits * rows * block_r, dtype=torch.float32, device=device)

@@ -5,7 +5,8 @@ call takes: its tables and ``_launch``).
 - ``_shrink_kernel``: ``t = x @ A_kᵀ`` in float32, split along ``in`` (one partial per
   split), zeroing the main kernel's counters on the way.
 - ``_bank_shrink_kernel``: the same over a bank of several adapters above 16 rows under
-  MODE 8, a program per row and slice of its adapter's rank, ``t`` whole.
+  MODE 8, and before the one-row tensor-core GEMV (one adapter or a bank), a program per
+  row and slice of its adapter's rank, ``t`` whole.
 - ``_bank_terms_kernel``: after it (``GATHER_SIDE``), each row's ``s_k · t[i] @ B[k_i]ᵀ``
   in float32, for the main kernel to add.
 - ``_main_kernel``: the base term from HQQ's packed codes (MODES 0-7), or the partials of
@@ -90,11 +91,12 @@ if triton is not None:
     def _bank_shrink_kernel(  # type: ignore[no-untyped-def]
         x_ptr, a_ptr, idx_ptr, t_ptr, count_ptr, n_counts, K, R, stride_a_bank, n_bank,
         R_PER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        USE_PDL: tl.constexpr,
+        USE_PDL: tl.constexpr, HAS_IDX: tl.constexpr = True,
     ):  # fmt: skip
         # The shrink of a bank read by many rows: a program per row and R_PER rows of its
         # adapter's A, each a contiguous run of ``in`` floats, over the whole of K: ``t`` is
         # whole (no partials to add), and every program reads its bytes in long runs.
+        # Without an index (HAS_IDX off), every row reads the one adapter (A is (r, in)).
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
@@ -102,8 +104,12 @@ if triton is not None:
         # Zeroes n_counts counters, 1024 a program (0 where no kernel after it counts).
         c = (row * tl.num_programs(1) + part) * 1024 + tl.arange(0, 1024)
         tl.store(count_ptr + c, tl.zeros((1024,), dtype=tl.int32), mask=c < n_counts)
-        k_row = tl.load(idx_ptr + row)
-        valid = (k_row >= 0) & (k_row < n_bank)
+        if HAS_IDX:
+            k_row = tl.load(idx_ptr + row)
+            valid = (k_row >= 0) & (k_row < n_bank)
+        else:
+            k_row = row * 0
+            valid = k_row == 0
         r = part * R_PER + tl.arange(0, R_PER)
         r_ok = (r < R) & valid
         a_row = a_ptr + tl.where(valid, k_row, 0).to(tl.int64) * stride_a_bank

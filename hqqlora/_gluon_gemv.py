@@ -23,7 +23,11 @@ kernel stages every K step through shared memory with ``cp.async`` and a barrier
 
 4-bit codes in groups of 64 along the input, fp16/bf16, compute capability 9.0
 (:func:`hqqlora._gluon.supported`), at most 8 rows; per shape in ``_decode.TUNED_GEMV``,
-where ``_decode.GEMV`` is on (off as shipped: this path's GPU tests have not run yet).
+where ``_decode.GEMV`` is on (as shipped). With an adapter, ``_decode`` launches it after
+the whole-K shrink kernel, so the finish reads ``t`` whole: with ``t`` in splits, their sum
+across threads (compiled for sm_90) held the finish's other loads back until ``t`` came,
+one more trip to memory (an H100 measured 0.5–0.6 µs for the adapter against 1.2 µs
+before, 4096², RESULTS.md, sixteenth pass).
 """
 
 from __future__ import annotations

@@ -1072,11 +1072,53 @@ def test_mode8_launch_order_and_its_dependent_launches(monkeypatch):
         assert ("_bank_terms_kernel" in names) == (out_f > in_f), (in_f, out_f, names)
 
 
+WHOLE_SHRINK = textwrap.dedent(
+    r"""
+    import torch
+    from hqqlora import _decode
+
+    torch.manual_seed(0)
+    # The whole-K shrink (a program per row and rank) over K in several steps, the last
+    # one partial: one adapter (no index: every row reads A, (r, in)), then a bank read
+    # through an index (-1 and a value past the bank give a zero row of t); the counters
+    # zeroed; ranks past r left alone.
+    rows, K, R, block_r = 3, 200, 5, 8
+    x = torch.randn(rows, K, dtype=torch.float16)
+    for bank in (0, 3):
+        A = torch.randn(max(bank, 1), R, K)
+        index = torch.tensor([2, -1, 3]) if bank else None
+        t = torch.full((rows * block_r,), 7.0)
+        counts = torch.ones(5, dtype=torch.int32)
+        _decode._bank_shrink_kernel[(rows, R)](
+            x, A if bank else A[0], index if bank else x, t, counts, 5, K, R,
+            A.stride(0) if bank else 0, max(bank, 1), R_PER=1, BLOCK_R=block_r, BLOCK_K=64,
+            USE_PDL=False, HAS_IDX=bool(bank),
+        )
+        t = t.view(rows, block_r)
+        want = torch.zeros(rows, R, dtype=torch.float64)
+        for i in range(rows):
+            k = int(index[i]) if bank else 0
+            if 0 <= k < max(bank, 1):
+                want[i] = x[i].double() @ A[k].double().T
+        err = (t[:, :R].double() - want).abs().max().item()
+        assert err <= 1e-4 * want.abs().max().item(), (bank, err)
+        assert (t[:, R:] == 7.0).all() and (counts == 0).all(), bank
+    """
+)
+
+
+# The shrink the tensor-core GEMV reads: t whole, one adapter or a bank through an index.
+def test_whole_k_shrink_with_and_without_an_index_matches_float64():
+    interpret(WHOLE_SHRINK)
+
+
 # One row on the tensor-core GEMV (GEMV on, a TUNED_GEMV entry; recorded in process, nothing
-# runs: its results are for the GPU tests): the shrink kernel first, then the GEMV as its
+# runs: its results are for the GPU tests): the whole-K shrink kernel first (a program per
+# row and rank, t whole: one split of t for the finish to read), then the GEMV as its
 # dependent launch, finishing the row itself with the adapter, DoRA, bias and index flags,
 # reading the shrink kernel's t; no Triton kernel after it. Without the entry, with GEMV
-# off, at a split of an odd step count, or above one row: the Gluon base kernel as before.
+# off, at a split of an odd step count, or above one row: the Gluon base kernel after the
+# split shrink kernel, as before.
 def test_one_row_takes_the_tensor_core_gemv_where_its_table_says(monkeypatch):
     import torch
 
@@ -1088,7 +1130,7 @@ def test_one_row_takes_the_tensor_core_gemv_where_its_table_says(monkeypatch):
     def _Args(name):
         return _ArgsRecorder(calls, launches, name)
 
-    for name in ("_main_kernel", "_shrink_kernel"):
+    for name in ("_main_kernel", "_shrink_kernel", "_bank_shrink_kernel"):
         monkeypatch.setattr(_decode, name, _Args(name))
     monkeypatch.setattr(_gluon, "_base_kernel", _Args("gluon"))
     monkeypatch.setattr(_gluon_gemv, "_gemv_kernel", _Args("gemv"), raising=False)
@@ -1119,20 +1161,31 @@ def test_one_row_takes_the_tensor_core_gemv_where_its_table_says(monkeypatch):
         return [name for name, _ in launches], dict(launches), out
 
     names, kw, out = order()
-    assert names == ["_shrink_kernel", "gemv"], names
-    (grid, args), (_, shrink_args) = calls["gemv"], calls["_shrink_kernel"]
-    gemv = kw["gemv"]
+    assert names == ["_bank_shrink_kernel", "gemv"], names
+    (grid, args), (shrink_grid, shrink_args) = calls["gemv"], calls["_bank_shrink_kernel"]
+    gemv, shrink = kw["gemv"], kw["_bank_shrink_kernel"]
     assert grid == (256 // 2 // 32, 2) and gemv["P"] == 32 and gemv["num_warps"] == 4
     assert gemv["SPLITS"] == 2 and gemv["FINISH"] and gemv["HAS_LORA"]
     assert gemv["WAIT_PREVIOUS"] and gemv["launch_pdl"]
     assert not (gemv["HAS_IDX"] or gemv["HAS_DORA"] or gemv["HAS_BIAS"])
     assert args[4].numel() == 2 * 1 * 256  # a partial a split
-    assert args[5] is shrink_args[4]  # the counters the shrink kernel zeroes
+    # The shrink: a program per row and rank, all of K, the one adapter (no index, no
+    # bank stride); t whole (one split: T_SPLITS 1 in the finish); it zeroes the counters.
+    assert shrink_grid == (1, 8) and shrink["R_PER"] == 1 and shrink["USE_PDL"]
+    assert not shrink["HAS_IDX"] and shrink_args[8] == 0 and shrink_args[3].numel() == 16
+    assert shrink_args[6:8] == (1024, 8) and shrink_args[9] == 1  # K, rank; a bank of one
+    assert gemv["T_SPLITS"] == 1 and args[6][10] == 1
+    assert args[5] is shrink_args[4] and shrink_args[5] >= 256 // 2 // 32
     tail = args[6]
     assert tail[0] is shrink_args[3] and tail[8] is out  # its t; the output
     names, kw, _ = order(dora=True, bank=3)
-    assert names == ["_shrink_kernel", "gemv"], names
+    assert names == ["_bank_shrink_kernel", "gemv"], names
     assert kw["gemv"]["HAS_IDX"] and kw["gemv"]["HAS_DORA"] and kw["gemv"]["HAS_BIAS"]
+    assert kw["_bank_shrink_kernel"]["HAS_IDX"]
+    bank_args = calls["_bank_shrink_kernel"][1]
+    assert bank_args[2] is calls["gemv"][1][6][2]  # the index, the finish's too
+    assert bank_args[2].shape == (1,) and bank_args[2].dtype == torch.long
+    assert bank_args[8] == 8 * 1024 and bank_args[9] == 3  # the bank's stride and size
     names, kw, _ = order(lora=False)
     assert names == ["gemv"] and not kw["gemv"]["WAIT_PREVIOUS"] and not kw["gemv"]["HAS_LORA"]
     names, _, _ = order(rows=2)
