@@ -28,7 +28,7 @@ import sys
 
 import torch
 import triton.testing
-from bench_decode import adapter, gemlite_of, reference
+from bench_decode import adapter, gemlite_of, reference, rel
 from common import environment, make_hqq_layer
 
 import hqqlora
@@ -43,7 +43,7 @@ def _us(fn) -> float:
 
 
 def _err(y, ref) -> float:
-    return ((y.double().reshape(ref.shape) - ref).norm() / ref.norm()).item()
+    return rel(y.reshape(ref.shape), ref)
 
 
 def _switched(fn, **flags):

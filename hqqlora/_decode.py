@@ -595,7 +595,12 @@ def _launch(
         assert lora_A is not None and lora_B is not None and scaling is not None
         rank = lora_A.shape[-2]
         block_r = max(16, triton.next_power_of_2(rank))
-    if has_lora and gathers and base is not None and rows >= BANK_SHRINK_ROWS:
+    # A bank gathered by its rows, or the tensor-core GEMV (which finishes its rows, so
+    # its finish reads ``t`` whole and adds no splits of it: a sum across threads that,
+    # compiled for sm_90, held the finish's other loads back; RESULTS.md, sixteenth pass):
+    # the whole-K shrink, a program per row and slice of its adapter's rank.
+    whole_t = (gathers and rows >= BANK_SHRINK_ROWS) or gemv is not None
+    if has_lora and base is not None and whole_t:
         assert lora_A is not None
         r_per = 1
         while r_per < block_r and rows * triton.cdiv(rank, r_per) > BANK_SHRINK_PROGRAMS:
@@ -603,36 +608,23 @@ def _launch(
         parts = triton.cdiv(rank, r_per)
         t_splits = 1 if fold is None else fold[1]
         t = torch.empty(t_splits * rows * block_r, dtype=torch.float32, device=device)
-        # (No counters to zero: gathered rows never finish in the Gluon kernel.) Folded
-        # (GATHER_FOLD), the Gluon kernel writes t's partials, a split each.
+        # Counters to zero only for the GEMV's finish (gathered rows never finish in the
+        # Gluon kernel). Folded (GATHER_FOLD), the Gluon kernel writes t's partials, a
+        # split each.
+        n_counts = tiles_counted if gemv is not None else 0
+        if n_counts > rows * parts * 1024:
+            counts.zero_()
         if fold is None:
             shrink = functools.partial(
                 _bank_shrink_kernel[(rows, parts)],
-                x, lora_A, index, t, counts, 0, k_in, rank, lora_A.stride(0), n_bank,
+                x, lora_A, index if has_idx else x, t, counts, n_counts, k_in, rank,
+                lora_A.stride(0) if lora_A.ndim == 3 else 0, n_bank,
                 R_PER=r_per, BLOCK_R=block_r,
                 BLOCK_K=min(triton.next_power_of_2(k_in), max(128, BANK_SHRINK_FLOATS // r_per)),
-                USE_PDL=pdl, num_warps=4,
+                USE_PDL=pdl, HAS_IDX=has_idx, num_warps=4,
             )  # fmt: skip
             if not side:
                 shrink()
-    elif has_lora and gemv is not None:
-        # The tensor-core GEMV finishes its rows: ``t`` whole (a program per row and rank
-        # of A, all of K), so that its finish adds no splits of ``t`` (a sum across
-        # threads that compiled for sm_90 waits for ``t`` before the finish's other loads
-        # issue, RESULTS.md, sixteenth pass).
-        assert lora_A is not None
-        parts, t_splits = rank, 1
-        t = torch.empty(rows * block_r, dtype=torch.float32, device=device)
-        if tiles_counted > rows * parts * 1024:
-            counts.zero_()
-        shrink = functools.partial(
-            _bank_shrink_kernel[(rows, parts)],
-            x, lora_A, index if has_idx else x, t, counts, tiles_counted, k_in, rank,
-            lora_A.stride(0) if lora_A.ndim == 3 else 0, n_bank, R_PER=1, BLOCK_R=block_r,
-            BLOCK_K=min(triton.next_power_of_2(k_in), BANK_SHRINK_FLOATS), USE_PDL=pdl,
-            HAS_IDX=has_idx, num_warps=4,
-        )  # fmt: skip
-        shrink()
     elif has_lora and fold is not None:
         t_splits = fold[1]  # the folded kernel writes t's partials, a split each
         t = torch.empty(t_splits * rows * block_r, dtype=torch.float32, device=device)
